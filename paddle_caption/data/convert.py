@@ -1,0 +1,608 @@
+"""Clean a contest TSV into records.jsonl: python tools/convert_labels.py INPUT.tsv OUT_DIR [options]
+
+Input rows are `id \\t base64-image \\t caption` (UTF-8, no header); the real file is ~1M rows and
+~100 GB, which is the case this module is built for. It writes to OUT_DIR:
+- `records.jsonl`: one JSON line per kept row, pointing into INPUT by byte offset; images are not
+  copied (schema and reader: `paddle_caption.data.records`);
+- `val_records.jsonl` with `--val-fraction F`: the kept rows whose sha1(id) falls below F;
+- `rejects.tsv`: `line \\t id \\t reason` for every rejected row (1-based line; id may be empty);
+- `summary.json`: counts per reason, caption-length statistics, the configuration, timing.
+
+How: INPUT is cut into byte ranges (`--chunk-mb`); a process pool checks the ranges, each worker
+reading its own range (image bytes never cross a pipe), and the main process takes the results in
+input order, so the output does not depend on `--workers`. At most 2 x workers ranges are in flight,
+so memory stays flat whatever the input size. The main process drops duplicate ids and appends to
+partial files; the final files appear (by rename) only when everything succeeded.
+
+Rows are checked in this order; the first failing check is the row's reason (`REASONS`). The row
+structure checks (length, UTF-8, three columns, non-empty id) are always on; the others can be
+switched by flag or by a JSON `--config` file whose keys are `CleanConfig`'s fields.
+
+Resume: every `--checkpoint-seconds` the partial outputs are flushed and fsynced, then a state file
+records the input offset reached, the line count, the partial files' sizes and the counters.
+`--resume` truncates the partial files back to those sizes, rebuilds the seen-id set from the
+partial records and continues from that offset, so the result equals an uninterrupted run's.
+
+k-sigma (`--ksigma K`): runs after the pass over INPUT, on the rows kept so far. Their caption
+lengths (characters) are read back from the partial records (megabytes, not the 100 GB input) into
+analyze's `LengthHistogram`; rows outside mean +- K * std (population std) are rejected as
+`caption_length_outlier`. Duplicate ids are decided before it.
+
+Memory: besides the in-flight ranges, only the seen-id set grows (~100 B per id, ~100 MB for 1M
+ids; `--no-dedup` drops it).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from ..runtime import UserError, atomic_write, cpu_count, remove_stale_temps
+from .analyze import STYLE_PATTERN, LengthHistogram
+from .images import VERIFY_MODES, ImageRejected, b64decode_strict, probe_image
+from .records import DEFAULT_MAX_ROW_BYTES, dump_record, iter_lines, normalize_id
+
+# Reject reasons in the order rows are checked.
+REASONS = {
+    "row_too_long": "row longer than --max-row-bytes (never read into memory)",
+    "invalid_utf8": "row is not valid UTF-8",
+    "wrong_column_count": "row does not have exactly three tab-separated columns",
+    "empty_id": "id column is empty",
+    "empty_caption": "caption is empty",
+    "no_style_phrase": "caption has no phrase matching the style pattern (default \\S+风格)",
+    "bad_base64": "image column is not strict base64",
+    "empty_image": "image column is empty",
+    "too_many_pixels": "image has more than --max-pixels pixels (read from the header; never decoded)",
+    "undecodable_image": "payload is not an image PIL can decode completely",
+    "image_too_small": "image side shorter than --min-side",
+    "duplicate_id": "id of an earlier kept row (the first one is kept)",
+    "caption_length_outlier": "caption length outside mean +- K*std of kept captions (--ksigma)",
+}
+
+RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
+PART_RECORDS, PART_REJECTS, PART_OUTLIERS = ".records.partial", ".rejects.partial", ".outliers.partial"
+STATE = ".convert_state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class CleanConfig:
+    """Cleaning rules; also the keys accepted in a `--config` JSON file."""
+
+    require_style: bool = True  # reject captions without a style phrase (the contest solution's rule)
+    style_pattern: str = STYLE_PATTERN
+    drop_empty_caption: bool = True
+    dedup_ids: bool = True  # reject rows whose id was already kept
+    verify: str = "fast"  # full | fast (JPEG checked at 1/8 scale) | header; see images.probe_image
+    min_side: int = 32  # reject images with a side below this; 0 disables
+    max_pixels: int = 4096 * 4096  # bounds decode memory; PIL's own bomb guard stays on above it
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+    ksigma: float = 0.0  # 0 disables the caption-length outlier filter
+    val_fraction: float = 0.0  # share of kept rows routed to val_records.jsonl
+
+    def validate(self) -> None:
+        if self.verify not in VERIFY_MODES:
+            raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
+        try:
+            re.compile(self.style_pattern)
+        except re.error as err:
+            raise UserError(f"style_pattern {self.style_pattern!r} is not a valid regex: {err}") from None
+        if self.min_side < 0:
+            raise UserError(f"min_side must be >= 0, got {self.min_side}")
+        if not 1 <= self.max_pixels <= Image.MAX_IMAGE_PIXELS:
+            raise UserError(f"max_pixels must be in 1..{Image.MAX_IMAGE_PIXELS} (PIL's bomb limit), "
+                            f"got {self.max_pixels}")
+        if self.max_row_bytes < 1:
+            raise UserError(f"max_row_bytes must be >= 1, got {self.max_row_bytes}")
+        if self.ksigma < 0:
+            raise UserError(f"ksigma must be >= 0, got {self.ksigma}")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def update_from_file(self, path: str | os.PathLike) -> None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except OSError as err:
+            raise UserError(f"cannot read config {path}: {err.strerror or err}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"config {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config {path}: expected a JSON object")
+        kinds = {f.name: f.type for f in dataclasses.fields(self)}
+        for key, value in data.items():
+            if key not in kinds:
+                raise UserError(f"config {path}: unknown key {key!r} (known: {', '.join(kinds)})")
+            kind = kinds[key]
+            ok = {"bool": isinstance(value, bool),
+                  "int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "str": isinstance(value, str)}[kind]
+            if not ok:
+                raise UserError(f"config {path}: key {key!r} must be {kind}, got {json.dumps(value)}")
+            setattr(self, key, float(value) if kind == "float" else value)
+
+
+@dataclass
+class RunOptions:
+    workers: int = 0  # 0: the core count
+    chunk_bytes: int = 8 << 20
+    checkpoint_seconds: float = 10.0
+    resume: bool = False
+    progress: bool = True
+
+
+def is_val(record_id: str, fraction: float) -> bool:
+    """Stable split: the first 8 bytes of sha1(id) as a fraction of 2**64."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha1(record_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
+
+
+# --------------------------------------------------------------------------------- workers
+@dataclass
+class RangeResult:
+    end: int  # the range's end offset: the next range starts there
+    lines: int  # rows that start inside the range
+    kept: list  # (row index in range, id, records.jsonl line)
+    rejects: list  # (row index in range, id, reason)
+
+
+_WORKER: tuple | None = None  # (tsv path, CleanConfig, compiled style regex), set per process
+
+
+def _init_worker(tsv: str, cfg: CleanConfig, ignore_sigint: bool = True) -> None:
+    global _WORKER
+    if ignore_sigint:  # Ctrl-C is handled once, by the main process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER = (tsv, cfg, re.compile(cfg.style_pattern))
+
+
+def _display_id(raw: bytes) -> str:
+    """An id fit for rejects.tsv, even from a broken row: decoded leniently, one line, bounded."""
+    text = normalize_id(raw[:1024].decode("utf-8", "replace"))
+    return re.sub(r"[\t\r\n]", " ", text)[:200]
+
+
+def check_row(data: bytes, cfg: CleanConfig, style_re: re.Pattern) -> tuple:
+    """(reason or None, id, caption, width, height) for one row's bytes."""
+    cols = data.split(b"\t")
+    three = len(cols) == 3
+    texts = []
+    for i, col in enumerate(cols):
+        if three and i == 1 and col.isascii():  # base64 is ASCII: skip decoding ~100 KB per row
+            texts.append("")
+            continue
+        try:
+            texts.append(col.decode("utf-8"))
+        except UnicodeDecodeError:
+            return "invalid_utf8", _display_id(cols[0]), "", 0, 0
+    if not three:
+        return "wrong_column_count", _display_id(cols[0]), "", 0, 0
+    rid = normalize_id(texts[0])
+    if not rid:
+        return "empty_id", "", "", 0, 0
+    caption = texts[2].strip()
+    if cfg.drop_empty_caption and not caption:
+        return "empty_caption", rid, caption, 0, 0
+    if cfg.require_style and not style_re.search(caption):
+        return "no_style_phrase", rid, caption, 0, 0
+    try:
+        width, height = probe_image(b64decode_strict(cols[1]), max_pixels=cfg.max_pixels,
+                                    min_side=cfg.min_side, verify=cfg.verify)
+    except ImageRejected as err:
+        return err.reason, rid, caption, 0, 0
+    return None, rid, caption, width, height
+
+
+def process_range(bounds: tuple[int, int]) -> RangeResult:
+    """Check the rows that start in [start, end) of the worker's TSV."""
+    tsv, cfg, style_re = _WORKER
+    start, end = bounds
+    kept, rejects = [], []
+    index = 0
+    with open(tsv, "rb", buffering=0) as handle:
+        for index, line in enumerate(iter_lines(handle, start, end, max_row_bytes=cfg.max_row_bytes), 1):
+            if line.data is None:
+                rejects.append((index, "", "row_too_long"))
+                continue
+            reason, rid, caption, width, height = check_row(line.data, cfg, style_re)
+            if reason:
+                rejects.append((index, rid, reason))
+            else:
+                kept.append((index, rid, dump_record({
+                    "id": rid, "caption": caption, "tsv": tsv, "offset": line.offset,
+                    "length": line.length, "width": width, "height": height})))
+    return RangeResult(end, index, kept, rejects)
+
+
+# --------------------------------------------------------------------------------- input checks
+def _check_input(path) -> tuple[Path, int]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+        size = path.stat().st_size
+    except IsADirectoryError:
+        raise UserError(f"cannot read input {path}: is a directory") from None
+    except OSError as err:
+        raise UserError(f"cannot read input {path}: {err.strerror or err}") from None
+    if size == 0:
+        raise UserError(f"input {path} is empty")
+    return path.resolve(), size
+
+
+def _sniff_utf8(path: Path, sample_bytes: int = 1 << 20) -> None:
+    """Refuse a file that is not UTF-8 *at all* (UTF-16, GBK, compressed...); a few bad rows in a
+    UTF-8 file are per-row rejects instead."""
+    with open(path, "rb") as handle:
+        head = handle.read(sample_bytes)
+        at_eof = not handle.read(1)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UserError(f"{path} is UTF-16 text, not UTF-8 (convert it, e.g. iconv -f UTF-16 -t UTF-8)")
+    if head[:2] == b"\x1f\x8b":
+        raise UserError(f"{path} is gzip-compressed; decompress it first")
+    if head.count(b"\x00") > len(head) // 100:
+        raise UserError(f"{path} is not UTF-8 text (it contains NUL bytes)")
+    lines = head.split(b"\n")
+    if not at_eof and len(lines) > 1:
+        lines = lines[:-1]  # the sample cut the last row
+    bad = 0
+    for line in lines:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad += 1
+    if bad * 2 > len(lines):
+        raise UserError(f"{path} is not UTF-8 text ({bad} of the first {len(lines)} rows do not decode; "
+                        f"convert it, e.g. iconv -f GBK -t UTF-8)")
+
+
+def _prepare_out_dir(out_dir) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output directory {out_dir} exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output directory {out_dir}: {err.strerror or err}") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"output directory {out_dir} is not writable")
+    return out_dir
+
+
+# --------------------------------------------------------------------------------- the run
+class Conversion:
+    """One conversion of `src` into `out_dir`; `run()` returns the summary dict."""
+
+    def __init__(self, src, out_dir, cfg: CleanConfig, opts: RunOptions):
+        cfg.validate()
+        self.src, self.size = _check_input(src)
+        _sniff_utf8(self.src)
+        self.out = _prepare_out_dir(out_dir)
+        self.cfg, self.opts = cfg, opts
+        self.workers = opts.workers or cpu_count()
+        stat = self.src.stat()
+        self.identity = {"version": STATE_VERSION, "input": str(self.src), "input_bytes": self.size,
+                         "input_mtime_ns": stat.st_mtime_ns, "config": asdict(cfg)}
+        # Progress, restored from a checkpoint on --resume.
+        self.offset = 0
+        self.lines = 0
+        self.kept = 0
+        self.rejected: Counter = Counter()
+        self.seen: set[str] = set()
+        self.resumed = False
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    # ----------------------------------------------------------------------------- state
+    def _open_partials(self):
+        state_path = self.path(STATE)
+        state = None
+        if self.opts.resume:
+            try:
+                state = json.loads(state_path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                print(f"note: no interrupted run in {self.out}; starting from the beginning")
+            except (OSError, ValueError) as err:
+                raise UserError(f"--resume: cannot read {state_path}: {err}") from None
+            if state is not None and state.get("identity") != self.identity:
+                raise UserError(f"--resume: the input file or the cleaning options differ from the interrupted "
+                                f"run's ({state_path}); rerun without --resume to start over")
+        elif state_path.exists():
+            print(f"note: discarding the interrupted run in {self.out} (use --resume to continue it)")
+        if state is None:
+            return open(self.path(PART_RECORDS), "wb"), open(self.path(PART_REJECTS), "wb")
+        try:
+            records = open(self.path(PART_RECORDS), "r+b")
+            rejects = open(self.path(PART_REJECTS), "r+b")
+        except FileNotFoundError as err:
+            raise UserError(f"--resume: partial output {err.filename} is missing; rerun without --resume") from None
+        # Anything written after the last checkpoint is dropped and will be recomputed.
+        records.truncate(state["records_bytes"])
+        rejects.truncate(state["rejects_bytes"])
+        records.seek(0, os.SEEK_END)
+        rejects.seek(0, os.SEEK_END)
+        self.offset, self.lines, self.kept = state["offset"], state["lines"], state["kept"]
+        self.rejected = Counter(state["rejected"])
+        self.resumed = True
+        if self.cfg.dedup_ids:
+            with open(self.path(PART_RECORDS), "rb") as handle:
+                for line in handle:
+                    self.seen.add(json.loads(line.split(b"\t", 1)[1])["id"])
+        print(f"resuming at byte {self.offset:,} of {self.size:,} (line {self.lines:,}, {self.kept:,} kept so far)")
+        return records, rejects
+
+    def _checkpoint(self, records, rejects) -> None:
+        for handle in (records, rejects):
+            handle.flush()
+            os.fsync(handle.fileno())
+        state = {"identity": self.identity, "offset": self.offset, "lines": self.lines, "kept": self.kept,
+                 "rejected": dict(self.rejected), "records_bytes": records.tell(), "rejects_bytes": rejects.tell()}
+        with atomic_write(self.path(STATE)) as handle:
+            json.dump(state, handle)
+
+    # ----------------------------------------------------------------------------- main pass
+    def _executor(self):
+        """A process pool (None for one worker: ranges are then checked in this process)."""
+        if self.workers == 1:
+            _init_worker(str(self.src), self.cfg, ignore_sigint=False)
+            return None
+        methods = mp.get_all_start_methods()
+        ctx = mp.get_context("fork" if "fork" in methods else methods[0])
+        executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(str(self.src), self.cfg))
+        executor.submit(int)  # with fork, the first submit forks every worker: do it while we are small
+        return executor
+
+    def _results(self, executor, ranges):
+        """RangeResults in input order, with at most 2 x workers ranges in flight."""
+        if executor is None:
+            yield from map(process_range, ranges)
+            return
+        ranges = iter(ranges)
+        pending = deque(executor.submit(process_range, r) for r in itertools.islice(ranges, 2 * self.workers))
+        while pending:
+            try:
+                result = pending.popleft().result()
+            except BrokenProcessPool:
+                raise UserError("a worker process died (out of memory?); rerun with --resume to continue") from None
+            following = next(ranges, None)
+            if following is not None:
+                pending.append(executor.submit(process_range, following))
+            yield result
+
+    def _merge(self, result: RangeResult, records, rejects) -> None:
+        dups = []
+        for index, rid, line in result.kept:
+            if self.cfg.dedup_ids:
+                if rid in self.seen:
+                    dups.append((index, rid, "duplicate_id"))
+                    continue
+                self.seen.add(rid)
+            records.write(f"{self.lines + index}\t{line}\n".encode("utf-8"))
+            self.kept += 1
+        for index, rid, reason in heapq.merge(result.rejects, dups):
+            rejects.write(f"{self.lines + index}\t{rid}\t{reason}\n".encode("utf-8"))
+            self.rejected[reason] += 1
+        self.lines += result.lines
+        self.offset = result.end
+
+    def _main_pass(self) -> tuple[int, int]:
+        from tqdm import tqdm
+
+        with ExitStack() as stack:
+            # The pool forks first: before the seen-id set exists and before tqdm starts a thread.
+            executor = self._executor()
+            if executor is not None:
+                stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+            records, rejects = self._open_partials()
+            stack.enter_context(records)
+            stack.enter_context(rejects)
+            start_offset, start_lines = self.offset, self.lines
+            chunk = max(1, self.opts.chunk_bytes)
+            ranges = [(s, min(s + chunk, self.size)) for s in range(self.offset, self.size, chunk)]
+            bar = stack.enter_context(tqdm(total=self.size, initial=self.offset, unit="B", unit_scale=True,
+                                           desc="convert", disable=not self.opts.progress, smoothing=0.05))
+            t0 = last_checkpoint = time.perf_counter()
+            for result in self._results(executor, ranges):
+                before = self.offset
+                self._merge(result, records, rejects)
+                bar.update(self.offset - before)
+                rate = (self.lines - start_lines) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} rows/s, kept {self.kept:,}", refresh=False)
+                if time.perf_counter() - last_checkpoint >= self.opts.checkpoint_seconds:
+                    self._checkpoint(records, rejects)
+                    last_checkpoint = time.perf_counter()
+            self._checkpoint(records, rejects)  # a kill during finalisation resumes from here
+        return self.offset - start_offset, self.lines - start_lines
+
+    # ----------------------------------------------------------------------------- finalisation
+    def _iter_partial_records(self):
+        """(line number, records.jsonl line, record dict) from the partial records."""
+        with open(self.path(PART_RECORDS), encoding="utf-8") as handle:
+            for raw in handle:
+                lineno, line = raw.rstrip("\n").split("\t", 1)
+                yield int(lineno), line, json.loads(line)
+
+    def _finalize(self) -> dict:
+        cfg = self.cfg
+        lengths = LengthHistogram()  # caption lengths of the kept rows, before the k-sigma filter
+        bounds = None
+        if cfg.ksigma > 0:
+            for _, _, record in self._iter_partial_records():
+                lengths.add(len(record["caption"]))
+            bounds = lengths.ksigma_bounds(cfg.ksigma)
+        n_train = n_val = n_outliers = 0
+        with ExitStack() as stack:
+            train = stack.enter_context(atomic_write(self.path(RECORDS)))
+            val = stack.enter_context(atomic_write(self.path(VAL_RECORDS))) if cfg.val_fraction > 0 else None
+            outliers = stack.enter_context(open(self.path(PART_OUTLIERS), "w+", encoding="utf-8"))
+            for lineno, line, record in self._iter_partial_records():
+                length = len(record["caption"])
+                if bounds is None:
+                    lengths.add(length)
+                elif not bounds[0] <= length <= bounds[1]:
+                    outliers.write(f"{lineno}\t{record['id']}\tcaption_length_outlier\n")
+                    n_outliers += 1
+                    continue
+                if val is not None and is_val(record["id"], cfg.val_fraction):
+                    val.write(line + "\n")
+                    n_val += 1
+                else:
+                    train.write(line + "\n")
+                    n_train += 1
+            # rejects.tsv: the main pass's rejects and the outliers, both in line order, merged.
+            outliers.seek(0)
+            with open(self.path(PART_REJECTS), encoding="utf-8") as main_rejects, \
+                    atomic_write(self.path(REJECTS)) as out:
+                for line in heapq.merge(main_rejects, outliers, key=lambda s: int(s.split("\t", 1)[0])):
+                    out.write(line)
+        if val is None and self.path(VAL_RECORDS).exists():
+            self.path(VAL_RECORDS).unlink()  # a previous run's split no longer matches these records
+        if n_outliers:
+            self.rejected["caption_length_outlier"] += n_outliers
+        files = {"records": str(self.path(RECORDS)), "rejects": str(self.path(REJECTS)),
+                 "summary": str(self.path(SUMMARY))}
+        if val is not None:
+            files["val_records"] = str(self.path(VAL_RECORDS))
+        return {
+            "kept_train": n_train,
+            "kept_val": n_val,
+            "caption_chars": lengths.summary(),
+            "ksigma": None if bounds is None else {"k": cfg.ksigma, "low": round(bounds[0], 3),
+                                                   "high": round(bounds[1], 3)},
+            "files": files,
+        }
+
+    def run(self) -> dict:
+        t0 = time.perf_counter()
+        try:
+            bytes_done, lines_done = self._main_pass()
+            final = self._finalize()
+        except OSError as err:
+            raise UserError(f"I/O error: {err.filename or ''} {err.strerror or err}".strip()) from None
+        seconds = time.perf_counter() - t0
+        rejected = {r: self.rejected[r] for r in REASONS if self.rejected[r]}
+        summary = {
+            "input": str(self.src),
+            "input_bytes": self.size,
+            "rows_read": self.lines,
+            "kept": final["kept_train"] + final["kept_val"],
+            "kept_train": final["kept_train"],
+            "kept_val": final["kept_val"],
+            "rejected": sum(rejected.values()),
+            "rejected_by_reason": rejected,
+            "caption_chars": final["caption_chars"],
+            "ksigma": final["ksigma"],
+            "files": final["files"],
+            "config": asdict(self.cfg),
+            "run": {"workers": self.workers, "resumed": self.resumed, "seconds": round(seconds, 3),
+                    "mb_per_s": round(bytes_done / 1e6 / max(seconds, 1e-9), 1),
+                    "rows_per_s": round(lines_done / max(seconds, 1e-9), 1)},
+        }
+        with atomic_write(self.path(SUMMARY)) as handle:
+            json.dump(summary, handle, ensure_ascii=False, indent=2)
+        for name in (PART_RECORDS, PART_REJECTS, PART_OUTLIERS, STATE):
+            self.path(name).unlink(missing_ok=True)
+        for name in (STATE, RECORDS, VAL_RECORDS, REJECTS, SUMMARY):  # left by a SIGKILLed run
+            remove_stale_temps(self.path(name))
+        return summary
+
+
+def convert(src, out_dir, cfg: CleanConfig | None = None, opts: RunOptions | None = None) -> dict:
+    """Convert `src` (contest TSV) into `out_dir`; returns the summary (also written as summary.json)."""
+    return Conversion(src, out_dir, cfg or CleanConfig(), opts or RunOptions()).run()
+
+
+def format_summary(summary: dict) -> str:
+    run = summary["run"]
+    lines = [
+        f"read {summary['rows_read']:,} rows ({summary['input_bytes'] / 1e6:,.1f} MB) in {run['seconds']:.1f} s: "
+        f"{run['rows_per_s']:,.0f} rows/s, {run['mb_per_s']:,.1f} MB/s, {run['workers']} worker(s)"
+        + (" (resumed; rates cover this session)" if run["resumed"] else ""),
+        f"kept {summary['kept']:,}" + (f" (train {summary['kept_train']:,}, val {summary['kept_val']:,})"
+                                       if "val_records" in summary["files"] else "")
+        + f"; rejected {summary['rejected']:,}" + (":" if summary["rejected"] else ""),
+    ]
+    lines += [f"  {reason:<24}{n:>10,}" for reason, n in summary["rejected_by_reason"].items()]
+    if summary["ksigma"]:
+        k = summary["ksigma"]
+        lines.append(f"k-sigma: kept caption lengths in [{k['low']}, {k['high']}] characters (K={k['k']})")
+    lines.append("wrote " + ", ".join(summary["files"].values()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Clean a contest TSV (id \\t base64 \\t caption) into records.jsonl + rejects.tsv + summary.json.",
+        epilog="Cleaning options override --config, which overrides the defaults. Reasons: " + ", ".join(REASONS))
+    parser.add_argument("input", help="contest TSV, UTF-8, no header")
+    parser.add_argument("out_dir", help="output directory")
+    s = argparse.SUPPRESS  # cleaning options default to "not given", so that --config can supply them
+    rules = parser.add_argument_group("cleaning rules (also settable in --config)")
+    rules.add_argument("--config", help="JSON file with CleanConfig keys, e.g. {\"min_side\": 64}")
+    rules.add_argument("--style-check", dest="require_style", action=argparse.BooleanOptionalAction, default=s,
+                       help="reject captions without a style phrase (default: on)")
+    rules.add_argument("--style-pattern", default=s, help=f"regex of the style phrase (default {STYLE_PATTERN})")
+    rules.add_argument("--empty-caption-check", dest="drop_empty_caption", action=argparse.BooleanOptionalAction,
+                       default=s, help="reject empty captions (default: on)")
+    rules.add_argument("--dedup", dest="dedup_ids", action=argparse.BooleanOptionalAction, default=s,
+                       help="reject rows repeating a kept id (default: on)")
+    rules.add_argument("--verify", choices=VERIFY_MODES, default=s,
+                       help="image check: full decode, fast (JPEG at 1/8 scale, same rejects), or header only "
+                            "(default: fast)")
+    rules.add_argument("--min-side", type=int, default=s, help="minimum image side in pixels; 0 disables (default 32)")
+    rules.add_argument("--max-pixels", type=int, default=s, help="maximum width*height (default 16777216)")
+    rules.add_argument("--max-row-bytes", type=int, default=s,
+                       help=f"longer rows are rejected unread (default {DEFAULT_MAX_ROW_BYTES})")
+    rules.add_argument("--ksigma", type=float, default=s,
+                       help="reject captions whose length is outside mean +- K*std of kept captions (default: off)")
+    rules.add_argument("--val-fraction", type=float, default=s,
+                       help="route this share of kept rows (by sha1 of id) to val_records.jsonl (default 0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--workers", type=int, default=0, help="processes (default: the core count)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT_DIR")
+    run.add_argument("--chunk-mb", type=float, default=8.0, help="input range per task in MB (default 8)")
+    run.add_argument("--checkpoint-seconds", type=float, default=10.0,
+                     help="how often progress is made durable for --resume (default 10)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = CleanConfig()
+    if args.config:
+        cfg.update_from_file(args.config)
+    for f in dataclasses.fields(cfg):
+        if hasattr(args, f.name):
+            setattr(cfg, f.name, getattr(args, f.name))
+    if args.workers < 0:
+        raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.chunk_mb <= 0:
+        raise UserError(f"--chunk-mb must be > 0, got {args.chunk_mb}")
+    opts = RunOptions(workers=args.workers, chunk_bytes=int(args.chunk_mb * (1 << 20)),
+                      checkpoint_seconds=args.checkpoint_seconds, resume=args.resume, progress=not args.quiet)
+    summary = convert(args.input, args.out_dir, cfg, opts)
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,210 @@
+"""Caption dataset, batch collator and a resumable length-grouped batch sampler.
+
+Division of work: captions are tokenised once when the dataset is built (fast, and it gives the
+sampler every sample's length); images are read and decoded in `__getitem__`, i.e. in the
+DataLoader workers, so the main process only trains. Everything handed to the DataLoader is numpy
+(paddle tensors inside workers crash them); the DataLoader turns the batch into tensors itself.
+
+Data order is a pure function of (seed, epoch): a resumed run rebuilds the same batches and skips
+the ones it already trained on.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..runtime import import_paddle
+from .images import ImageRejected, decode_image, preprocess_image
+from .samples import IGNORE_INDEX, PromptTemplate, assemble_sample, build_prompt_ids, sample_length
+
+REQUIRED_RECORD_KEYS = ("id", "caption", "tsv", "offset", "length")
+
+
+class CaptionDataset:
+    """Map-style dataset over converted records (see `paddle_caption.data.records`).
+
+    `records` is a sequence of dicts `{"id", "caption", "tsv", "offset", "length", ...}` (the lines
+    of records.jsonl). Items are dicts of numpy arrays: `input_ids` int64 [T], `labels` int64 [T],
+    `image` float32 [3, S, S], and `id` (str). `lengths[i]` is item i's T.
+
+    A plain class rather than a `paddle.io.Dataset` subclass: paddle's DataLoader only needs
+    `__len__`/`__getitem__`, and this keeps the module importable without paddle.
+    """
+
+    def __init__(self, records: Sequence[dict], tokenizer, template: PromptTemplate,
+                 image_size: int, max_length: int):
+        self.records = list(records)
+        for index, record in enumerate(self.records):
+            missing = [k for k in REQUIRED_RECORD_KEYS if k not in record]
+            if missing:
+                raise ValueError(f"record #{index} (id={record.get('id', '?')}): missing keys {missing}")
+        self.image_size = int(image_size)
+        self.max_length = int(max_length)
+        self.pad_id = tokenizer.pad_id
+        self.im_end_id = tokenizer.im_end_id
+        self.prompt_ids = np.asarray(build_prompt_ids(tokenizer, template), dtype=np.int64)
+        if len(self.prompt_ids) + 1 > self.max_length:
+            raise ValueError(
+                f"max_length {self.max_length} is too small: the prompt context is "
+                f"{len(self.prompt_ids)} tokens and needs at least one answer token after it"
+            )
+        # All answers in one flat int32 array (+ offsets): far smaller than a list of lists.
+        answers = [tokenizer.encode(str(r["caption"])) for r in self.records]
+        self._answer_offsets = np.zeros(len(answers) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in answers], out=self._answer_offsets[1:])
+        self._answers = np.fromiter((t for a in answers for t in a), dtype=np.int32,
+                                    count=int(self._answer_offsets[-1]))
+        prompt_len = len(self.prompt_ids)
+        self.lengths = np.array(
+            [sample_length(prompt_len, len(a), self.max_length) for a in answers], dtype=np.int64
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def answer_ids(self, index: int) -> np.ndarray:
+        start, stop = self._answer_offsets[index], self._answer_offsets[index + 1]
+        return self._answers[start:stop].astype(np.int64)
+
+    def load_image(self, index: int) -> np.ndarray:
+        from . import records as records_module  # the converter's reader: one place knows the TSV layout
+
+        record = self.records[index]
+        try:
+            # The converter already verified every image, so skip PIL's second full decode.
+            img = decode_image(records_module.read_image_bytes(record), verify=False)
+        except (ImageRejected, OSError, ValueError) as err:
+            raise ValueError(
+                f"record {record['id']} ({record['tsv']} @ byte {record['offset']}): cannot load image: {err}"
+            ) from err
+        return preprocess_image(img, self.image_size)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        sample = assemble_sample(self.prompt_ids, self.answer_ids(index), self.im_end_id,
+                                 self.max_length, sample_id=record["id"])
+        sample["image"] = self.load_image(index)
+        sample["id"] = str(record["id"])
+        return sample
+
+
+class Collator:
+    """Pad a list of dataset items into one batch of numpy arrays (right padding, to the longest).
+
+    A class rather than a closure so that DataLoader workers can pickle it.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = int(pad_id)
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        return collate_batch(samples, self.pad_id)
+
+
+def collate_batch(samples: Sequence[dict], pad_id: int) -> dict:
+    """-> `input_ids` int64 [B,T] (pad = pad_id), `attention_mask` int64 [B,T] (1 real, 0 pad),
+    `labels` int64 [B,T] (-100 on pads), `images` float32 [B,3,S,S], `ids` list[str]."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    longest = max(len(s["input_ids"]) for s in samples)
+    batch = len(samples)
+    input_ids = np.full((batch, longest), pad_id, dtype=np.int64)
+    labels = np.full((batch, longest), IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros((batch, longest), dtype=np.int64)
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        input_ids[row, :n] = sample["input_ids"]
+        labels[row, :n] = sample["labels"]
+        attention_mask[row, :n] = 1
+    images = np.stack([s["image"] for s in samples]).astype(np.float32, copy=False)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "images": images, "ids": [str(s["id"]) for s in samples]}
+
+
+class LengthGroupedBatchSampler:
+    """Batches of indices, fully determined by (seed, epoch); optionally grouped by length.
+
+    Grouping (as HF's `LengthGroupedSampler`): shuffle, cut into mega-batches of
+    `batch_size * mega_batch_mult`, sort each by length (longest first) and cut it into batches,
+    then shuffle the batch order. Similar lengths share a batch, so less compute goes to padding.
+
+    Resume: `set_epoch(epoch, skip_batches=k)` makes the next iteration yield that epoch's batches
+    from the k-th on; `len()` counts the batches that iteration will yield, `batches_per_epoch`
+    the full epoch.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 group_by_length: bool = True, drop_last: bool = False, mega_batch_mult: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.group_by_length = bool(group_by_length)
+        self.drop_last = bool(drop_last)
+        self.mega_batch_mult = int(mega_batch_mult)
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.skip_batches = int(skip_batches)
+        if not 0 <= self.skip_batches <= self.batches_per_epoch:
+            raise ValueError(f"skip_batches {skip_batches} outside 0..{self.batches_per_epoch}")
+
+    @property
+    def batches_per_epoch(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All batches of `epoch`, in order."""
+        n, bs = len(self.lengths), self.batch_size
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.group_by_length:
+            mega = bs * max(1, self.mega_batch_mult)
+            chunks = [order[i:i + mega] for i in range(0, n, mega)]
+            order = np.concatenate(
+                [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
+            ) if chunks else order
+        # Mega-batches are multiples of bs, so only the very last batch can be short.
+        batches = [order[i:i + bs].tolist() for i in range(0, n, bs)]
+        if self.drop_last and batches and len(batches[-1]) < bs:
+            batches.pop()
+        if self.shuffle and self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __iter__(self):
+        yield from self.epoch_batches(self.epoch)[self.skip_batches:]
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.skip_batches
+
+
+def make_dataloader(dataset: CaptionDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                    num_workers: int = 0, *, group_by_length: bool = True, drop_last: bool = False,
+                    epoch: int = 0, skip_batches: int = 0, pad_id: int | None = None,
+                    prefetch_factor: int = 2, persistent_workers: bool = True):
+    """A paddle DataLoader over `dataset` with a `LengthGroupedBatchSampler` (as `.batch_sampler`).
+
+    Call `loader.batch_sampler.set_epoch(e, skip_batches=k)` before iterating each epoch. Batches
+    arrive as dicts of paddle tensors (plus the `ids` list); worker processes decode the images.
+    """
+    paddle = import_paddle()
+    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed,
+                                        group_by_length=group_by_length, drop_last=drop_last)
+    sampler.set_epoch(epoch, skip_batches)
+    return paddle.io.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=Collator(dataset.pad_id if pad_id is None else pad_id),
+        num_workers=num_workers,
+        prefetch_factor=prefetch_factor,
+        persistent_workers=persistent_workers and num_workers > 0,
+        use_shared_memory=True,
+        return_list=True,
+    )

@@ -1,0 +1,123 @@
+"""Image decoding, verification and model preprocessing, shared by conversion, training and prediction."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+# CLIP normalisation, as Qwen-VL's image transform.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+# PIL's own decompression-bomb guard stays on; we only lower the limit (never raise or disable it).
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+
+
+class ImageRejected(ValueError):
+    """An image payload that cannot be used; `reason` is a short ledger code."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def b64decode_strict(payload: str | bytes) -> bytes:
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ImageRejected("bad_base64", str(err)) from None
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+                 verify: bool = True) -> Image.Image:
+    """Decode image bytes into an RGB PIL image, or raise ImageRejected.
+
+    The header is checked against `max_pixels` before any pixel is decoded, so a 20000x20000
+    payload is refused without allocating it. With `verify`, the whole file is decoded (a truncated
+    JPEG whose header is fine is still a reject).
+    """
+    if not data:
+        raise ImageRejected("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageRejected("too_many_pixels", f"{width}x{height}")
+            if verify:
+                img.verify()  # structural check; the image must be reopened afterwards
+                img = Image.open(io.BytesIO(data))
+            img.load()
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected("too_many_pixels", str(err)) from None
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ImageRejected("undecodable_image", f"{type(err).__name__}: {err}") from None
+    if min(width, height) < min_side:
+        raise ImageRejected("image_too_small", f"{width}x{height} < {min_side}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return img
+
+
+def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
+    """RGB PIL image -> float32 [3, S, S]: bicubic resize, scale to [0,1], CLIP mean/std."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    img = img.resize((image_size, image_size), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - CLIP_MEAN) / CLIP_STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+VERIFY_MODES = ("full", "fast", "header")
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+                verify: str = "fast") -> tuple[int, int]:
+    """Check image bytes the way `decode_image` does and return (width, height), or raise ImageRejected.
+
+    Meant for bulk cleaning, where the pixels are not needed:
+    - "full": exactly `decode_image(..., verify=True)` (every pixel decoded at full size);
+    - "fast": the same checks, but a JPEG is decoded at 1/8 scale (PIL draft mode). libjpeg still
+      parses every entropy-coded byte, so a truncated or corrupt JPEG is rejected just the same, but
+      most of the IDCT and colour conversion is skipped (~3x faster). Other formats are fully decoded;
+    - "header": format and size only (a payload cut after its header passes).
+    The pixel bound is checked on the header, before anything is decoded.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if verify == "full":
+        return decode_image(data, max_pixels=max_pixels, min_side=min_side, verify=True).size
+    if not data:
+        raise ImageRejected("empty_image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageRejected("too_many_pixels", f"{width}x{height}")
+            if verify == "fast":
+                if img.format == "JPEG":
+                    img.draft(None, (1, 1))  # smallest DCT scale libjpeg offers: 1/8
+                else:
+                    img.verify()
+                    img = Image.open(io.BytesIO(data))
+                img.load()
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected("too_many_pixels", str(err)) from None
+    except Exception as err:  # PIL raises many types for corrupt data
+        raise ImageRejected("undecodable_image", f"{type(err).__name__}: {err}") from None
+    if min(width, height) < min_side:
+        raise ImageRejected("image_too_small", f"{width}x{height} < {min_side}")
+    return width, height

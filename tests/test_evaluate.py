@@ -1,0 +1,178 @@
+"""Field accuracy on hand-made synthetic captions, and the evaluate tool (files, CLI, errors)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from paddle_caption.eval.evaluate import evaluate_files, main, read_references
+from paddle_caption.eval.fields import field_accuracy
+from paddle_caption.eval.metrics import score_captions
+from paddle_caption.runtime import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------
+# Field accuracy
+
+FIELD_REFS = {
+    "r1": "卡通风格。图片中间是一个红色的圆形，背景是白色。",
+    "r2": "水彩风格。图片左边是一个蓝色的五角星，右边是一个黄色的菱形，背景是米色。",
+    "r3": "黑白简笔风格。图片左边是一个三角形，右边是一个圆形，背景是白色。",
+    "r4": "3D风格。图片中间是一个紫色的正方形，背景是黑色。",
+    "r5": "一张普通的广告图片",  # not the synthetic grammar: counted only by exact and parse_rate
+    "r6": "像素风格。图片中间是一个橙色的菱形，背景是灰色。",
+}
+FIELD_PREDS = {
+    "r1": "卡通风格。图片中间是一个绿色的圆形，背景是白色。",  # colour wrong
+    "r2": "卡通风格。图片左边是一个蓝色的五角星，右边是一个红色的圆形，背景是米色。",  # style, 2nd object wrong
+    "r3": "黑白简笔风格。图片中间是一个三角形，背景是白色。",  # one object instead of two
+    "r4": "乱七八糟",  # does not parse
+    "r5": "",
+    "r6": " 像素风格。图片中间是一个橙色的菱形，背景是灰色。\n",  # exact (whitespace ignored)
+}
+
+
+def test_field_accuracy_hand_computed():
+    acc = field_accuracy(FIELD_PREDS, FIELD_REFS)
+    # Five references parse (r5 does not).
+    # background: r1 ok, r2 ok, r3 ok, r4 unparseable, r6 ok            -> 4/5
+    # style:      r1 ok, r2 wrong, r3 ok, r4 unparseable, r6 ok          -> 3/5
+    # count:      r1 ok, r2 ok, r3 1 vs 2, r4 unparseable, r6 ok         -> 3/5
+    # colour (reference objects with a colour: r1 1, r2 2, r4 1, r6 1 = 5):
+    #   r1 green vs red no; r2 blue yes, red vs yellow no; r4 no; r6 yes -> 2/5
+    # shape (all reference objects: 1 + 2 + 2 + 1 + 1 = 7):
+    #   r1 yes; r2 star yes, circle vs diamond no; r3 triangle yes, 2nd object missing no;
+    #   r4 no; r6 yes                                                     -> 4/7
+    # exact: only r6 of the 6 ids -> 1/6;  parse_rate: r1, r2, r3, r6 parse -> 4/6
+    assert acc == {
+        "background": 4 / 5, "style": 3 / 5, "object_count": 3 / 5, "colour": 2 / 5,
+        "shape": 4 / 7, "exact": 1 / 6, "parse_rate": 4 / 6, "n": 6, "n_parsed_refs": 5,
+    }
+
+
+def test_field_accuracy_line_art_prediction_has_no_colour():
+    refs = {"a": "写实风格。图片中间是一个红色的圆形，背景是白色。"}
+    preds = {"a": "黑白简笔风格。图片中间是一个圆形，背景是白色。"}
+    acc = field_accuracy(preds, refs)
+    assert acc["colour"] == 0.0  # the predicted object names no colour: wrong
+    assert acc["shape"] == 1.0
+    assert acc["style"] == 0.0
+    assert acc["background"] == 1.0
+
+
+def test_field_accuracy_no_colour_references_gives_none():
+    refs = {"a": "黑白简笔风格。图片中间是一个圆形，背景是白色。"}
+    acc = field_accuracy(dict(refs), refs)
+    assert acc["colour"] is None
+    assert acc["exact"] == acc["shape"] == 1.0
+
+
+def test_field_accuracy_errors():
+    with pytest.raises(ValueError, match="no prediction"):
+        field_accuracy({}, {"a": FIELD_REFS["r1"]})
+    with pytest.raises(ValueError, match="synthetic-ad grammar"):
+        field_accuracy({"a": "x"}, {"a": "一张图片"})
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate_files and the CLI
+
+
+def write(path: Path, lines) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    results = write(tmp_path / "results.txt", [
+        "a\t卡通风格。图片中间是一个红色的圆形，背景是白色。",
+        "b\t水彩风格。图片中间是一个蓝色的菱形，背景是灰色。",
+        "c\t",  # an empty prediction is allowed
+    ])
+    refs = write(tmp_path / "refs.tsv", [
+        "a\t卡通风格。图片中间是一个红色的圆形，背景是白色。",
+        "b\t水彩风格。图片中间是一个蓝色的菱形，背景是米色。",
+        "b\t水彩风格。图片中间是一个绿色的菱形，背景是灰色。",  # a second reference for b
+        "c\t像素风格。图片中间是一个黄色的五角星，背景是黑色。",
+    ])
+    return results, refs
+
+
+def test_evaluate_files_matches_score_captions(files):
+    results, refs = files
+    scores = evaluate_files(results, refs)
+    expected = score_captions(
+        {"a": "卡通风格。图片中间是一个红色的圆形，背景是白色。", "b": "水彩风格。图片中间是一个蓝色的菱形，背景是灰色。",
+         "c": ""},
+        {"a": ["卡通风格。图片中间是一个红色的圆形，背景是白色。"],
+         "b": ["水彩风格。图片中间是一个蓝色的菱形，背景是米色。", "水彩风格。图片中间是一个绿色的菱形，背景是灰色。"],
+         "c": ["像素风格。图片中间是一个黄色的五角星，背景是黑色。"]})
+    assert scores["n"] == 3 and scores["mode"] == "jieba"
+    for key in ("CIDEr-D", "BLEU-1", "BLEU-4", "ROUGE-L"):
+        assert scores[key] == pytest.approx(expected[key], rel=1e-12)
+    # a and b are right (b matches each reference on all but one word), c is empty.
+    assert 0.5 < scores["ROUGE-L"] < 2 / 3
+
+
+def test_references_accept_three_column_rows(tmp_path):
+    refs = write(tmp_path / "val.tsv", ["x\tQUJD\t卡通风格。图片中间是一个红色的圆形，背景是白色。",
+                                        "y\tREVG\t像素风格。图片中间是一个黄色的五角星，背景是黑色。"])
+    assert read_references(refs) == {"x": ["卡通风格。图片中间是一个红色的圆形，背景是白色。"],
+                                      "y": ["像素风格。图片中间是一个黄色的五角星，背景是黑色。"]}
+
+
+def test_cli_writes_json_and_table(files, capsys):
+    results, refs = files
+    assert main([str(results), str(refs), "--mode", "char"]) == 0
+    out = capsys.readouterr().out
+    assert "CIDEr-D" in out and "ROUGE-L" in out and "| 3" in out
+    saved = json.loads((results.parent / "results.scores.json").read_text(encoding="utf-8"))
+    assert saved["mode"] == "char"
+    assert saved["CIDEr-D"] == pytest.approx(evaluate_files(results, refs, mode="char")["CIDEr-D"])
+
+
+def test_cli_fields_and_explicit_json(tmp_path, capsys):
+    results = write(tmp_path / "pred.txt", [f"{k}\t{v.strip()}" for k, v in FIELD_PREDS.items()])
+    refs = write(tmp_path / "refs.tsv", [f"{k}\t{v}" for k, v in FIELD_REFS.items()])
+    out_json = tmp_path / "out" / "s.json"
+    assert main([str(results), str(refs), "--fields", "--json", str(out_json)]) == 0
+    assert "field colour" in capsys.readouterr().out
+    saved = json.loads(out_json.read_text(encoding="utf-8"))
+    assert saved["fields"]["colour"] == pytest.approx(2 / 5)
+    assert saved["fields"]["exact"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("results_lines, refs_lines, message", [
+    (["a\tx", "b\ty"], ["a\tx", "b\ty", "c\tz", "d\tw"], "2 ids of .*refs.tsv have no prediction .*first: c, d"),
+    (["a\tx", "b\ty", "e\tz"], ["a\tx", "b\ty"], "1 ids of .*results.txt have no reference .*first: e"),
+    (["a\tx", "a\ty"], ["a\tx"], r"results.txt:2: duplicate id 'a'"),
+    (["a\tx\tz"], ["a\tx"], r"results.txt:1: expected 'id<TAB>caption', got 3"),
+    (["a\tx"], ["a\tx", "", "b"], r"refs.tsv:3: expected .* got 1 column"),
+    (["a\tx"], ["a\t"], r"refs.tsv:1: empty reference caption"),
+    (["a\tx"], ["a\t" + "QUJD" * 200], r"refs.tsv:1: the caption column holds base64"),
+])
+def test_evaluate_errors(tmp_path, results_lines, refs_lines, message):
+    results = write(tmp_path / "results.txt", results_lines)
+    refs = write(tmp_path / "refs.tsv", refs_lines)
+    with pytest.raises(UserError, match=message):
+        evaluate_files(results, refs)
+
+
+def test_fields_on_non_synthetic_references_is_a_user_error(tmp_path):
+    results = write(tmp_path / "results.txt", ["a\t一张图片"])
+    refs = write(tmp_path / "refs.tsv", ["a\t一张普通的图片"])
+    with pytest.raises(UserError, match="synthetic-ad grammar"):
+        evaluate_files(results, refs, fields=True)
+
+
+def test_tool_fails_with_one_line_and_nonzero_exit(tmp_path):
+    results = write(tmp_path / "results.txt", ["a\tx"])
+    (tmp_path / "bad.tsv").write_bytes(b"a\t\xff\xfe\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), str(results),
+                           str(tmp_path / "bad.tsv")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.tsv'}:1: not valid UTF-8"]
+    assert not (tmp_path / "results.scores.json").exists()

@@ -1,0 +1,210 @@
+"""The model: parity with PaddleMIX's qwen_vl, the image scatter, padding, KV cache, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from paddle_caption.runtime import UserError, import_paddle
+
+paddle = import_paddle()
+
+IMG, IMG_END, PAD = 990, 991, 992
+
+
+def image_prompt(prefix, suffix, n=256):
+    return list(prefix) + [IMG] + [PAD] * n + [IMG_END] + list(suffix)
+
+
+# ---- parity with the PaddleMIX reference ---------------------------------------------------------
+def test_visual_output_matches_reference(reference_model, reference_io):
+    inputs, outputs = reference_io
+    with paddle.no_grad():
+        visual = reference_model.visual(paddle.to_tensor(inputs["images"])).numpy()
+    np.testing.assert_allclose(visual, outputs["visual_out"], rtol=0, atol=1e-5)
+
+
+def test_logits_match_reference(reference_model, reference_io):
+    inputs, outputs = reference_io
+    with paddle.no_grad():
+        logits = reference_model(paddle.to_tensor(inputs["input_ids"]),
+                                 images=paddle.to_tensor(inputs["images"])).logits.numpy()
+    np.testing.assert_allclose(logits, outputs["logits"], rtol=0, atol=1e-5)
+
+
+def test_loss_matches_reference(reference_model, reference_io):
+    inputs, outputs = reference_io
+    with paddle.no_grad():
+        loss = reference_model(paddle.to_tensor(inputs["input_ids"]), images=paddle.to_tensor(inputs["images"]),
+                               labels=paddle.to_tensor(inputs["labels"])).loss.item()
+    # Our loss is the masked mean over the 16 supervised positions; the reference divides by all 546.
+    assert abs(loss - 7.3739742) < 1e-5
+    assert abs(loss * 16 / 546 - float(outputs["loss"])) < 1e-6
+
+
+def test_greedy_tokens_match_reference(reference_model, reference_io):
+    from paddle_caption.model.generation import GenerationConfig, generate
+
+    inputs, outputs = reference_io
+    prompt = inputs["input_ids"][0].tolist()
+    cfg = GenerationConfig(max_new_tokens=6, stop_ids=())
+    new = generate(reference_model, [prompt], paddle.to_tensor(inputs["images"][:1]), cfg)
+    assert new[0] == outputs["greedy_ids"][0].tolist()
+
+
+# ---- the image-text interaction ------------------------------------------------------------------
+def test_scatter_writes_visual_rows_and_keeps_text_rows(reference_model, reference_io):
+    inputs, _ = reference_io
+    ids = paddle.to_tensor(inputs["input_ids"])
+    images = paddle.to_tensor(inputs["images"])
+    with paddle.no_grad():
+        embeds = reference_model.embed(ids, images).numpy()
+        visual = reference_model.visual(images).numpy()
+        token_embeds = reference_model.transformer.llm.wte(ids).numpy()
+    for row in range(2):
+        start = int(np.flatnonzero(inputs["input_ids"][row] == IMG)[0])
+        end = int(np.flatnonzero(inputs["input_ids"][row] == IMG_END)[0])
+        assert end - start == 257
+        np.testing.assert_array_equal(embeds[row, start + 1:end], visual[row])
+        outside = np.r_[0:start + 1, end:embeds.shape[1]]
+        np.testing.assert_array_equal(embeds[row, outside], token_embeds[row, outside])
+
+
+def test_image_is_used_in_logits_and_gradients(reference_model, reference_io):
+    inputs, _ = reference_io
+    ids = paddle.to_tensor(inputs["input_ids"][:1])
+    img_a = paddle.to_tensor(inputs["images"][:1])
+    img_b = paddle.to_tensor(inputs["images"][1:2])
+    with paddle.no_grad():
+        logits_a = reference_model(ids, images=img_a).logits.numpy()[0, -8:]
+        logits_b = reference_model(ids, images=img_b).logits.numpy()[0, -8:]
+    assert np.abs(logits_a - logits_b).max() > 1e-2
+    loss = reference_model(ids, images=img_a, labels=paddle.to_tensor(inputs["labels"][:1])).loss
+    loss.backward()
+    grad = reference_model.visual.attn_pool.query.grad
+    assert grad is not None and float(paddle.abs(grad).sum()) > 0
+    reference_model.clear_gradients()
+
+
+def test_image_span_without_image_is_an_error(reference_model, reference_io):
+    inputs, _ = reference_io
+    ids = paddle.to_tensor(inputs["input_ids"])
+    with pytest.raises(ValueError, match="silent text-only"):
+        reference_model(ids)
+    with pytest.raises(ValueError, match="2 image span"):
+        reference_model(ids, images=paddle.to_tensor(inputs["images"][:1]))
+    broken = inputs["input_ids"][:1].copy()
+    broken[0, 100] = 5  # a placeholder missing from the span is still a span of the wrong length
+    broken[0, 260] = 5  # drop </img>
+    with pytest.raises(ValueError, match="malformed image span"):
+        reference_model(paddle.to_tensor(broken), images=paddle.to_tensor(inputs["images"][:1]))
+
+
+def test_ablation_writes_zero_rows():
+    from paddle_caption import MgenVLForCausalLM
+    from tests.conftest import small_config
+
+    model = MgenVLForCausalLM(small_config(ablate_images=True))
+    ids = paddle.to_tensor([image_prompt([1, 2], [3])])
+    with paddle.no_grad():
+        embeds = model.embed(ids, paddle.randn([1, 3, 56, 56])).numpy()
+    assert np.all(embeds[0, 3:3 + 256] == 0)
+    assert np.abs(embeds[0, :3]).sum() > 0
+
+
+# ---- padding, cache, loss ------------------------------------------------------------------------
+def test_left_padding_matches_unpadded(reference_model):
+    rng = np.random.default_rng(5)
+    short = image_prompt(rng.integers(0, 900, 3), rng.integers(0, 900, 5))
+    long = image_prompt(rng.integers(0, 900, 9), rng.integers(0, 900, 12))
+    images = paddle.to_tensor(rng.standard_normal((2, 3, 56, 56)).astype("float32"))
+    from paddle_caption.model.generation import left_pad
+
+    ids, mask = left_pad([short, long], pad_id=0)
+    with paddle.no_grad():
+        batched = reference_model(paddle.to_tensor(ids), images=images,
+                                  attention_mask=paddle.to_tensor(mask)).logits.numpy()[:, -1]
+        alone = [reference_model(paddle.to_tensor([p]), images=images[i:i + 1]).logits.numpy()[0, -1]
+                 for i, p in enumerate([short, long])]
+    np.testing.assert_allclose(batched[0], alone[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(batched[1], alone[1], rtol=0, atol=1e-5)
+
+
+def test_kv_cache_matches_full_forward(reference_model):
+    rng = np.random.default_rng(6)
+    prompt = image_prompt(rng.integers(0, 900, 4), rng.integers(0, 900, 6))
+    follow = rng.integers(0, 900, 5).tolist()
+    image = paddle.to_tensor(rng.standard_normal((1, 3, 56, 56)).astype("float32"))
+    with paddle.no_grad():
+        full = reference_model(paddle.to_tensor([prompt + follow]), images=image).logits.numpy()[0]
+        out = reference_model(paddle.to_tensor([prompt]), images=image, use_cache=True)
+        past, mask = out.past_key_values, paddle.ones([1, len(prompt)], dtype="int64")
+        steps = []
+        for token in follow:
+            mask = paddle.concat([mask, paddle.ones([1, 1], dtype="int64")], axis=1)
+            out = reference_model(paddle.to_tensor([[token]]), attention_mask=mask,
+                                  past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            steps.append(out.logits.numpy()[0, -1])
+    np.testing.assert_allclose(np.stack(steps), full[len(prompt):], rtol=0, atol=1e-5)
+
+
+def test_supervised_only_head_gives_the_full_loss(reference_model, reference_io):
+    inputs, _ = reference_io
+    kwargs = dict(images=paddle.to_tensor(inputs["images"]), labels=paddle.to_tensor(inputs["labels"]))
+    ids = paddle.to_tensor(inputs["input_ids"])
+    with paddle.no_grad():
+        sparse = reference_model(ids, loss_on="supervised", **kwargs)
+        full = reference_model(ids, loss_on="all", **kwargs)
+    assert sparse.logits.shape == [16, 1000]  # the head ran on the 16 supervised rows only
+    assert full.logits.shape == [2, 274, 1000]
+    assert abs(sparse.loss.item() - full.loss.item()) < 1e-6
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def test_save_load_round_trip_is_exact(reference_model, reference_io, tmp_path):
+    from paddle_caption import MgenVLForCausalLM
+
+    inputs, _ = reference_io
+    reference_model.save_pretrained(tmp_path / "single")
+    reference_model.save_pretrained(tmp_path / "sharded", max_shard_bytes=400_000)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 2
+    ids, images = paddle.to_tensor(inputs["input_ids"]), paddle.to_tensor(inputs["images"])
+    with paddle.no_grad():
+        expected = reference_model(ids, images=images).logits.numpy()
+        for name in ("single", "sharded"):
+            loaded = MgenVLForCausalLM.from_pretrained(tmp_path / name)
+            np.testing.assert_array_equal(loaded(ids, images=images).logits.numpy(), expected)
+
+
+def test_pickle_checkpoint_is_refused_by_default(reference_model, tmp_path):
+    from paddle_caption import MgenVLForCausalLM
+
+    reference_model.config.save_pretrained(tmp_path)
+    paddle.save(reference_model.state_dict(), str(tmp_path / "model_state.pdparams"))
+    with pytest.raises(UserError, match="refusing to load a pickle"):
+        MgenVLForCausalLM.from_pretrained(tmp_path)
+    loaded = MgenVLForCausalLM.from_pretrained(tmp_path, allow_pickle=True)
+    assert loaded.num_parameters() == reference_model.num_parameters()
+
+
+def test_mismatching_checkpoint_names_the_key(reference_model, tmp_path):
+    from paddle_caption import MgenVLForCausalLM
+    from tests.conftest import small_config
+
+    MgenVLForCausalLM(small_config(num_hidden_layers=2)).save_pretrained(tmp_path)
+    reference_model.config.save_pretrained(tmp_path)  # claims 3 layers
+    with pytest.raises(UserError, match="missing key 'transformer.llm.h.2"):
+        MgenVLForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unknown_format_and_unknown_config_key(tmp_path):
+    from paddle_caption import MgenVLConfig, MgenVLForCausalLM
+    from paddle_caption.model.checkpoint import load_model_state
+
+    (tmp_path / "weights.onnx").write_bytes(b"x")
+    with pytest.raises(UserError, match="unknown checkpoint format"):
+        load_model_state(tmp_path / "weights.onnx")
+    with pytest.raises(UserError, match="unknown model config key 'hiden_size'"):
+        MgenVLConfig.from_dict({"hiden_size": 3})
+
