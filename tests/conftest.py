@@ -38,3 +38,37 @@ def small_config(**overrides):
     base = MgenVLConfig.from_pretrained(REFERENCE_DIR).to_dict()
     base.update(overrides)
     return MgenVLConfig.from_dict(base)
+
+
+def micro_model_json(directory: Path, **overrides) -> Path:
+    """A very small model with the REAL vocabulary (so real captions tokenise), as an architecture
+    JSON for TrainConfig.model_config. Image span shortened to 16 queries to keep steps fast."""
+    import json
+
+    base = json.loads((Path(__file__).parents[1] / "config/model/tiny.json").read_text())
+    base.update(hidden_size=32, kv_channels=16, num_attention_heads=2, intermediate_size=64,
+                num_hidden_layers=1)
+    base["visual"].update(image_size=56, width=32, layers=1, heads=2, output_dim=32, n_queries=16,
+                          resampler_heads=2)
+    visual = overrides.pop("visual", {})
+    base.update(overrides)
+    base["visual"].update(visual)
+    text = json.dumps(base, sort_keys=True)
+    path = Path(directory) / f"model-{abs(hash(text)) % 10**8}.json"  # one file per architecture
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def caption_data(tmp_path_factory):
+    """A small converted synthetic ad dataset: {'train': records.jsonl, 'val': ..., 'test_tsv', 'test_refs'}."""
+    from paddle_caption.data.convert import RunOptions, convert
+    from paddle_caption.data.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("caption_data")
+    write_dataset(root / "tsv", 40, 8, 6, seed=3, workers=1, progress=False)
+    opts = RunOptions(workers=1, progress=False)
+    convert(root / "tsv" / "train.tsv", root / "train", opts=opts)
+    convert(root / "tsv" / "val.tsv", root / "val", opts=opts)
+    return {"train": root / "train" / "records.jsonl", "val": root / "val" / "records.jsonl",
+            "test_tsv": root / "tsv" / "test.tsv", "test_refs": root / "tsv" / "test_refs.tsv"}
