@@ -19,7 +19,7 @@ demo: setup
 	$(PY) tools/run_demo.py --config config/demo.json --out checkpoints/demo
 
 replicate: setup
-	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate
+	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
 
 test: setup
 	$(PY) -m pytest -q -ra tests

@@ -31,6 +31,8 @@ def configure_environment(num_threads: int | None = None) -> None:
     threads = str(num_threads or cpu_count())
     os.environ.setdefault("OMP_NUM_THREADS", threads)
     os.environ.setdefault("MKL_NUM_THREADS", threads)
+    # numpy's OpenBLAS does the CPU output layer (model/head.py); it reads this when numpy loads
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", threads)
     os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     os.environ.setdefault("PPNLP_HOME", str(Path.home() / ".cache" / "paddle_caption" / "paddlenlp"))
     os.environ.setdefault("GLOG_minloglevel", "2")

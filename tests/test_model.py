@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from paddle_caption.runtime import UserError, import_paddle
+from tests.conftest import small_config
 
 paddle = import_paddle()
 
@@ -101,7 +102,7 @@ def test_image_span_without_image_is_an_error(reference_model, reference_io):
 
 def test_ablation_writes_zero_rows():
     from paddle_caption import MgenVLForCausalLM
-    from tests.conftest import small_config
+
 
     model = MgenVLForCausalLM(small_config(ablate_images=True))
     ids = paddle.to_tensor([image_prompt([1, 2], [3])])
@@ -148,16 +149,37 @@ def test_kv_cache_matches_full_forward(reference_model):
     np.testing.assert_allclose(np.stack(steps), full[len(prompt):], rtol=0, atol=1e-5)
 
 
-def test_supervised_only_head_gives_the_full_loss(reference_model, reference_io):
+def _loss_and_grads(model, ids, loss_on, **kwargs):
+    model.clear_gradients()
+    loss = model(ids, loss_on=loss_on, **kwargs).loss
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+    model.clear_gradients()
+    return loss.item(), grads
+
+
+def test_supervised_only_head_gives_the_full_loss_and_gradients(reference_io):
+    """The fused supervised-rows head (numpy on CPU) == full logits + Paddle cross-entropy, with right
+    padding and answers of different lengths in one batch."""
+    from paddle_caption import MgenVLForCausalLM
+
     inputs, _ = reference_io
-    kwargs = dict(images=paddle.to_tensor(inputs["images"]), labels=paddle.to_tensor(inputs["labels"]))
+    paddle.seed(3)
+    model = MgenVLForCausalLM(small_config())
+    labels = inputs["labels"].copy()
+    mask = np.ones_like(inputs["input_ids"])
+    answer = np.flatnonzero(labels[1] != -100)
+    labels[1, answer[-5:]] = -100  # row 1: a shorter answer followed by right padding
+    mask[1, answer[-5:]] = 0
+    kwargs = dict(images=paddle.to_tensor(inputs["images"]), labels=paddle.to_tensor(labels),
+                  attention_mask=paddle.to_tensor(mask))
     ids = paddle.to_tensor(inputs["input_ids"])
-    with paddle.no_grad():
-        sparse = reference_model(ids, loss_on="supervised", **kwargs)
-        full = reference_model(ids, loss_on="all", **kwargs)
-    assert sparse.logits.shape == [16, 1000]  # the head ran on the 16 supervised rows only
-    assert full.logits.shape == [2, 274, 1000]
-    assert abs(sparse.loss.item() - full.loss.item()) < 1e-6
+    sparse_loss, sparse_grads = _loss_and_grads(model, ids, "supervised", **kwargs)
+    full_loss, full_grads = _loss_and_grads(model, ids, "all", **kwargs)
+    assert abs(sparse_loss - full_loss) < 1e-5
+    assert sparse_grads.keys() == full_grads.keys() and "lm_head.weight" in sparse_grads
+    for name, grad in full_grads.items():
+        np.testing.assert_allclose(sparse_grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -190,7 +212,7 @@ def test_pickle_checkpoint_is_refused_by_default(reference_model, tmp_path):
 
 def test_mismatching_checkpoint_names_the_key(reference_model, tmp_path):
     from paddle_caption import MgenVLForCausalLM
-    from tests.conftest import small_config
+
 
     MgenVLForCausalLM(small_config(num_hidden_layers=2)).save_pretrained(tmp_path)
     reference_model.config.save_pretrained(tmp_path)  # claims 3 layers

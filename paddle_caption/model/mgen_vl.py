@@ -15,6 +15,7 @@ import numpy as np
 
 from ..runtime import UserError, import_paddle
 from .config import MgenVLConfig
+from .head import cross_entropy, linear_cross_entropy
 from .qwen import QWenModel
 from .visual import VisionTower
 
@@ -159,12 +160,12 @@ class MgenVLForCausalLM(nn.Layer):
             index, targets = supervised_positions(labels.numpy())
             hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
                                    output_index=paddle.to_tensor(index))
-            keep = paddle.to_tensor(np.flatnonzero(targets.reshape(-1) != IGNORE_INDEX))
+            flat = targets.reshape(-1)
+            keep = paddle.to_tensor(np.flatnonzero(flat != IGNORE_INDEX))
             rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), keep)
-            logits = self.lm_head(rows)
-            target = paddle.to_tensor(targets.reshape(-1)[targets.reshape(-1) != IGNORE_INDEX])
-            return CausalLMOutput(loss=_cross_entropy(logits, target), logits=logits,
-                                  past_key_values=presents)
+            # logits stay inside the fused head: only the loss is needed here
+            loss = linear_cross_entropy(rows, self.lm_head, flat[flat != IGNORE_INDEX])
+            return CausalLMOutput(loss=loss, logits=None, past_key_values=presents)
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
         if labels is None:
             if last_logits_only:
@@ -176,7 +177,7 @@ class MgenVLForCausalLM(nn.Layer):
         shift_labels = labels[:, 1:].reshape([-1])
         keep = paddle.nonzero(shift_labels != IGNORE_INDEX).reshape([-1])
         picked = paddle.gather(logits[:, :-1].reshape([-1, logits.shape[-1]]), keep)
-        loss = _cross_entropy(picked, paddle.gather(shift_labels, keep))
+        loss = cross_entropy(picked, paddle.gather(shift_labels, keep))
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=presents)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
@@ -205,6 +206,3 @@ def supervised_positions(labels_np: np.ndarray):
             targets[row, :len(pos)] = labels_np[row, pos + 1]
     return index, targets
 
-
-def _cross_entropy(logits, targets):
-    return F.cross_entropy(logits.astype("float32"), targets.unsqueeze(-1), reduction="mean")

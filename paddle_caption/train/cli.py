@@ -25,6 +25,9 @@ def main(argv=None) -> int:
     from .config import TrainConfig
 
     cfg = TrainConfig.load(config_path, rest)
+    from ..runtime import configure_environment
+
+    configure_environment(cfg.num_threads or None)  # before numpy/paddle load their thread pools
     from .trainer import FINAL_DIR, Trainer, list_checkpoints
     from pathlib import Path
 

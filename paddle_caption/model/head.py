@@ -1,0 +1,66 @@
+"""lm_head + cross-entropy on the supervised rows, as one autograd op.
+
+Why: with the real 151,936-token vocabulary the output layer is most of a small model's training
+step — three [rows x hidden x vocab] matrix products (logits, d_hidden, d_weight) plus a softmax
+over every row. On CPU, Paddle's fp32 matmul runs at roughly a third of the speed numpy's
+OpenBLAS reaches on the same core (docs/benchmarks.md), so on CPU this op does the three products
+and the softmax in numpy, in place, keeping only one [rows x vocab] buffer. On GPU the plain Paddle
+path is used. Both compute the same mean cross-entropy and the same gradients (tested).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime import import_paddle
+
+paddle = import_paddle()
+F = paddle.nn.functional
+
+
+class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
+    """loss = mean_i CE(hidden_i @ weight, target_i); weight is [hidden, vocab] (Paddle's Linear)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets: np.ndarray):
+        h = hidden.numpy()
+        w = weight.numpy()
+        rows = np.arange(len(targets))
+        probs = h @ w  # logits, turned into probabilities in place below
+        probs -= probs.max(axis=1, keepdims=True)
+        target_logit = probs[rows, targets].copy()
+        np.exp(probs, out=probs)
+        total = probs.sum(axis=1, keepdims=True)
+        loss = float(np.mean(np.log(total[:, 0]) - target_logit))
+        probs /= total
+        ctx.saved = (h, w, probs, targets)
+        ctx.needs = (not hidden.stop_gradient, not weight.stop_gradient)  # frozen head: no d_weight
+        return paddle.to_tensor(np.float32(loss))
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, w, probs, targets = ctx.saved
+        ctx.saved = None
+        probs[np.arange(len(targets)), targets] -= 1.0  # d loss / d logits = (softmax - onehot) / N
+        probs *= float(grad.numpy()) / len(targets)
+        need_hidden, need_weight = ctx.needs
+        d_hidden = paddle.to_tensor(probs @ w.T) if need_hidden else None
+        d_weight = paddle.to_tensor(h.T @ probs) if need_weight else None
+        return d_hidden, d_weight
+
+
+def use_numpy_head(linear) -> bool:
+    """The numpy path serves plain float32 bias-free Linear heads on CPU."""
+    return (not paddle.is_compiled_with_cuda() and linear.bias is None
+            and linear.weight.dtype == paddle.float32 and type(linear) is paddle.nn.Linear)
+
+
+def linear_cross_entropy(rows, linear, targets: np.ndarray):
+    """Mean cross-entropy of `linear(rows)` against int targets (no ignored entries)."""
+    if use_numpy_head(linear):
+        return _NumpyLinearCrossEntropy.apply(rows.astype("float32"), linear.weight,
+                                              np.ascontiguousarray(targets, dtype=np.int64))
+    return cross_entropy(linear(rows), paddle.to_tensor(targets))
+
+
+def cross_entropy(logits, targets):
+    return F.cross_entropy(logits.astype("float32"), targets.unsqueeze(-1), reduction="mean")
