@@ -18,13 +18,14 @@ setup(
     install_requires=requirements,
     entry_points={
         "console_scripts": [
-            "paddle-caption-convert=paddle_caption.data.convert:main",
-            "paddle-caption-make-data=paddle_caption.data.synthetic:main",
-            "paddle-caption-analyze=paddle_caption.data.analyze:main",
-            "paddle-caption-train=paddle_caption.train.cli:main",
-            "paddle-caption-merge=paddle_caption.train.merge:main",
-            "paddle-caption-predict=paddle_caption.serve.predict:main",
-            "paddle-caption-evaluate=paddle_caption.eval.evaluate:main",
+            "paddle-caption-convert=paddle_caption.entry_points:convert",
+            "paddle-caption-make-data=paddle_caption.entry_points:make_data",
+            "paddle-caption-analyze=paddle_caption.entry_points:analyze",
+            "paddle-caption-train=paddle_caption.entry_points:train",
+            "paddle-caption-merge=paddle_caption.entry_points:merge",
+            "paddle-caption-predict=paddle_caption.entry_points:predict",
+            "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
+            "paddle-caption-demo=paddle_caption.entry_points:demo",
         ]
     },
 )

@@ -18,14 +18,14 @@ PICKLE_INDEX = "model_state.pdparams.index.json"
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Atomic safetensors write of {name: paddle.Tensor}."""
+    """Atomic safetensors write of {name: paddle.Tensor}; format "np", the tag PaddleNLP writes and reads."""
     from safetensors.paddle import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     contiguous = {k: v.contiguous() if hasattr(v, "contiguous") else v for k, v in tensors.items()}
-    save_file(contiguous, str(tmp), metadata={"format": "paddle", **(metadata or {})})
+    save_file(contiguous, str(tmp), metadata={"format": "np", **(metadata or {})})
     os.replace(tmp, path)
 
 

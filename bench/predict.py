@@ -1,0 +1,191 @@
+"""Benchmark batched captioning against one-by-one ("chat"-style) generation on the tiny model.
+
+    python bench/predict.py [--threads 1,2] [--batch-sizes 1,4,16,32] [--images 32] [--max-new-tokens 32]
+        [--repeats 2] [--out bench/results/predict.json]
+
+The model is config/model/tiny.json with random weights (paddle.seed(0)): the real 151936-token
+vocabulary and LM head, 112 px images, the 256-token image span and the full style-aware prompt
+(~390 prompt tokens). Random weights never emit a stop token, so every image generates exactly
+`--max-new-tokens` tokens; a trained model stops earlier, and its finished rows leave the batch.
+
+For each thread count, in a fresh process (OMP_NUM_THREADS is read when paddle is imported):
+- one-by-one: per image, decode + preprocess it and generate with a batch of one (what a loop over
+  Qwen-VL's `chat()` does, minus the string templating);
+- batched: the same images through `Predictor.caption_batch` in batches of B (images decoded and
+  preprocessed per batch, encoded once per batch in the prefill);
+- prefill only (max_new_tokens=1) at each B, to show what the image + prompt prefix costs;
+- the file path: `predict_tsv` over a TSV of the same images at batch 16 (partial file, merge).
+Every timing is the best of `--repeats` runs (other processes share the 2 cores). All token ids
+must equal the one-by-one ids. Prints a markdown table and writes bench/results/predict.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results" / "predict.json"
+TINY = ROOT / "config" / "model" / "tiny.json"
+TARGET_SPEEDUP_AT_16 = 8.0
+
+
+def best_of(repeats: int, fn):
+    """(min seconds, result of the last call)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def worker(args) -> dict:
+    """Runs in a child process whose OMP_NUM_THREADS is already set."""
+    from paddle_caption.runtime import import_paddle
+
+    paddle = import_paddle()
+    from paddle_caption.data.images import b64decode_strict, decode_image
+    from paddle_caption.data.samples import PromptTemplate
+    from paddle_caption.data.synthetic import generate_split
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.serve.predict import PredictOptions, Predictor, predict_tsv
+    from paddle_caption.tokenizer import QWenVLTokenizer
+
+    paddle.seed(0)
+    model = MgenVLForCausalLM(MgenVLConfig.from_pretrained(TINY))
+    model.eval()
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    predictor = Predictor(model, QWenVLTokenizer.for_model(model.config), PromptTemplate.from_files(), gen)
+    rows = list(generate_split("test", args.images, seed=0))  # synthetic ad images, 320-640 px JPEG
+    payloads = [row.image_b64 for row in rows]
+
+    def images_of(chunk):
+        return [predictor.preprocess(decode_image(b64decode_strict(p))) for p in chunk]
+
+    def run(batch_size: int, config=None):
+        ids = []
+        for i in range(0, len(payloads), batch_size):
+            ids += predictor.generate_ids(images_of(payloads[i:i + batch_size]), config=config)
+        return ids
+
+    def one_by_one():
+        return [predictor.generate_ids(images_of([p]))[0] for p in payloads]
+
+    run(2)  # warm-up: first calls allocate the caches and tables
+
+    n = len(payloads)
+    seconds, reference = best_of(args.repeats, one_by_one)
+    tokens = sum(len(ids) for ids in reference)
+    results = [{"mode": "one-by-one", "batch_size": 1, "seconds": seconds, "images_per_s": n / seconds,
+                "tokens_per_s": tokens / seconds, "ms_per_image": 1e3 * seconds / n, "speedup": 1.0,
+                "outputs_equal": True, "tokens": tokens}]
+    base = n / seconds
+    prefill_cfg = GenerationConfig(max_new_tokens=1)
+    for batch_size in args.batch_sizes:
+        seconds, ids = best_of(args.repeats, lambda: run(batch_size))
+        prefill, _ = best_of(args.repeats, lambda: run(batch_size, prefill_cfg))
+        tokens = sum(len(t) for t in ids)
+        results.append({"mode": "batched", "batch_size": batch_size, "seconds": seconds,
+                        "images_per_s": n / seconds, "tokens_per_s": tokens / seconds,
+                        "ms_per_image": 1e3 * seconds / n, "prefill_ms_per_image": 1e3 * prefill / n,
+                        "speedup": n / seconds / base, "outputs_equal": ids == reference, "tokens": tokens})
+
+    with tempfile.TemporaryDirectory() as tmp:  # the whole file path, as predict_batch.py runs it
+        tsv = Path(tmp) / "test.tsv"
+        tsv.write_text("".join(f"{row.id}\t{row.image_b64}\n" for row in rows), encoding="utf-8")
+        opts = PredictOptions(batch_size=16, progress=False)
+        seconds, _ = best_of(args.repeats, lambda: predict_tsv(predictor, tsv, Path(tmp) / "results.txt", opts))
+        captions = [line.split("\t", 1)[1] for line in
+                    (Path(tmp) / "results.txt").read_text(encoding="utf-8").splitlines()]
+        tokens = sum(len(ids) for ids in reference)
+        results.append({"mode": "predict_tsv (file)", "batch_size": 16, "seconds": seconds,
+                        "images_per_s": n / seconds, "tokens_per_s": tokens / seconds,
+                        "ms_per_image": 1e3 * seconds / n, "speedup": n / seconds / base,
+                        "outputs_equal": captions == [predictor.decode(ids) for ids in reference],
+                        "tokens": tokens})
+    return {"threads": int(os.environ["OMP_NUM_THREADS"]), "prompt_tokens": len(predictor.prompt_ids),
+            "paddle": paddle.__version__, "results": results}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", default="1,2", help="OMP thread counts, each in a fresh process")
+    parser.add_argument("--batch-sizes", default="1,4,16,32")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report (default bench/results/predict.json)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    runs = []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        cmd = [sys.executable, __file__, "--worker", "--batch-sizes", ",".join(map(str, args.batch_sizes)),
+               "--images", str(args.images), "--max-new-tokens", str(args.max_new_tokens),
+               "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+        print(f"{threads} thread(s) done after {time.perf_counter() - start:.0f} s", flush=True)
+
+    report = {
+        "command": "python " + " ".join([f"bench/{Path(__file__).name}"] + sys.argv[1:]),
+        "machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                    "paddle": runs[0]["paddle"], "platform": platform.platform(),
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "model": {"config": "config/model/tiny.json", "weights": "random, paddle.seed(0)",
+                  "prompt_tokens": runs[0]["prompt_tokens"], "max_new_tokens": args.max_new_tokens,
+                  "stops": "never (random weights): every image generates max_new_tokens tokens"},
+        "images": args.images, "repeats": args.repeats, "runs": runs,
+        "target": {"speedup_at_batch_16": TARGET_SPEEDUP_AT_16},
+        "wall_seconds": round(time.perf_counter() - start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    m = report["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, paddle {m['paddle']}; tiny model (random weights), "
+          f"{runs[0]['prompt_tokens']} prompt tokens, {args.max_new_tokens} new tokens per image, "
+          f"{args.images} images, best of {args.repeats}\n")
+    print("| threads | mode | batch | images/s | tokens/s | ms/image | prefill ms/image | speed-up | outputs equal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        for r in run["results"]:
+            prefill = f"{r['prefill_ms_per_image']:.0f}" if "prefill_ms_per_image" in r else "–"
+            print(f"| {run['threads']} | {r['mode']} | {r['batch_size']} | {r['images_per_s']:.2f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['ms_per_image']:.0f} | {prefill} | {r['speedup']:.2f}× | "
+                  f"{'yes' if r['outputs_equal'] else 'NO'} |")
+    print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The one-command demo: synthetic ads -> convert -> train (images vs no images) -> merge -> predict -> score.
+
+    python tools/run_demo.py --config config/demo.json --out checkpoints/demo
+
+Every stage is one of the user-facing commands (tools/make_demo_data.py, tools/convert_labels.py,
+supervised_finetune.py, tools/merge_local_params.py, predict_batch.py) run exactly as a user would
+run it, so the demo proves the workflow rather than a private shortcut. The image model and the
+no-image ablation train at the same time, one Paddle thread each: on this tiny model one thread
+is faster per sample than two, so two concurrent runs cost the wall time of one.
+
+Stages whose outputs already exist are skipped (training resumes from its last checkpoint), so an
+interrupted demo continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..runtime import UserError, atomic_write
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RUNS = {"image": "with images", "no_image": "no-image ablation"}
+BARS = {"cider_ratio": 3.0, "background": 0.95, "style": 0.60}
+
+
+@dataclass
+class DemoOptions:
+    config: Path
+    out: Path
+    n_train: int = 4000
+    n_val: int = 200
+    n_test: int = 200
+    data_seed: int = 0
+    minutes: float | None = None  # overrides the config's max_train_minutes
+    max_steps: int | None = None  # overrides the config's max_steps (the slow test uses a few)
+    ablation: bool = True
+    batch_size: int = 16
+    max_new_tokens: int = 128
+    show: int = 6  # test captions printed
+    grid: int = 16  # test images drawn in the PNG
+
+
+def _script(name: str) -> str:
+    return str(REPO_ROOT / name)
+
+
+def _run(cmd: list[str], log_path: Path | None = None) -> None:
+    """Run a stage's command; on failure, raise with the tail of its output."""
+    if log_path is None:
+        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        output = done.stdout
+    else:
+        with open(log_path, "w", encoding="utf-8") as log:
+            done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        output = log_path.read_text(encoding="utf-8", errors="replace")
+    if done.returncode != 0:
+        raise UserError(f"stage failed: {' '.join(cmd[1:3])} …: {_last_line(output)}")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+class Demo:
+    def __init__(self, opts: DemoOptions, log=print):
+        self.opts, self.log = opts, log
+        self.out = Path(opts.out)
+        self.py = sys.executable
+        from ..train.config import TrainConfig
+
+        self.train_config = TrainConfig.load(opts.config)  # checked before anything slow starts
+        self.runs = ["image", "no_image"] if opts.ablation else ["image"]
+
+    # ---- stages ----------------------------------------------------------------------------------
+    def make_data(self):
+        data = self.out / "data"
+        o = self.opts
+        stamp = data / "demo_data.json"
+        wanted = {"train": o.n_train, "val": o.n_val, "test": o.n_test, "seed": o.data_seed}
+        if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+            self.log(f"[1/6] synthetic ad world: {data} exists, kept")
+            return
+        self.log(f"[1/6] synthetic ad world: {o.n_train} train / {o.n_val} val / {o.n_test} test images")
+        _run([self.py, _script("tools/make_demo_data.py"), str(data), "--train", str(o.n_train),
+              "--val", str(o.n_val), "--test", str(o.n_test), "--seed", str(o.data_seed), "--quiet"])
+        for stale in ("train", "val"):  # records of an older dataset point at other bytes
+            (self.out / stale / "summary.json").unlink(missing_ok=True)
+        with atomic_write(stamp) as handle:
+            json.dump(wanted, handle)
+
+    def convert(self):
+        for split in ("train", "val"):
+            target = self.out / split
+            if (target / "summary.json").is_file():
+                continue
+            _run([self.py, _script("tools/convert_labels.py"), str(self.out / "data" / f"{split}.tsv"),
+                  str(target), "--quiet"])
+        summary = json.loads((self.out / "train" / "summary.json").read_text())
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
+        self.log(f"[2/6] convert_labels: kept {summary['kept']} training rows, rejected "
+                 f"{summary['rejected']} ({reasons}); ledger {self.out / 'train' / 'rejects.tsv'}")
+
+    def train(self):
+        from tqdm import tqdm
+
+        cfg = self.train_config
+        minutes = self.opts.minutes if self.opts.minutes is not None else cfg.max_train_minutes
+        procs = {}
+        for run in self.runs:
+            run_dir = self.out / run
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if (run_dir / "final" / "trainer_state.json").is_file():
+                continue
+            cmd = [self.py, _script("supervised_finetune.py"), str(self.opts.config),
+                   "--train_records", str(self.out / "train" / "records.jsonl"),
+                   "--val_records", str(self.out / "val" / "records.jsonl"),
+                   "--output_dir", str(run_dir), "--max_train_minutes", str(minutes),
+                   "--ablate_images", "true" if run == "no_image" else "false", "--progress", "false"]
+            if self.opts.max_steps:
+                cmd += ["--max_steps", str(self.opts.max_steps)]
+            log = open(run_dir / "train.log", "a", encoding="utf-8")
+            procs[run] = (subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+        self.log(f"[3/6] training {' and '.join(RUNS[r] for r in self.runs)} concurrently, "
+                 f"{minutes:g} min budget each (logs: {self.out}/<run>/train.log)")
+        total = int(minutes * 60) if minutes > 0 else None
+        bar = tqdm(total=total, unit="s", dynamic_ncols=True, file=sys.stderr,
+                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}")
+        try:
+            while any(p.poll() is None for p, _ in procs.values()):
+                time.sleep(2)
+                latest = {run: _last_record(self.out / run / "log.jsonl", "train") for run in self.runs}
+                elapsed = max((r.get("elapsed_s", 0) for r in latest.values() if r), default=0)
+                bar.n = min(elapsed, total) if total else elapsed
+                bar.set_postfix_str("  ".join(f"{run} step {r['step']} loss {r['loss']:.3f}"
+                                              for run, r in latest.items() if r))
+        except KeyboardInterrupt:
+            for proc, _ in procs.values():
+                proc.terminate()
+            raise
+        finally:
+            bar.close()
+            for _, log in procs.values():
+                log.close()
+        for run, (proc, _) in procs.items():
+            if proc.returncode != 0:
+                tail = _last_line((self.out / run / "train.log").read_text(errors="replace"))
+                raise UserError(f"training {run} failed (exit {proc.returncode}): {tail}")
+        for run in self.runs:
+            summary = json.loads((self.out / run / "train_summary.json").read_text())
+            self.log(f"      {RUNS[run]}: {summary['steps']} steps, {summary['samples']} samples in "
+                     f"{summary['train_seconds'] / 60:.1f} min ({summary['stop_reason']})")
+
+    def merge(self):
+        for run in self.runs:
+            model_dir = self.out / run / "model"
+            if (model_dir / "config.json").is_file():
+                continue
+            _run([self.py, _script("tools/merge_local_params.py"),
+                  "--model_name_or_path", str(self._base_model()),
+                  "--local_path", str(self.out / run / "final"), "--merge_model_path", str(model_dir)])
+        self.log(f"[4/6] merged trained parameters into full model directories: "
+                 + ", ".join(str(self.out / run / "model") for run in self.runs))
+
+    def _base_model(self) -> Path:
+        from ..train.config import resolve_path
+
+        cfg = self.train_config
+        return Path(resolve_path(cfg.model_name_or_path or cfg.model_config))
+
+    def predict(self):
+        """Both models caption the test split at once, one thread each, as in training."""
+        procs = []
+        for run in self.runs:
+            results = self.out / run / "results.txt"
+            if results.is_file():
+                continue
+            cmd = [self.py, _script("predict_batch.py"), str(self.out / "data" / "test.tsv"), str(results),
+                   str(self.out / run / "model"), "--batch_size", str(self.opts.batch_size),
+                   "--max_new_tokens", str(self.opts.max_new_tokens), "--num_threads", "1", "--resume"]
+            log = open(self.out / run / "predict.log", "w", encoding="utf-8")
+            procs.append((run, subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+        t0 = time.time()
+        for run, proc, log in procs:
+            proc.wait()
+            log.close()
+            if proc.returncode != 0:
+                tail = _last_line((self.out / run / "predict.log").read_text(errors="replace"))
+                raise UserError(f"predict_batch {run} failed (exit {proc.returncode}): {tail}")
+        self.log(f"[5/6] predict_batch.py on {self.opts.n_test} test images: {time.time() - t0:.0f} s "
+                 f"(max_new_tokens {self.opts.max_new_tokens}, batch {self.opts.batch_size})")
+
+    def evaluate(self) -> dict:
+        from ..eval.evaluate import evaluate_files, read_results
+
+        refs = self.out / "data" / "test_refs.tsv"
+        rows = {}
+        for run in self.runs:
+            scores = evaluate_files(self.out / run / "results.txt", refs, fields=True)
+            train = json.loads((self.out / run / "train_summary.json").read_text())
+            rows[run] = {"scores": scores, "train": {k: train[k] for k in ("steps", "samples", "train_seconds")},
+                         "predictions": read_results(self.out / run / "results.txt")}
+        return rows
+
+    # ---- the report ------------------------------------------------------------------------------
+    def report(self, rows: dict) -> dict:
+        from ..eval.evaluate import read_references
+
+        refs = read_references(self.out / "data" / "test_refs.tsv")
+        table = results_table(rows)
+        self.log("\n[6/6] test split (" + f"{self.opts.n_test} images, jieba tokens)\n" + table)
+        checks = bar_checks(rows)
+        for line in checks["lines"]:
+            self.log("  " + line)
+        self.log("\nsample test captions:")
+        ids = list(refs)[: self.opts.show]
+        for image_id in ids:
+            self.log(f"  {image_id}\n    reference : {refs[image_id][0]}")
+            for run in self.runs:
+                self.log(f"    {RUNS[run]:<10}: {rows[run]['predictions'][image_id]}")
+        grid_warning = self.write_grid(rows["image"]["predictions"], refs)
+        curve = self.write_curve()
+        result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.opts).items()},
+                  "runs": {run: {"scores": rows[run]["scores"], "train": rows[run]["train"]} for run in self.runs},
+                  "bar": checks["bar"], "table": table,
+                  "files": {"caption_grid": str(self.out / "caption_grid.png"), "learning_curve": str(curve)}}
+        with atomic_write(self.out / "results.json") as handle:
+            json.dump(result, handle, indent=2, ensure_ascii=False)
+        with atomic_write(self.out / "results.md") as handle:
+            handle.write(table + "\n\n" + "\n".join(checks["lines"]) + "\n")
+        self.log(f"\nwrote {self.out / 'results.md'}, {self.out / 'results.json'}, "
+                 f"{self.out / 'caption_grid.png'}, {curve}")
+        if grid_warning:
+            self.log(f"note: {grid_warning}")
+        return result
+
+    def write_grid(self, predictions: dict, refs: dict) -> str | None:
+        from ..data.images import b64decode_strict, decode_image
+        from .plots import caption_grid_png
+
+        items = []
+        with open(self.out / "data" / "test.tsv", "rb") as handle:
+            for line in handle:
+                if len(items) >= self.opts.grid:
+                    break
+                image_id, payload = line.rstrip(b"\r\n").split(b"\t")[:2]
+                image_id = image_id.decode()
+                try:
+                    image = decode_image(b64decode_strict(payload))
+                except Exception:  # a bad test image is drawn as an empty cell, like predict's empty caption
+                    image = None
+                items.append({"id": image_id, "image": image, "prediction": predictions.get(image_id, ""),
+                              "reference": refs.get(image_id, [""])[0]})
+        return caption_grid_png(items, self.out / "caption_grid.png", columns=4,
+                                title="paddle_caption demo: predicted (top) vs reference (bottom)")
+
+    def write_curve(self) -> Path:
+        from .plots import learning_curve_png
+
+        runs = {}
+        for run in self.runs:
+            path = self.out / run / "log.jsonl"
+            runs[RUNS[run]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return learning_curve_png(runs, self.out / "learning_curve.png",
+                                  title="tiny Mgen-VL on the synthetic ad world")
+
+    def run(self) -> dict:
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.make_data()
+        self.convert()
+        self.train()
+        self.merge()
+        self.predict()
+        result = self.report(self.evaluate())
+        self.log(f"demo finished in {(time.time() - t0) / 60:.1f} min")
+        return result
+
+
+# ---- table and bar, pure functions of the scores (tested) ------------------------------------------
+COLUMNS = [("CIDEr-D", "CIDEr-D", "{:.3f}"), ("BLEU-4", "BLEU-4", "{:.3f}"), ("ROUGE-L", "ROUGE-L", "{:.3f}"),
+           ("background", "background", "{:.0%}"), ("style", "style", "{:.0%}"),
+           ("colour", "colour", "{:.0%}"), ("shape", "shape", "{:.0%}"), ("exact", "exact", "{:.0%}")]
+
+
+def _value(scores: dict, key: str):
+    return scores[key] if key in scores else scores.get("fields", {}).get(key)
+
+
+def results_table(rows: dict) -> str:
+    header = ["model"] + [title for title, _, _ in COLUMNS] + ["steps", "train min"]
+    lines = []
+    for run, row in rows.items():
+        cells = [RUNS.get(run, run)]
+        for _, key, fmt in COLUMNS:
+            value = _value(row["scores"], key)
+            cells.append("n/a" if value is None else fmt.format(value))
+        cells += [str(row["train"]["steps"]), f"{row['train']['train_seconds'] / 60:.1f}"]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(c) for c in lines])
+
+
+def bar_checks(rows: dict) -> dict:
+    """The demo's bar: CIDEr-D >= 3x the ablation's, background >= 95%, style >= 60%."""
+    image = rows["image"]["scores"]
+    bar, lines = {}, []
+    if "no_image" in rows:
+        ablation = rows["no_image"]["scores"]["CIDEr-D"]
+        ratio = image["CIDEr-D"] / ablation if ablation > 0 else float("inf")
+        bar["cider_ratio"] = {"value": ratio, "target": BARS["cider_ratio"], "pass": ratio >= BARS["cider_ratio"]}
+    for key in ("background", "style"):
+        value = _value(image, key) or 0.0
+        bar[key] = {"value": value, "target": BARS[key], "pass": value >= BARS[key]}
+    for key, check in bar.items():
+        shown = f"{check['value']:.2f}x" if key == "cider_ratio" else f"{check['value']:.0%}"
+        target = f"{check['target']:g}x" if key == "cider_ratio" else f"{check['target']:.0%}"
+        name = "CIDEr-D image / no-image" if key == "cider_ratio" else f"{key} accuracy"
+        lines.append(f"{'PASS' if check['pass'] else 'MISS'}  {name}: {shown} (bar {target})")
+    return {"bar": bar, "lines": lines}
+
+
+def _last_record(path: Path, kind: str) -> dict | None:
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line being written right now
+        if record.get("kind") == kind:
+            found = record
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/demo.json", help="training config (TrainConfig JSON)")
+    parser.add_argument("--out", default="checkpoints/demo", help="output directory")
+    parser.add_argument("--train", type=int, default=4000, help="synthetic training images")
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--data-seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, help="training budget per model (default: the config's)")
+    parser.add_argument("--max-steps", type=int, help="stop training after N steps (for quick checks)")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the no-image ablation")
+    parser.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    args = parser.parse_args(argv)
+    opts = DemoOptions(config=Path(args.config), out=Path(args.out), n_train=args.train, n_val=args.val,
+                       n_test=args.test, data_seed=args.data_seed, minutes=args.minutes,
+                       max_steps=args.max_steps, ablation=not args.no_ablation, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens)
+    Demo(opts).run()
+    return 0

@@ -1,0 +1,150 @@
+"""LoRA adapters through `paddlenlp.peft`, saved in PaddleNLP's own (safetensors) layout.
+
+A LoRA directory holds `lora_config.json`, `peft_model.safetensors` and
+`peft_model.safetensors.index.json` — exactly what `paddlenlp.peft.LoRAModel.from_pretrained`
+reads, so adapters trained here load in PaddleNLP and vice versa. PaddleNLP's default
+`save_pretrained` writes a pickle (`lora_model_state.pdparams`); we write safetensors instead
+because unpickling can run code. A pickle adapter still loads with `allow_pickle=True`.
+
+paddlenlp is imported lazily: only LoRA runs and merges pay for its import time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..runtime import UserError, atomic_write
+
+CONFIG_NAME = "lora_config.json"
+WEIGHTS_NAME = "peft_model.safetensors"
+INDEX_NAME = "peft_model.safetensors.index.json"
+PICKLE_NAME = "lora_model_state.pdparams"
+
+
+def _quiet_peft():
+    os.environ.setdefault("PPNLP_HOME", str(Path.home() / ".paddlenlp"))
+    from paddlenlp.peft import LoRAConfig, LoRAModel
+    from paddlenlp.utils.log import logger
+
+    logger.set_level("WARNING")  # its INFO lines would drown our progress output
+    return LoRAConfig, LoRAModel
+
+
+def _prepare_base(model):
+    # LoRAModel reads model.config.tensor_parallel_degree; our config is a plain dataclass.
+    for key, value in (("tensor_parallel_degree", 1), ("tensor_parallel_rank", 0)):
+        if not hasattr(model.config, key):
+            setattr(model.config, key, value)
+    return model
+
+
+def make_lora_config(targets: list[str], r: int, alpha: float, dropout: float, merge: bool = False):
+    LoRAConfig, _ = _quiet_peft()
+    return LoRAConfig(target_modules=list(targets), r=int(r), lora_alpha=alpha,
+                      lora_dropout=float(dropout), merge_weights=merge,
+                      tensor_parallel_degree=1)
+
+
+def apply_lora(model, targets: list[str], r: int, alpha: float, dropout: float):
+    """Wrap `model` in a LoRAModel: adapters on every Linear whose name fully matches a target
+    regex, everything else frozen. The base model stays reachable as `.model`."""
+    _, LoRAModel = _quiet_peft()
+    names = [name for name, _ in model.named_sublayers()]
+    import re
+
+    for pattern in targets:
+        if not any(re.fullmatch(pattern, name) for name in names):
+            raise UserError(f"lora_target_modules pattern {pattern!r} matches no layer "
+                            f"(full regex match on names like {names[-1]!r})")
+    wrapped = LoRAModel(_prepare_base(model), make_lora_config(targets, r, alpha, dropout))
+    if not any(not p.stop_gradient for p in wrapped.parameters()):
+        raise UserError("LoRA left no parameter to train")
+    return wrapped
+
+
+def lora_state(wrapped) -> dict:
+    """The adapter tensors under PaddleNLP's keys (names relative to the base model)."""
+    return dict(wrapped.get_trainable_state_dict())
+
+
+def save_lora(wrapped, directory: Path) -> None:
+    """Write the adapters + `lora_config.json` (PaddleNLP layout, safetensors)."""
+    from ..model.checkpoint import save_safetensors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = lora_state(wrapped)
+    save_safetensors(state, directory / WEIGHTS_NAME)
+    total = sum(int(t.numel()) * t.element_size() for t in state.values())
+    with atomic_write(directory / INDEX_NAME) as handle:
+        json.dump({"metadata": {"total_size": total},
+                   "weight_map": {key: WEIGHTS_NAME for key in sorted(state)}}, handle, indent=2)
+    config = wrapped.lora_config.to_dict()
+    config["dtype"] = str(config.get("dtype") or "float32")
+    with atomic_write(directory / CONFIG_NAME) as handle:
+        json.dump(config, handle, indent=2, default=str)
+
+
+def read_lora_dir(directory: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
+    """(lora_config dict, {key: tensor}) of a saved adapter directory, safetensors or pickle."""
+    from ..model.checkpoint import load_model_state, load_safetensors
+
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).is_file():
+        raise UserError(f"{directory}: not a LoRA directory (no {CONFIG_NAME})")
+    try:
+        config = json.loads((directory / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{directory / CONFIG_NAME}: invalid JSON ({err})") from None
+    if (directory / WEIGHTS_NAME).is_file():
+        return config, load_safetensors(directory / WEIGHTS_NAME)
+    if (directory / PICKLE_NAME).is_file():
+        return config, load_model_state(directory / PICKLE_NAME, allow_pickle=allow_pickle)
+    raise UserError(f"{directory}: no adapter weights ({WEIGHTS_NAME} or, with --allow_pickle, "
+                    f"{PICKLE_NAME})")
+
+
+def load_lora_weights(wrapped, directory: Path, allow_pickle: bool = False) -> None:
+    """Set a wrapped model's adapters from a saved directory (resume), checking every key."""
+    _, state = read_lora_dir(directory, allow_pickle)
+    _assign(wrapped, state, directory)
+
+
+def _assign(wrapped, state: dict, source) -> None:
+    own = lora_state(wrapped)
+    for key, param in own.items():
+        if key not in state:
+            raise UserError(f"{source}: adapter key {key!r} missing (different LoRA targets or rank?)")
+        if list(state[key].shape) != list(param.shape):
+            raise UserError(f"{source}: adapter key {key!r} has shape {list(state[key].shape)}, "
+                            f"expected {list(param.shape)}")
+        param.set_value(state[key].astype(param.dtype))
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise UserError(f"{source}: unexpected adapter key {extra[0]!r} (different LoRA targets?)")
+
+
+def merge_lora(model, directory: Path, allow_pickle: bool = False) -> tuple[dict, int]:
+    """Merge a saved adapter into `model` (in place) and return the plain state dict, with no
+    `lora` keys left: W' = W + A·B·(alpha/r), computed by PaddleNLP's own LoRALinear.
+    Returns (state dict, number of adapted layers)."""
+    config_dict, state = read_lora_dir(directory, allow_pickle)
+    LoRAConfig, LoRAModel = _quiet_peft()
+    known = set(LoRAConfig.__dataclass_fields__)
+    lora_config = LoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "dtype"})
+    lora_config.merge_weights = True
+    lora_config.tensor_parallel_degree = 1
+    lora_config.lora_dropout = 0.0
+    try:
+        wrapped = LoRAModel(_prepare_base(model), lora_config)
+    except Exception as err:  # a target regex that finds layers of a different shape, etc.
+        raise UserError(f"{directory}: adapter does not fit this model ({err})") from None
+    _assign(wrapped, state, directory)
+    wrapped.eval()  # PaddleNLP's LoRALinear adds A·B·scaling into the weight when merge_weights
+    merged = {}
+    for key, tensor in wrapped.model.state_dict().items():
+        if "lora" in key:
+            continue
+        merged[key] = tensor
+    return merged, sum(1 for key in state if key.endswith("lora_A"))

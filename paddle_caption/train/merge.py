@@ -1,0 +1,187 @@
+"""`python tools/merge_local_params.py --model_name_or_path BASE --local_path|--lora_path CKPT --merge_model_path OUT`
+
+Turns a training checkpoint into a full model directory that `MgenVLForCausalLM.from_pretrained`
+and `predict_batch.py` load:
+
+- `--local_path`: the base weights with every trained ("local") parameter replaced;
+- `--lora_path`: the adapters merged into the base weights (W + A·B·α/r), no `lora` key left.
+
+BASE is a model directory (a real Qwen-VL / Mgen-VL checkpoint) or, for a model trained from
+scratch, the architecture JSON the run started from; the random initial weights are then rebuilt
+from the run's `init_seed`. CKPT is a checkpoint directory or a run's output_dir (its `final/`, else
+its newest complete checkpoint). Every key and shape is checked; a checkpoint of another
+architecture is refused naming the first mismatching key. OUT is written to a temp directory and
+renamed, so a killed merge never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ..runtime import UserError
+
+TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+MERGE_INFO = "merge_info.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True,
+                        help="base model directory, or the architecture JSON of a from-scratch run")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--local_path", help="checkpoint (or output_dir) of a partial/full run")
+    source.add_argument("--lora_path", help="checkpoint (or output_dir) of a LoRA run, or a LoRA dir")
+    parser.add_argument("--merge_model_path", required=True, help="output model directory")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="also load pickle (.pdparams) weights; only for files you trust")
+    parser.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors shard size")
+    return parser.parse_args(argv)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint dir as given, or the best one inside a run's output_dir."""
+    from .trainer import FINAL_DIR, STATE_FILE, list_checkpoints
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint path does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path}: a checkpoint is a directory, not a file")
+    if (path / STATE_FILE).is_file() or (path / "lora_config.json").is_file():
+        return path
+    if (path / FINAL_DIR / STATE_FILE).is_file():
+        return path / FINAL_DIR
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    raise UserError(f"{path}: no complete checkpoint here (expected {STATE_FILE}, {FINAL_DIR}/ or "
+                    "checkpoint-*/)")
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON ({err})") from None
+
+
+def build_base(base: str, ckpt: Path, allow_pickle: bool):
+    """The model the run started from; returns (model, base_dir or None)."""
+    from ..model.config import MgenVLConfig
+    from ..model.mgen_vl import MgenVLForCausalLM
+    from ..runtime import import_paddle
+    from .config import resolve_path
+
+    paddle = import_paddle()
+    path = resolve_path(base)
+    if path is None or not path.exists():
+        raise UserError(f"--model_name_or_path {base}: no such model directory or config file")
+    if path.is_dir():
+        return MgenVLForCausalLM.from_pretrained(path, allow_pickle=allow_pickle), path
+    train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json")
+    if not train_config or "init_seed" not in train_config:
+        raise UserError(f"{ckpt}: no train_config.json with init_seed, so the from-scratch initial "
+                        f"weights of {path} cannot be rebuilt; pass a model directory instead")
+    config = MgenVLConfig.from_pretrained(path)
+    paddle.seed(int(train_config["init_seed"]))  # the trainer's own initialisation, bit for bit
+    return MgenVLForCausalLM(config), None
+
+
+def check_same_architecture(model, ckpt: Path) -> None:
+    """Compare the checkpoint's saved model config with the base's, naming the first difference."""
+    saved = _read_json(ckpt / "model_config.json")
+    if saved is None:
+        return  # a bare LoRA dir; the key/shape check below still guards
+    own = model.config.to_dict()
+    for key in sorted(set(own) | set(saved)):
+        if key == "ablate_images":
+            continue
+        if own.get(key) != saved.get(key):
+            raise UserError(f"{ckpt}: trained on a different architecture: config {key!r} is "
+                            f"{saved.get(key)!r} there, {own.get(key)!r} in the base model")
+
+
+def replace_local_params(model, ckpt: Path) -> int:
+    from ..model.checkpoint import load_safetensors
+    from .trainer import LOCAL_PARAMS
+
+    weights = ckpt / LOCAL_PARAMS
+    if not weights.is_file():
+        hint = " (this is a LoRA checkpoint: use --lora_path)" if (ckpt / "lora").is_dir() else ""
+        raise UserError(f"{ckpt}: no {LOCAL_PARAMS}{hint}")
+    local = load_safetensors(weights)
+    own = model.state_dict()
+    for key in sorted(local):
+        if key not in own:
+            raise UserError(f"{weights}: key {key!r} is not a parameter of the base model "
+                            "(checkpoint of a different architecture?)")
+        if list(local[key].shape) != list(own[key].shape):
+            raise UserError(f"{weights}: key {key!r} has shape {list(local[key].shape)}, the base "
+                            f"model has {list(own[key].shape)}")
+    for key, value in local.items():
+        own[key].set_value(value.astype(own[key].dtype))
+    return len(local)
+
+
+def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | None = None,
+          allow_pickle: bool = False, max_shard_bytes: int = 2 << 30, log=print) -> Path:
+    from ..model.checkpoint import save_model_state
+
+    ckpt = resolve_checkpoint(Path(local_path or lora_path))
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MERGE_INFO).is_file())):
+        raise UserError(f"--merge_model_path {out}: exists and is not an earlier merge output; "
+                        "choose a new directory")
+    model, base_dir = build_base(base, ckpt, allow_pickle)
+    check_same_architecture(model, ckpt)
+    if lora_path:
+        from .lora import merge_lora
+
+        lora_dir = ckpt / "lora" if (ckpt / "lora").is_dir() else ckpt
+        state, replaced = merge_lora(model, lora_dir, allow_pickle=allow_pickle)
+        mode = "lora"
+    else:
+        replaced, mode = replace_local_params(model, ckpt), "local"
+        state = model.state_dict()
+    saved_model_config = _read_json(ckpt / "model_config.json") or {}
+    model.config.ablate_images = bool(saved_model_config.get("ablate_images", False))
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model_state(state, tmp, max_shard_bytes=max_shard_bytes)
+    model.config.save_pretrained(tmp)
+    if base_dir is not None:  # the base model's tokenizer files travel with it
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+    for name in ("prompt.json", "train_config.json"):
+        if (ckpt / name).is_file():
+            shutil.copy2(ckpt / name, tmp / name)
+    step = (_read_json(ckpt / "trainer_state.json") or {}).get("step")
+    info = {"base": str(base), "checkpoint": str(ckpt), "mode": mode, "step": step,
+            "tensors_written": len(state), ("layers_adapted" if mode == "lora" else "params_replaced"): replaced}
+    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log(f"merged {mode} checkpoint {ckpt} (step {step}) into {base} -> {out} "
+        f"({len(state)} tensors)")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from ..runtime import configure_environment
+
+    configure_environment()
+    merge(args.model_name_or_path, Path(args.merge_model_path), local_path=args.local_path,
+          lora_path=args.lora_path, allow_pickle=args.allow_pickle,
+          max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    return 0
