@@ -30,21 +30,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, best_of, cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 RESULTS = ROOT / "bench" / "results" / "predict.json"
 TINY = ROOT / "config" / "model" / "tiny.json"
 TARGET_SPEEDUP_AT_16 = 8.0
-
-
-def best_of(repeats: int, fn):
-    """(min seconds, result of the last call)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
 
 
 def worker(args) -> dict:
@@ -115,16 +105,6 @@ def worker(args) -> dict:
                         "tokens": tokens})
     return {"threads": int(os.environ["OMP_NUM_THREADS"]), "prompt_tokens": len(predictor.prompt_ids),
             "paddle": paddle.__version__, "results": results}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:

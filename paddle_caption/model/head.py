@@ -6,6 +6,10 @@ over every row. On CPU, Paddle's fp32 matmul runs at roughly a third of the spee
 OpenBLAS reaches on the same core (docs/benchmarks.md), so on CPU this op does the three products
 and the softmax in numpy, in place, keeping only one [rows x vocab] buffer. On GPU the plain Paddle
 path is used. Both compute the same mean cross-entropy and the same gradients (tested).
+
+Tensors cross between Paddle and numpy through DLPack, without copying: `weight.numpy()` copies
+the 39 MB [hidden x vocab] weight every call, which cost as much as the product itself.
+Inference logits (generation, evaluation) use the same numpy product.
 """
 from __future__ import annotations
 
@@ -17,13 +21,26 @@ paddle = import_paddle()
 F = paddle.nn.functional
 
 
+def as_numpy(tensor) -> np.ndarray:
+    """A read-only numpy view of a CPU tensor's memory (a copy only if it is not dense)."""
+    try:
+        return np.from_dlpack(tensor)
+    except (BufferError, TypeError, RuntimeError, ValueError):
+        return tensor.numpy()
+
+
+def from_numpy(array: np.ndarray):
+    """A Paddle tensor over a numpy array's memory (no copy)."""
+    return paddle.utils.dlpack.from_dlpack(np.ascontiguousarray(array))
+
+
 class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
     """loss = mean_i CE(hidden_i @ weight, target_i); weight is [hidden, vocab] (Paddle's Linear)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets: np.ndarray):
-        h = hidden.numpy()
-        w = weight.numpy()
+        h = as_numpy(hidden)
+        w = as_numpy(weight)
         rows = np.arange(len(targets))
         probs = h @ w  # logits, turned into probabilities in place below
         probs -= probs.max(axis=1, keepdims=True)
@@ -43,8 +60,8 @@ class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
         probs[np.arange(len(targets)), targets] -= 1.0  # d loss / d logits = (softmax - onehot) / N
         probs *= float(grad.numpy()) / len(targets)
         need_hidden, need_weight = ctx.needs
-        d_hidden = paddle.to_tensor(probs @ w.T) if need_hidden else None
-        d_weight = paddle.to_tensor(h.T @ probs) if need_weight else None
+        d_hidden = from_numpy(probs @ w.T) if need_hidden else None
+        d_weight = from_numpy(h.T @ probs) if need_weight else None
         return d_hidden, d_weight
 
 
@@ -60,6 +77,17 @@ def linear_cross_entropy(rows, linear, targets: np.ndarray):
         return _NumpyLinearCrossEntropy.apply(rows.astype("float32"), linear.weight,
                                               np.ascontiguousarray(targets, dtype=np.int64))
     return cross_entropy(linear(rows), paddle.to_tensor(targets))
+
+
+def project(hidden, linear):
+    """`linear(hidden)`; on CPU without autograd (generation, evaluation) as one numpy product."""
+    needs_grad = paddle.is_grad_enabled() and not (hidden.stop_gradient and linear.weight.stop_gradient)
+    if needs_grad or not use_numpy_head(linear):
+        return linear(hidden)
+    width = hidden.shape[-1]
+    flat = as_numpy(hidden.astype("float32").reshape([-1, width]))
+    logits = from_numpy(flat @ as_numpy(linear.weight))
+    return logits.reshape([*hidden.shape[:-1], logits.shape[-1]])
 
 
 def cross_entropy(logits, targets):

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..runtime import UserError, import_paddle
 from .config import MgenVLConfig
-from .head import cross_entropy, linear_cross_entropy
+from .head import cross_entropy, linear_cross_entropy, project
 from .qwen import QWenModel
 from .visual import VisionTower
 
@@ -170,7 +170,7 @@ class MgenVLForCausalLM(nn.Layer):
         if labels is None:
             if last_logits_only:
                 hidden = hidden[:, -1:]
-            return CausalLMOutput(logits=self.lm_head(hidden), past_key_values=presents)
+            return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":
             raise ValueError(f"loss_on must be 'supervised' or 'all', not {loss_on!r}")
         logits = self.lm_head(hidden)
