@@ -204,3 +204,33 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, caption_data):
         np.testing.assert_array_equal(a[name].numpy(), b[name].numpy(), err_msg=name)
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated log lines
+
+
+def test_lr_scale_multiplies_the_step_of_matching_parameters():
+    from paddle_caption.runtime import import_paddle
+    from paddle_caption.train.freeze import apply_lr_scale
+
+    paddle = import_paddle()
+    paddle.seed(0)
+    model = paddle.nn.Sequential(paddle.nn.Linear(4, 4), paddle.nn.Linear(4, 4))
+    before = {n: p.numpy().copy() for n, p in model.named_parameters()}
+    factors = apply_lr_scale(model, [["0.*", 0.5], ["0.bias", 0.0]])  # last match wins
+    assert factors == {"0.weight": 0.5, "0.bias": 0.0}
+    opt = paddle.optimizer.AdamW(learning_rate=0.1, parameters=model.parameters(), weight_decay=0.0)
+    model(paddle.randn([3, 4])).sum().backward()
+    opt.step()
+    moved = {n: np.abs(p.numpy() - before[n]) for n, p in model.named_parameters()}
+    # Adam's first step moves each coordinate by lr * factor (m/sqrt(v) = sign(grad))
+    np.testing.assert_allclose(moved["1.weight"], 0.1, rtol=1e-3)
+    np.testing.assert_allclose(moved["0.weight"], 0.05, rtol=1e-3)
+    assert moved["0.bias"].max() == 0.0
+    with pytest.raises(UserError, match="lr_scale pattern 'visual.\\*' matches no trainable"):
+        apply_lr_scale(model, [["visual.*", 0.1]])
+
+
+def test_lr_scale_entries_are_validated(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train_records": "x.jsonl", "model_config": "config/model/tiny.json", "max_steps": 1,
+                                "lr_scale": [["visual.*"]]}))
+    with pytest.raises(UserError, match=r"lr_scale entries must be \[glob, factor >= 0\]"):
+        TrainConfig.load(path)

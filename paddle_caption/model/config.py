@@ -44,6 +44,9 @@ class VisualConfig:
     # PaddleMIX hard-codes output_dim // 128 heads; that is 0 for a model narrower than 128, so
     # the tiny model may set it (None = PaddleMIX's rule).
     resampler_heads: int | None = None
+    # > 0: initialise the resampler's Q/K so each query starts attending to its own grid position
+    # (see Resampler._init_local_attention); 0 keeps Qwen-VL's random init. Init only.
+    resampler_init_scale: float = 0.0
     image_start_id: int | None = None  # informational copy of the top-level id (PaddleMIX keeps it here)
 
     @property

@@ -170,6 +170,35 @@ class Resampler(nn.Layer):
         self.attn = ResamplerAttention(dim, cfg.num_resampler_heads)
         self.ln_q = nn.LayerNorm(dim, epsilon=LN_EPS)
         self.ln_kv = nn.LayerNorm(dim, epsilon=LN_EPS)
+        self._init_local_attention(cfg.resampler_init_scale)
+
+    def _init_local_attention(self, scale: float) -> None:
+        """Start each query attending to the patches at its own grid position (scale > 0).
+
+        Why: with Xavier-random Q/K projections (Qwen-VL's init, made for a pretrained ViT) a model
+        trained from scratch starts with near-uniform attention, so all 256 outputs of an image are
+        the same global average (measured on the tiny model after 5 training minutes: token-to-token
+        spread 0.03 against 0.99 between images) and the decoder never sees *where* anything is.
+        Here the Q and K blocks start as `scale` x a permutation that gives every head matching
+        sin/cos pairs of both axes, and ln_q starts at zero, so a score starts as
+        scale^2 * pos(query) . (pos(key) + content): local in 2-D. Only the initial values change:
+        names and shapes stay Qwen-VL's, and loaded checkpoints overwrite all of it.
+        """
+        if scale <= 0:
+            return
+        dim, heads = self.query.shape[1], self.attn.heads
+        quarter = dim // 4  # the table is [sin_h | cos_h | sin_w | cos_w], `quarter` frequencies each
+        if dim % 4 or quarter % heads:
+            return  # no clean per-head split of the table: keep the random init
+        order = [block * quarter + f for h in range(heads)
+                 for block in range(4) for f in range(h, quarter, heads)]
+        perm = np.zeros((dim, dim), dtype=np.float32)
+        perm[order, np.arange(dim)] = scale  # column j (head j // head_dim) reads table dim order[j]
+        weight = self.attn.in_proj_weight.numpy()
+        weight[:, :dim] = perm
+        weight[:, dim:2 * dim] = perm
+        self.attn.in_proj_weight.set_value(weight)
+        self.ln_q.weight.set_value(np.zeros([dim], dtype=np.float32))
 
     def forward(self, x):  # [N, L, width] -> [N, n_queries, dim]
         key_pos = resize_pos_embed(self.pos_embed, self.grid)

@@ -41,6 +41,9 @@ class TrainConfig:
     finetune_mode: str = "full"
     trainable: list = field(default_factory=lambda: ["*"])
     frozen: list = field(default_factory=list)
+    # [[glob, factor], ...]: these trainable parameters learn at factor x learning_rate (last match
+    # wins; every glob must match a trainable parameter). E.g. [["visual.*", 0.1]].
+    lr_scale: list = field(default_factory=list)
     lora_target_modules: list = field(default_factory=lambda: [
         r"transformer\.llm\.h\.\d+\.attn\.c_attn", r"transformer\.llm\.h\.\d+\.attn\.c_proj",
         r"transformer\.llm\.h\.\d+\.mlp\.w1", r"transformer\.llm\.h\.\d+\.mlp\.w2"])
@@ -107,6 +110,10 @@ class TrainConfig:
             raise UserError("config: set max_steps, num_train_epochs or max_train_minutes")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("config: warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        for item in self.lr_scale:
+            if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
+                    or isinstance(item[1], bool) or not isinstance(item[1], (int, float)) or item[1] < 0):
+                raise UserError(f"config: lr_scale entries must be [glob, factor >= 0], not {item!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -107,3 +107,21 @@ def trainable_table(model) -> str:
     n_total = sum(v[1] for v in groups.values())
     lines.append(f"{'total':<40} {'':>7} {n_train:>13,} {n_total:>13,}  ({100 * n_train / n_total:.2f}% trainable)")
     return "\n".join(lines)
+
+
+def apply_lr_scale(model, rules: list) -> dict[str, float]:
+    """Per-parameter learning-rate multipliers ([[glob, factor], ...], last match wins), set on
+    Paddle's `optimize_attr["learning_rate"]`, which every Paddle optimizer multiplies in.
+    Returns {name: factor} for the parameters changed; a glob matching no trainable one is an error."""
+    trainable = [(name, p) for name, p in model.named_parameters() if not p.stop_gradient]
+    names = [name for name, _ in trainable]
+    factors: dict[str, float] = {}
+    for pattern, factor in rules:
+        hits = [hit for glob in expand_glob(pattern) for hit in fnmatch.filter(names, glob)]
+        if not hits:
+            raise UserError(f"lr_scale pattern {pattern!r} matches no trainable parameter")
+        factors.update(dict.fromkeys(hits, float(factor)))
+    for name, param in trainable:
+        if name in factors:
+            param.optimize_attr["learning_rate"] = factors[name]
+    return factors

@@ -134,6 +134,12 @@ class Trainer:
             apply_freezing(model, ["*"], cfg.frozen, "full")
         else:
             apply_freezing(model, cfg.trainable, cfg.frozen, "partial")
+        if cfg.lr_scale:
+            from .freeze import apply_lr_scale
+
+            scaled = apply_lr_scale(model, cfg.lr_scale)
+            self.log(f"lr_scale: {len(scaled)} parameter(s) at " + ", ".join(
+                f"{f:g}x" for f in sorted(set(scaled.values()))) + " of learning_rate")
         return model
 
     def build_data(self, model_config):
