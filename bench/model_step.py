@@ -54,6 +54,7 @@ def main() -> int:
     labels_np[:, -SUPERVISED:] = rng.integers(0, 151643, size=(BATCH, SUPERVISED))
     labels = paddle.to_tensor(labels_np)
     shift = paddle.to_tensor(labels_np[:, 1:].reshape(-1))
+    n_supervised = int((labels_np[:, 1:] != -100).sum())
 
     rows = []
     for layers in [int(x) for x in args.layers.split(",")]:
@@ -88,7 +89,10 @@ def main() -> int:
         def their_step(opt):
             hidden = theirs(input_ids=ids)[0]
             logits = head(hidden)[:, :-1].reshape([-1, cfg.vocab_size])
-            loss = paddle.nn.functional.cross_entropy(logits, shift.unsqueeze(-1), ignore_index=-100)
+            # mean over supervised positions, as PaddleNLP's QWen criterion does (masked sum / count)
+            per_token = paddle.nn.functional.cross_entropy(logits, shift.unsqueeze(-1), ignore_index=-100,
+                                                           reduction="none")
+            loss = per_token.sum() / n_supervised
             loss.backward()
             opt.step()
             opt.clear_grad()
