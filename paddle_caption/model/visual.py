@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from ..runtime import import_paddle
+from ..runtime import UserError, import_paddle
 from .config import VisualConfig
 
 paddle = import_paddle()
@@ -189,7 +189,8 @@ class Resampler(nn.Layer):
         dim, heads = self.query.shape[1], self.attn.heads
         quarter = dim // 4  # the table is [sin_h | cos_h | sin_w | cos_w], `quarter` frequencies each
         if dim % 4 or quarter % heads:
-            return  # no clean per-head split of the table: keep the random init
+            raise UserError(f"model config: resampler_init_scale needs visual.output_dim ({dim}) divisible "
+                            f"by 4 x resampler_heads ({heads}) so every head gets sin/cos pairs of both axes")
         order = [block * quarter + f for h in range(heads)
                  for block in range(4) for f in range(h, quarter, heads)]
         perm = np.zeros((dim, dim), dtype=np.float32)

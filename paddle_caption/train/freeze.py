@@ -41,17 +41,25 @@ def select_trainable(names: list[str], trainable: list[str], frozen: list[str]) 
     chosen: set[str] = set()
     for group, patterns in (("trainable", trainable), ("frozen", frozen)):
         for pattern in patterns:
-            for glob in expand_glob(pattern):
-                hits = fnmatch.filter(names, glob)
-                if not hits:
-                    raise UserError(
-                        f"{group} pattern {pattern!r}: {glob!r} matches no parameter "
-                        f"(e.g. a layer range beyond the model's depth); first names: {names[:3]}")
-                if group == "trainable":
-                    chosen.update(hits)
-                else:
-                    chosen.difference_update(hits)
+            hits = match_pattern(pattern, names, group)
+            if group == "trainable":
+                chosen.update(hits)
+            else:
+                chosen.difference_update(hits)
     return chosen
+
+
+def match_pattern(pattern: str, names: list[str], group: str, noun: str = "parameter") -> list[str]:
+    """Names matching `pattern` (ranges expanded); UserError if any expanded glob matches none."""
+    hits = []
+    for glob in expand_glob(pattern):
+        found = fnmatch.filter(names, glob)
+        if not found:
+            which = f"pattern {pattern!r}" if glob == pattern else f"pattern {pattern!r}: {glob!r}"
+            raise UserError(f"{group} {which} matches no {noun} (e.g. a layer range beyond the "
+                            f"model's depth); first names: {names[:3]}")
+        hits.extend(found)
+    return hits
 
 
 def apply_freezing(model, trainable: list[str], frozen: list[str], mode: str) -> set[str]:
@@ -117,10 +125,8 @@ def apply_lr_scale(model, rules: list) -> dict[str, float]:
     names = [name for name, _ in trainable]
     factors: dict[str, float] = {}
     for pattern, factor in rules:
-        hits = [hit for glob in expand_glob(pattern) for hit in fnmatch.filter(names, glob)]
-        if not hits:
-            raise UserError(f"lr_scale pattern {pattern!r} matches no trainable parameter")
-        factors.update(dict.fromkeys(hits, float(factor)))
+        factors.update(dict.fromkeys(match_pattern(pattern, names, "lr_scale", "trainable parameter"),
+                                     float(factor)))
     for name, param in trainable:
         if name in factors:
             param.optimize_attr["learning_rate"] = factors[name]
