@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ..runtime import import_paddle
+from .attention import attention, rotary
 from .config import MgenVLConfig
 
 paddle = import_paddle()
@@ -69,17 +70,11 @@ class RotaryEmbedding:
         return cos, sin
 
 
-def rotate_half(x):
-    x1, x2 = paddle.split(x, 2, axis=-1)
-    return paddle.concat([-x2, x1], axis=-1)
-
-
 def apply_rotary(x, cos, sin, rotary_dim: int):
-    """x: [B, H, T, D]; cos/sin: [B, 1, T, rotary_dim]."""
+    """x: [B, H, T, D]; cos/sin: [B, 1, T, rotary_dim]; only the first rotary_dim channels turn."""
     if rotary_dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    return paddle.concat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], axis=-1)
+        return rotary(x, cos, sin)
+    return paddle.concat([rotary(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]], axis=-1)
 
 
 def take_rows(x, index):
@@ -132,15 +127,8 @@ class QWenAttention(nn.Layer):
         present = (k, v) if use_cache else None
         if logn is not None:
             q = q * logn
-        scores = paddle.matmul(q * (1.0 / math.sqrt(self.head_dim)), k, transpose_y=True)
-        if scores.dtype != paddle.float32:  # softmax in float32, as upstream
-            scores = scores.astype("float32")
-        probs = F.softmax(scores + shared.bias, axis=-1)
-        if probs.dtype != q.dtype:
-            probs = probs.astype(q.dtype)
-        if self.attn_dropout is not None:
-            probs = self.attn_dropout(probs)
-        out = paddle.matmul(probs, v).transpose([0, 2, 1, 3])
+        out = attention(q, k, v, 1.0 / math.sqrt(self.head_dim), shared.bias, self.attn_dropout)
+        out = out.transpose([0, 2, 1, 3])
         return self.c_proj(out.reshape([0, 0, self.heads * self.head_dim])), present
 
 

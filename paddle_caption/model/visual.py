@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from ..runtime import UserError, import_paddle
+from .attention import attention
 from .config import VisualConfig
 
 paddle = import_paddle()
@@ -57,11 +58,9 @@ class VisualAttention(nn.Layer):
         b, length, width = x.shape
         qkv = self.in_proj(x).reshape([b, length, self.heads, 3 * self.head_dim])
         q, k, v = paddle.split(qkv, 3, axis=-1)  # each [B, L, H, D]
-        q = q.transpose([0, 2, 1, 3]) / math.sqrt(self.head_dim)
-        k = k.transpose([0, 2, 1, 3])
-        v = v.transpose([0, 2, 1, 3])
-        probs = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
-        out = paddle.matmul(probs, v).transpose([0, 2, 1, 3]).reshape([b, length, width])
+        q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+        out = attention(q, k, v, 1.0 / math.sqrt(self.head_dim))
+        out = out.transpose([0, 2, 1, 3]).reshape([b, length, width])
         return self.out_proj(out)
 
 
@@ -140,11 +139,8 @@ class ResamplerAttention(nn.Layer):
         return y.reshape([0, 0, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
 
     def forward(self, query, key, value):  # [B, Lq, D], [B, Lk, D], [B, Lk, D]
-        q = self._project(query, 0) / math.sqrt(self.head_dim)
-        k = self._project(key, 1)
-        v = self._project(value, 2)
-        probs = F.softmax(paddle.matmul(q, k, transpose_y=True), axis=-1)
-        out = paddle.matmul(probs, v).transpose([0, 2, 1, 3])
+        q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)
+        out = attention(q, k, v, 1.0 / math.sqrt(self.head_dim)).transpose([0, 2, 1, 3])
         return self.out_proj(out.reshape([0, 0, out.shape[2] * out.shape[3]]))
 
 
