@@ -149,6 +149,26 @@ def test_kv_cache_matches_full_forward(reference_model):
     np.testing.assert_allclose(np.stack(steps), full[len(prompt):], rtol=0, atol=1e-5)
 
 
+def test_last_logits_only_prefill_gives_the_same_logits_and_cache(reference_model):
+    """Generation's prefill runs the last layer for the last row only; its logits and every
+    layer's cached keys/values must equal the full forward's, left padding included."""
+    from paddle_caption.model.generation import left_pad
+
+    rng = np.random.default_rng(7)
+    prompts = [image_prompt(rng.integers(0, 900, 2), rng.integers(0, 900, 4)),
+               image_prompt(rng.integers(0, 900, 6), rng.integers(0, 900, 9))]
+    ids, mask = (paddle.to_tensor(a) for a in left_pad(prompts, pad_id=0))
+    images = paddle.to_tensor(rng.standard_normal((2, 3, 56, 56)).astype("float32"))
+    with paddle.no_grad():
+        full = reference_model(ids, images=images, attention_mask=mask, use_cache=True)
+        last = reference_model(ids, images=images, attention_mask=mask, use_cache=True, last_logits_only=True)
+    assert last.logits.shape[1] == 1
+    np.testing.assert_allclose(last.logits.numpy()[:, 0], full.logits.numpy()[:, -1], rtol=0, atol=1e-5)
+    for (k_full, v_full), (k_last, v_last) in zip(full.past_key_values, last.past_key_values):
+        np.testing.assert_allclose(k_last.numpy(), k_full.numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(v_last.numpy(), v_full.numpy(), rtol=0, atol=1e-6)
+
+
 def _loss_and_grads(model, ids, loss_on, **kwargs):
     model.clear_gradients()
     loss = model(ids, loss_on=loss_on, **kwargs).loss

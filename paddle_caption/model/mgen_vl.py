@@ -151,8 +151,8 @@ class MgenVLForCausalLM(nn.Layer):
         (labels != -100). `loss_on="supervised"` (default) computes the last decoder layer and
         lm_head only at those positions: on a ~400-token sample with a ~15-token answer that skips
         ~95% of the largest matrix product. `loss_on="all"` computes full logits first (same loss;
-        kept for tests and the benchmark). `last_logits_only` (generation) runs lm_head on the last
-        position only.
+        kept for tests and the benchmark). `last_logits_only` (generation) runs the last layer's
+        queries, its MLP and lm_head on the last position only.
         """
         embeds = self.embed(input_ids, images)
         llm = self.transformer.llm
@@ -166,10 +166,16 @@ class MgenVLForCausalLM(nn.Layer):
             # logits stay inside the fused head: only the loss is needed here
             loss = linear_cross_entropy(rows, self.lm_head, flat[flat != IGNORE_INDEX])
             return CausalLMOutput(loss=loss, logits=None, past_key_values=presents)
+        if labels is None and last_logits_only:
+            # Only the last position's output is wanted (generation): the last layer still writes
+            # every position's keys/values to the cache but runs its queries and MLP for one row.
+            batch, length = input_ids.shape
+            last = paddle.full([batch, 1], length - 1, dtype="int64") if length > 1 else None
+            hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
+                                   output_index=last)
+            return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents)
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
         if labels is None:
-            if last_logits_only:
-                hidden = hidden[:, -1:]
             return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":
             raise ValueError(f"loss_on must be 'supervised' or 'all', not {loss_on!r}")
