@@ -47,9 +47,6 @@ class VisualConfig:
     # > 0: initialise the resampler's Q/K so each query starts attending to its own grid position
     # (see Resampler._init_local_attention); 0 keeps Qwen-VL's random init. Init only.
     resampler_init_scale: float = 0.0
-    # Std of the output projection's initial values (None = Qwen-VL's output_dim ** -0.5, which
-    # makes image rows ~50x larger than QWen's N(0, 0.02) token embeddings). Init only.
-    proj_init_std: float | None = None
     image_start_id: int | None = None  # informational copy of the top-level id (PaddleMIX keeps it here)
 
     @property

@@ -217,7 +217,7 @@ class VisionTower(nn.Layer):
         self.ln_post = nn.LayerNorm(cfg.output_dim, epsilon=LN_EPS)
         self.proj = self.create_parameter(
             [cfg.output_dim, cfg.output_dim],
-            default_initializer=nn.initializer.Normal(std=cfg.proj_init_std or cfg.output_dim ** -0.5))
+            default_initializer=nn.initializer.Normal(std=cfg.output_dim ** -0.5))
 
     def forward(self, images):
         x = self.vit(images.astype(self.proj.dtype))
