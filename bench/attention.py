@@ -4,7 +4,7 @@
 
 Shapes are the tiny model's real ones: the decoder's prefill at batch 16 (390 tokens, causal +
 padding mask), a training step's decoder at batch 8 (410 tokens, forward + backward) and the
-224 px ViT at batch 16 (256 patches, 4 heads, no mask). Each cell is the best of `--repeats`
+336 px ViT at batch 16 (576 patches, 4 heads, no mask). Each cell is the best of `--repeats`
 runs; outputs (and gradients) are checked equal between the two paths.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common import RESULTS_DIR, best_of, command_line, machine_info, write_repor
 SHAPES = [  # name, batch, heads, queries, keys, head_dim, mask, backward
     ("decoder prefill", 16, 2, 390, 390, 32, True, False),
     ("decoder train step", 8, 2, 410, 410, 32, True, True),
-    ("ViT 224 px", 16, 4, 256, 256, 16, False, False),
+    ("ViT 336 px", 16, 4, 576, 576, 16, False, False),
 ]
 
 
