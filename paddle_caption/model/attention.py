@@ -1,8 +1,8 @@
 """The attention core, softmax(q·kᵀ·scale + bias)·v, and the rotary embedding, each one autograd op.
 
 Why: on CPU, Paddle's float32 elementwise kernels are several times slower than numpy's on the same
-core (measured on [16, 2, 390, 390] scores: the broadcast mask add 110 ms against 4 ms, softmax
-43 ms against 26 ms, q·kᵀ 41 ms against 21 ms; bench/attention.py), and the core is most of the
+core (on [16, 2, 390, 390] scores: the broadcast mask add 110 ms against 4 ms, softmax 43 ms against
+26 ms, q·kᵀ 41 ms against 21 ms; the whole core in bench/attention.py), and the core is most of the
 decoder's prefill and a large share of a training step. So on CPU, in float32 and without attention
 dropout, the core runs in numpy (OpenBLAS products, in-place softmax) with a hand-written backward;
 everywhere else (GPU, half precision, dropout) it is the plain Paddle expression. Both compute the
