@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime import import_paddle
-from .head import as_numpy, from_numpy
+from .numpy_bridge import as_numpy, from_numpy, numpy_capable
 
 paddle = import_paddle()
 F = paddle.nn.functional
@@ -101,8 +101,7 @@ def rotary(x, cos, sin):
 
 
 def _use_numpy(tensors, dropout) -> bool:
-    return dropout is None and all(
-        t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors)
+    return dropout is None and numpy_capable(*tensors)
 
 
 def attention(q, k, v, scale: float, bias=None, dropout=None):

@@ -7,33 +7,18 @@ OpenBLAS reaches on the same core (docs/benchmarks.md), so on CPU this op does t
 and the softmax in numpy, in place, keeping only one [rows x vocab] buffer. On GPU the plain Paddle
 path is used. Both compute the same mean cross-entropy and the same gradients (tested).
 
-Tensors cross between Paddle and numpy through DLPack, without copying: `weight.numpy()` copies
-the 39 MB [hidden x vocab] weight every call, which cost as much as the product itself.
-Inference logits (generation, evaluation) use the same numpy product.
+Tensors cross between Paddle and numpy without copying (`numpy_bridge.py`). Inference logits
+(generation, evaluation) use the same numpy product.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..runtime import import_paddle
+from .numpy_bridge import as_numpy, from_numpy, numpy_capable
 
 paddle = import_paddle()
 F = paddle.nn.functional
-
-
-def as_numpy(tensor) -> np.ndarray:
-    """A read-only numpy view of a CPU tensor's memory (a copy only if it is not dense)."""
-    try:
-        # detach(): Paddle refuses __dlpack__ on a tensor that requires grad (a parameter), and the
-        # fallback copy of the 39 MB head weight costs ~40 ms per call; detach shares the memory.
-        return np.from_dlpack(tensor.detach())
-    except (BufferError, TypeError, RuntimeError, ValueError):
-        return tensor.numpy()
-
-
-def from_numpy(array: np.ndarray):
-    """A Paddle tensor over a numpy array's memory (no copy)."""
-    return paddle.utils.dlpack.from_dlpack(np.ascontiguousarray(array))
 
 
 class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
@@ -69,8 +54,7 @@ class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
 
 def use_numpy_head(linear) -> bool:
     """The numpy path serves plain float32 bias-free Linear heads on CPU."""
-    return (not paddle.is_compiled_with_cuda() and linear.bias is None
-            and linear.weight.dtype == paddle.float32 and type(linear) is paddle.nn.Linear)
+    return type(linear) is paddle.nn.Linear and linear.bias is None and numpy_capable(linear.weight)
 
 
 def linear_cross_entropy(rows, linear, targets: np.ndarray):
