@@ -12,12 +12,13 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from paddle_caption.data import convert as conv
 from paddle_caption.data.convert import CleanConfig, RunOptions, convert, is_val
-from paddle_caption.data.images import decode_image
+from paddle_caption.data.images import ImageRejected, b64decode_strict, decode_image, probe_image
 from paddle_caption.data.records import (RecordError, iter_lines, load_records, read_image_bytes, write_records)
 from paddle_caption.runtime import UserError, run_cli
 
@@ -117,6 +118,67 @@ def test_every_dirty_kind_is_rejected_with_its_reason(tmp_path, verify):
     assert summary["rejected_by_reason"]["wrong_column_count"] == 2
     assert json.loads((out / "summary.json").read_text())["rejected_by_reason"] == summary["rejected_by_reason"]
     assert sorted(p.name for p in out.iterdir()) == ["records.jsonl", "rejects.tsv", "summary.json"]
+
+
+def jpeg_variants() -> dict:
+    """Small textured JPEGs of the kinds met in the wild: 4:2:0, 4:4:4, progressive, grey, CMYK."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (56, 72, 3), dtype=np.uint8)
+    rgb = Image.fromarray(pixels, "RGB")
+    variants = {"420": (rgb, {}), "444": (rgb, {"subsampling": 0}), "progressive": (rgb, {"progressive": True}),
+                "grey": (rgb.convert("L"), {}), "cmyk": (rgb.convert("CMYK"), {})}
+    out = {}
+    for name, (img, options) in variants.items():
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90, **options)
+        out[name] = buf.getvalue()
+    return out
+
+
+def test_fast_verify_rejects_exactly_what_a_full_decode_rejects():
+    """`verify fast` (1/8 scale, luma only) must agree with a full-size decode on damaged JPEGs."""
+    import random
+
+    def accepted(data, verify):
+        try:
+            probe_image(data, verify=verify)
+            return True
+        except ImageRejected:
+            return False
+
+    rng = random.Random(0)
+    verdicts = []
+    for name, data in jpeg_variants().items():
+        cases = [data, data[:-2], data + b"trailing junk"]
+        cases += [data[:len(data) * k // 12] for k in range(1, 12)]  # cut anywhere, header included
+        for _ in range(6):  # a flipped bit, and a run of garbage, in the entropy-coded data
+            flipped, garbage = bytearray(data), bytearray(data)
+            at = rng.randrange(len(data) // 3, len(data) - 40)
+            flipped[at] ^= 1 << rng.randrange(8)
+            garbage[at:at + 32] = rng.randbytes(32)
+            cases += [bytes(flipped), bytes(garbage)]
+        for i, case in enumerate(cases):
+            full, fast = accepted(case, "full"), accepted(case, "fast")
+            assert fast == full, f"{name} case {i}: full decode says {full}, fast says {fast}"
+            verdicts.append(full)
+    assert verdicts.count(False) >= 5 * 12 and verdicts.count(True) >= 5 * 3  # both verdicts exercised
+
+
+def test_base64_accepts_and_rejects_what_the_standard_library_does():
+    """b64decode_strict uses pybase64 for speed; its verdicts must be `base64.b64decode(validate=True)`'s."""
+    payloads = [b"", b"QQ==", b"QQ", b"QQ=", b"QQ===", b"QQ==QQ==", b"Q===", b"=QUJ", b"QUJD", b"QU JD",
+                b"QUJD\n", b"QUJD\r", b"QU-_", b"QU+/", b"QQ==\x00", b"QUJDRA", b"QUJDRA==", "QUJD", "QUJé",
+                b64(image_bytes(30, 20)), b64(image_bytes(30, 20))[:-1]]
+    for payload in payloads:
+        try:
+            expected = base64.b64decode(payload, validate=True)
+        except ValueError:
+            expected = "bad_base64"
+        try:
+            got = b64decode_strict(payload)
+        except ImageRejected as err:
+            got = err.reason
+        assert got == expected, payload[:20]
 
 
 def test_rules_can_be_switched_off_by_flag_and_config(tmp_path, capsys):
