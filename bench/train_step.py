@@ -114,7 +114,7 @@ def main() -> int:
               "model": "config/model/tiny.json (real vocabulary, 256-token image span, full prompt)",
               "target_speedup": TARGET, "rows": rows}
     write_report(args.out, report)
-    print(f"\n| batch | supervised-only: samples/s | peak RSS (MB) | full logits: samples/s | peak RSS (MB) | speed-up |")
+    print("\n| batch | supervised-only: samples/s | peak RSS (MB) | full logits: samples/s | peak RSS (MB) | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         s, a = r["supervised"], r["all"]

@@ -29,7 +29,7 @@ class ImageRejected(ValueError):
 def b64decode_strict(payload: str | bytes) -> bytes:
     """Strict base64 (no whitespace, exact padding), as `base64.b64decode(validate=True)` decides.
 
-    pybase64 (SIMD) accepts and rejects exactly what the standard library does (tested) and is ~30x
+    pybase64 (SIMD) accepts and rejects exactly what the standard library does (tested) and is ~25x
     faster on a 20 kB image, which was ~15% of a row's cost in label conversion.
     """
     try:

@@ -164,7 +164,7 @@ class Demo:
             _run([self.py, _script("tools/merge_local_params.py"),
                   "--model_name_or_path", str(self._base_model()),
                   "--local_path", str(self.out / run / "final"), "--merge_model_path", str(model_dir)])
-        self.log(f"[4/6] merged trained parameters into full model directories: "
+        self.log("[4/6] merged trained parameters into full model directories: "
                  + ", ".join(str(self.out / run / "model") for run in self.runs))
 
     def _base_model(self) -> Path:

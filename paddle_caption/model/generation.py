@@ -8,7 +8,7 @@ Logits processing runs in NumPy on the last position only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

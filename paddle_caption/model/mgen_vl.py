@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import UserError, import_paddle
+from ..runtime import import_paddle
 from .config import MgenVLConfig
 from .head import cross_entropy, linear_cross_entropy, project
 from .qwen import QWenModel

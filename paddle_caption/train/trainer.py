@@ -334,7 +334,7 @@ class Trainer:
         from ..eval.metrics import score_captions
         from ..model.generation import GenerationConfig, generate
 
-        paddle, cfg, model = self.paddle, self.cfg, self.base_model
+        paddle, cfg = self.paddle, self.cfg
         eval_model = self.model
         was_training = eval_model.training
         eval_model.eval()
