@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -7,6 +10,7 @@ from paddle_caption.data.samples import (
 from paddle_caption.runtime import UserError
 from paddle_caption.tokenizer import QWenVLTokenizer
 
+GOLDEN_IDS = Path(__file__).parent / "fixtures" / "qwen_vl_prompt_golden" / "golden_ids.json"
 CAPTION = "卡通风格。图片中间是一个红色的圆形，背景是白色。"
 STYLE_PROMPT = (
     "请总结图片的图片风格并描述图片内容。其中图片风格例如：写实风格、图标风格、像素风格、水彩风格、卡通风格、"
@@ -26,6 +30,11 @@ def template():
     return PromptTemplate.from_files("style_aware.txt")
 
 
+@pytest.fixture(scope="module")
+def golden():
+    return json.loads(GOLDEN_IDS.read_text(encoding="utf-8"))
+
+
 def test_prompt_files():
     assert (PROMPTS_DIR / "style_aware.txt").read_bytes() == STYLE_PROMPT.encode("utf-8")
     assert (PROMPTS_DIR / "chat_system.txt").read_text(encoding="utf-8").strip() == "You are a helpful assistant."
@@ -35,14 +44,33 @@ def test_prompt_files():
         resolve_prompt_file("no_such_prompt.txt")
 
 
-def test_prompt_ids_match_the_chat_string(tok, template):
-    ids = build_prompt_ids(tok, template)
-    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nPicture 1: "
-            "<img>" + "<imgpad>" * 256 + "</img>\n" + STYLE_PROMPT + "<|im_end|>\n<|im_start|>assistant\n")
-    # Encoding the pieces separately must equal encoding the whole string with markup enabled.
-    assert ids == tok._enc.encode(text, allowed_special="all")
-    assert ids[-3:] == [tok.im_start_id] + tok.encode("assistant\n")
-    print(f"prompt context: {len(ids)} tokens")
+def _first_difference(tok, ours, theirs) -> str:
+    """Where two id lists part, with both sides decoded, for a readable failure."""
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"lengths {len(ours)} (ours) vs {len(theirs)} (upstream); first difference at {at}: "
+            f"ours {ours[at:at + 3]} {tok.decode(ours[at:at + 3])!r}, "
+            f"upstream {theirs[at:at + 3]} {tok.decode(theirs[at:at + 3])!r}")
+
+
+def test_prompt_and_samples_match_upstream_qwen_vl(tok, template, golden):
+    # The golden ids come from upstream Qwen-VL's own tokenizer and make_context (see the fixture's README).
+    assert template == PromptTemplate(golden["system"], golden["instruction"])
+    special = golden["special_ids"]
+    assert (tok.im_start_id, tok.im_end_id, tok.img_start_id, tok.img_end_id, tok.img_pad_id) == (
+        special["im_start"], special["im_end"], special["img_start"], special["img_end"], special["img_pad"])
+
+    context = golden["prompt_context_ids"]
+    ours = build_prompt_ids(tok, template)
+    assert ours == context, _first_difference(tok, ours, context)
+
+    for expected in golden["samples"]:
+        sample = build_sample(tok, template, expected["caption"], max_length=2048)
+        ids = sample["input_ids"].tolist()
+        assert ids == expected["sample_ids"], _first_difference(tok, ids, expected["sample_ids"])
+        answer = expected["sample_ids"][len(context):]
+        assert answer == expected["caption_ids"] + [special["im_end"]]  # the fixture is self-consistent
+        assert sample["labels"].tolist() == [IGNORE_INDEX] * len(context) + answer
+    print(f"prompt context: {len(context)} tokens, matches upstream Qwen-VL")
 
 
 def test_prompt_ids_are_cached_and_safe_to_mutate(tok, template):
