@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Fine-tune Mgen-VL / Qwen-VL on converted caption records: see paddle_caption/train/."""
+
 import sys
 
-from paddle_caption.runtime import run_cli
-from paddle_caption.train.cli import main
+from paddle_caption.entry_points import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run("train"))

@@ -30,9 +30,9 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS_DIR / "attention.json"))
     args = parser.parse_args()
 
-    from paddle_caption.runtime import import_paddle
+    from paddle_caption.runtime import configure
 
-    paddle = import_paddle(args.threads)
+    paddle = configure(args.threads)
     from paddle_caption.model import attention as core
     from paddle_caption.model.qwen import MASK_VALUE
 

@@ -35,10 +35,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "model_step.json")
     args = parser.parse_args()
 
-    from paddle_caption.runtime import configure_environment, import_paddle
+    from paddle_caption.runtime import configure
 
-    configure_environment(args.threads)
-    paddle = import_paddle()
+    configure(args.threads)
+    import paddle
     import numpy as np
     from paddlenlp.transformers import QWenConfig, QWenModel
     from paddlenlp.utils.log import logger

@@ -39,16 +39,15 @@ TARGET_SPEEDUP_AT_16 = 8.0
 
 def worker(args) -> dict:
     """Runs in a child process whose OMP_NUM_THREADS is already set."""
-    from paddle_caption.runtime import import_paddle
-
-    paddle = import_paddle()
+    import paddle
     from paddle_caption.data.images import b64decode_strict, decode_image
-    from paddle_caption.data.samples import PromptTemplate
+    from paddle_caption.data.prompts import PromptTemplate
     from paddle_caption.data.synthetic import generate_split
     from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.generation import GenerationConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-    from paddle_caption.serve.predict import PredictOptions, Predictor, predict_tsv
+    from paddle_caption.predict.predictor import Predictor
+    from paddle_caption.predict.run import PredictOptions, predict_tsv
     from paddle_caption.tokenizer import QWenVLTokenizer
 
     paddle.seed(0)

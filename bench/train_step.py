@@ -32,13 +32,13 @@ TARGET = 3.0
 
 
 def worker(args) -> dict:
-    from paddle_caption.runtime import import_paddle
+    from paddle_caption.runtime import configure
 
-    paddle = import_paddle(args.threads)
+    paddle = configure(args.threads)
     from paddle_caption.data.convert import RunOptions, convert
     from paddle_caption.data.dataset import CaptionDataset, collate_batch
     from paddle_caption.data.records import load_records
-    from paddle_caption.data.samples import PromptTemplate
+    from paddle_caption.data.prompts import PromptTemplate
     from paddle_caption.data.synthetic import write_dataset
     from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM

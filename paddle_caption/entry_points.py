@@ -1,4 +1,9 @@
-"""Console scripts (setup.py): each wraps a command's `main` in `run_cli`, so errors are one line."""
+"""The kit's commands, by name: console scripts (setup.py) and `python -m paddle_caption COMMAND`.
+
+Each command is a module with `main(argv)`; `run_cli` turns a UserError into a one-line message
+and exit status 2. The repository's top-level scripts (`supervised_finetune.py`, `predict_batch.py`,
+`tools/*.py`) call the same mains under the contest workflow's names.
+"""
 from __future__ import annotations
 
 import importlib
@@ -6,38 +11,47 @@ import sys
 
 from .runtime import run_cli
 
-
-def _run(module: str) -> None:
-    sys.exit(run_cli(importlib.import_module(module).main))
-
-
-def convert() -> None:
-    _run("paddle_caption.data.convert")
-
-
-def make_data() -> None:
-    _run("paddle_caption.data.synthetic")
-
-
-def analyze() -> None:
-    _run("paddle_caption.data.analyze")
+COMMANDS = {
+    "convert": ("paddle_caption.data.convert", "clean a contest TSV into records.jsonl (+ rejects ledger)"),
+    "make-data": ("paddle_caption.data.synthetic", "write the synthetic ad-image dataset"),
+    "analyze": ("paddle_caption.data.analyze", "dataset statistics and plots"),
+    "train": ("paddle_caption.train.cli", "supervised fine-tuning from a JSON config"),
+    "merge": ("paddle_caption.train.merge", "merge trained local parameters / LoRA into a model directory"),
+    "predict": ("paddle_caption.predict.cli", "caption a test TSV for submission"),
+    "evaluate": ("paddle_caption.eval.evaluate", "CIDEr-D, BLEU, ROUGE-L of results against references"),
+    "demo": ("paddle_caption.demo.pipeline", "the whole workflow on the embedded default"),
+}
 
 
-def train() -> None:
-    _run("paddle_caption.train.cli")
+def run(command: str, argv=None) -> int:
+    module, _ = COMMANDS[command]
+    return run_cli(importlib.import_module(module).main, argv)
 
 
-def merge() -> None:
-    _run("paddle_caption.train.merge")
+def dispatch(argv=None) -> int:
+    """`python -m paddle_caption COMMAND [args]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: python -m paddle_caption COMMAND [args]\n\ncommands:", file=sys.stderr)
+        for name, (_, summary) in COMMANDS.items():
+            print(f"  {name:<10} {summary}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return run(argv[0], argv[1:])
 
 
-def predict() -> None:
-    _run("paddle_caption.serve.predict")
+def _console(command: str):
+    def entry() -> None:
+        sys.exit(run(command))
+
+    entry.__name__ = command.replace("-", "_")
+    return entry
 
 
-def evaluate() -> None:
-    _run("paddle_caption.eval.evaluate")
-
-
-def demo() -> None:
-    _run("paddle_caption.demo.pipeline")
+convert = _console("convert")
+make_data = _console("make-data")
+analyze = _console("analyze")
+train = _console("train")
+merge = _console("merge")
+predict = _console("predict")
+evaluate = _console("evaluate")
+demo = _console("demo")

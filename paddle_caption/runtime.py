@@ -1,18 +1,30 @@
-"""Process-wide runtime set-up: quiet imports, CPU threads, atomic file writes.
+"""Process set-up for every command: CPU threads, a quiet Paddle import, one-line user errors.
 
-Everything that must happen *before* `import paddle` lives here, so every entry point calls
-`import_paddle()` instead of importing paddle directly.
+Commands call `configure(num_threads)` once their arguments are parsed. Library modules never
+configure anything on import: they `import paddle` and leave the process as the caller set it up.
+
+Why threads are set at run time, not only through environment variables: numpy's OpenBLAS reads
+OPENBLAS_NUM_THREADS when numpy is first imported, which in a real program happens long before a
+command has parsed `--num_threads`; and Paddle prints a two-line warning at import whenever
+OMP_NUM_THREADS is above 1. So Paddle is imported with one OpenMP thread and then given the
+wanted count (`set_num_threads`, which reaches its math library), and numpy's BLAS pool is resized
+with threadpoolctl, whenever numpy was imported.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import tempfile
+import sys
 import warnings
 from pathlib import Path
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _PADDLE = None
+_THREADS: int | None = None
+
+
+class UserError(Exception):
+    """A problem with the user's input: commands print it as one line and exit with status 2."""
 
 
 def cpu_count() -> int:
@@ -22,17 +34,8 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def configure_environment(num_threads: int | None = None) -> None:
-    """Set the variables Paddle reads at import time.
-
-    Paddle uses one CPU thread by default, which halves matmul speed on a 2-core machine, so the
-    thread count defaults to the core count unless the user already chose one.
-    """
-    threads = str(num_threads or cpu_count())
-    os.environ.setdefault("OMP_NUM_THREADS", threads)
-    os.environ.setdefault("MKL_NUM_THREADS", threads)
-    # numpy's OpenBLAS does the CPU output layer (model/head.py); it reads this when numpy loads
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", threads)
+def quiet_environment() -> None:
+    """Variables and filters that keep Paddle/PaddleNLP imports from printing on a normal run."""
     os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     os.environ.setdefault("PPNLP_HOME", str(Path.home() / ".cache" / "paddle_caption" / "paddlenlp"))
     os.environ.setdefault("GLOG_minloglevel", "2")
@@ -40,13 +43,49 @@ def configure_environment(num_threads: int | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*distutils.*")
 
 
-def import_paddle(num_threads: int | None = None):
-    """Import paddle once, after the environment is configured, and set its CPU threads."""
+def requested_threads(num_threads: int | None = None) -> int:
+    """An explicit count, else OMP_NUM_THREADS if the user set it, else every core."""
+    if num_threads:
+        return int(num_threads)
+    try:
+        return int(os.environ.get("OMP_NUM_THREADS", "")) or cpu_count()
+    except ValueError:
+        return cpu_count()
+
+
+def configure(num_threads: int | None = None):
+    """Set this process's CPU threads (Paddle and numpy's BLAS) and import Paddle quietly.
+
+    Idempotent; a later call with another count changes it. Child processes (DataLoader workers,
+    subprocesses) inherit the count through the environment variables. Returns the paddle module.
+    """
+    global _THREADS
+    threads = requested_threads(num_threads)
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    quiet_environment()
+    paddle = _import_paddle()
+    if threads != _THREADS:
+        paddle.base.core.set_num_threads(threads)
+        if "numpy" in sys.modules:  # numpy loaded before us: resize its BLAS pool in place
+            import threadpoolctl
+
+            threadpoolctl.threadpool_limits(threads, user_api="blas")
+        _THREADS = threads
+    return paddle
+
+
+def _import_paddle():
+    """Import paddle once with OMP_NUM_THREADS=1 (its import-time warning fires above 1)."""
     global _PADDLE
     if _PADDLE is None:
-        configure_environment(num_threads)
-        import paddle
-
+        wanted = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"
+        try:
+            import paddle
+        finally:
+            if wanted is not None:
+                os.environ["OMP_NUM_THREADS"] = wanted
         if not paddle.is_compiled_with_cuda():
             with contextlib.suppress(Exception):
                 paddle.set_device("cpu")
@@ -54,56 +93,8 @@ def import_paddle(num_threads: int | None = None):
     return _PADDLE
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
-    """Write to a temp file beside `path` and rename it into place only on success.
-
-    A killed run therefore never leaves a half-written file under the final name.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    kwargs = {} if "b" in mode else {"encoding": encoding}
-    try:
-        with open(tmp, mode, **kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def remove_stale_temps(path: str | os.PathLike) -> None:
-    """Delete temp files that `atomic_write(path)` left behind when a process was SIGKILLed."""
-    path = Path(path)
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?[])", r"[\1]", name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class UserError(Exception):
-    """A problem with the user's input: scripts print it as one line and exit non-zero."""
-
-
 def run_cli(main_fn, argv=None) -> int:
-    """Run a CLI `main_fn(argv)`, turning UserError into a one-line message and exit code 2."""
-    import sys
-
+    """Run a command's `main_fn(argv)`, turning UserError into a one-line message and exit code 2."""
     try:
         return int(main_fn(argv) or 0)
     except UserError as err:

@@ -145,7 +145,7 @@ class QWenVLTokenizer:
                                    img_pad_id=config.image_pad_id)
 
     def save_pretrained(self, save_dir: str | os.PathLike) -> None:
-        from .runtime import atomic_write
+        from .files import atomic_write
 
         save_dir = Path(save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -194,6 +194,11 @@ class QWenVLTokenizer:
     def pad_id(self) -> int:
         """Padding uses `<|endoftext|>`, as Qwen does (it has no dedicated pad token)."""
         return self.eod_id
+
+    @property
+    def stop_ids(self) -> tuple[int, int]:
+        """Ids that end a generated answer: `<|im_end|>` (chat turns) and `<|endoftext|>`."""
+        return (self.im_end_id, self.eod_id)
 
     @property
     def special_tokens(self) -> dict[str, int]:

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paddle_caption.runtime import configure_environment
+from paddle_caption.runtime import configure
 
-configure_environment()
+configure()
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_DIR = FIXTURES / "qwen_vl_tiny_reference"

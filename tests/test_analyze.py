@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from paddle_caption.data import analyze as an
-from paddle_caption.data.analyze import LengthHistogram, analyze
+from paddle_caption.data.analyze import analyze
+from paddle_caption.data.stats import LengthHistogram, style_phrase
 from paddle_caption.data.convert import CleanConfig, RunOptions, convert
 from paddle_caption.runtime import UserError
 
@@ -38,7 +39,7 @@ def tsv(tmp_path):
 
 @pytest.fixture
 def no_cjk_font(monkeypatch):
-    monkeypatch.setattr(an, "find_cjk_font", lambda: None)
+    monkeypatch.setattr(an, "matplotlib_cjk_family", lambda: None)
 
 
 def test_length_histogram_matches_numpy():
@@ -81,7 +82,7 @@ def test_analyze_tsv(tsv, tmp_path, no_cjk_font, capsys):
     # Without a CJK font the plots use ASCII labels, and say so.
     assert summary["plot_font"] == "ascii-labels"
     assert summary["plot_labels"] == {"卡通风格": "cartoon", "写实风格": "realistic"}
-    assert "no CJK font found" in capsys.readouterr().out
+    assert "no font with Chinese glyphs found" in capsys.readouterr().out
 
     for name in ("caption_length.png", "image_size.png", "style_frequency.png", "duplicate_captions.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -101,13 +102,20 @@ def test_analyze_records_jsonl_and_character_fallback(tsv, tmp_path, no_cjk_font
 
 
 def test_style_phrases_and_ascii_labels():
-    assert an.style_phrase(CARTOON) == "卡通风格"
-    assert an.style_phrase("这是一张 水彩风格的图，3D风格") == "水彩风格"
-    assert an.style_phrase(NO_STYLE) is None
+    assert style_phrase(CARTOON) == "卡通风格"
+    assert style_phrase("这是一张 水彩风格的图，3D风格") == "水彩风格"
+    assert style_phrase(NO_STYLE) is None
     assert an.ascii_labels(["卡通风格", "3D风格", "赛博风格", "xyz风格".replace("风格", ""), "蒸汽风格"]) == {
         "卡通风格": "cartoon", "3D风格": "3D", "赛博风格": "style-1", "xyz": "xyz", "蒸汽风格": "style-2"}
-    font = an.find_cjk_font()
-    assert font is None or isinstance(font, str)
+
+
+def test_plots_use_a_font_that_draws_the_style_words():
+    """The pinned paperang-p2-fonts-cjk package guarantees a CJK font: the plots' labels are Chinese."""
+    from paddle_caption.fonts import find_cjk_font, font_covers
+
+    family = an.matplotlib_cjk_family()
+    assert family == "WenQuanYi Micro Hei"
+    assert font_covers(find_cjk_font(), "卡通风格写实风格像素风格水彩风格黑白简笔风格3D风格")
 
 
 def test_analyze_errors(tsv, tmp_path):

@@ -7,9 +7,8 @@ import pytest
 from paddle_caption.model import attention as attention_module
 from paddle_caption.model.attention import attention
 from paddle_caption.model.qwen import MASK_VALUE
-from paddle_caption.runtime import import_paddle
 
-paddle = import_paddle()
+import paddle
 
 
 def paddle_reference(q, k, v, scale, bias):

@@ -19,7 +19,8 @@ from PIL import Image
 from paddle_caption.data import convert as conv
 from paddle_caption.data.convert import CleanConfig, RunOptions, convert, is_val
 from paddle_caption.data.images import ImageRejected, b64decode_strict, decode_image, probe_image
-from paddle_caption.data.records import (RecordError, iter_lines, load_records, read_image_bytes, write_records)
+from paddle_caption.data.contest_tsv import iter_lines
+from paddle_caption.data.records import RecordError, load_records, read_image_bytes, write_records
 from paddle_caption.runtime import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,7 +356,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         ([str(utf16), str(tmp_path / "o")], "UTF-16"),
         ([str(gbk), str(tmp_path / "o")], "not UTF-8"),
         ([str(good), str(tmp_path / "o"), "--config", str(cfg_unknown)], "unknown key 'min_sides'"),
-        ([str(good), str(tmp_path / "o"), "--config", str(cfg_type)], "'min_side' must be int"),
+        ([str(good), str(tmp_path / "o"), "--config", str(cfg_type)], "'min_side' must be an integer"),
         ([str(good), str(tmp_path / "o"), "--val-fraction", "1.5"], "val_fraction"),
         ([str(good), str(tmp_path / "o"), "--style-pattern", "(["], "not a valid regex"),
     ]

@@ -13,7 +13,9 @@ from paddle_caption.data.dataset import (
     CaptionDataset, Collator, LengthGroupedBatchSampler, collate_batch, make_dataloader,
 )
 from paddle_caption.data.images import CLIP_MEAN, CLIP_STD
-from paddle_caption.data.samples import IGNORE_INDEX, PromptTemplate, build_sample
+from paddle_caption.data.prompts import PromptTemplate
+from paddle_caption.data.samples import build_sample
+from paddle_caption.model.config import IGNORE_INDEX
 from paddle_caption.tokenizer import QWenVLTokenizer
 
 IMAGE_SIZE = 28

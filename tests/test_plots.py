@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paddle_caption.demo.fonts import (PROBE_TEXT, fallback_font_path, find_cjk_font, font_covers,
+from paddle_caption.fonts import (PROBE_TEXT, fallback_font_path, find_cjk_font, font_covers,
                                        missing_font_message)
 from paddle_caption.demo.plots import (NEEDS_CJK_NOTE, NO_LINE_START, GridStyle, _TextFont,
                                        caption_grid_png, grid_size, learning_curve_png)

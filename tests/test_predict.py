@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import paddle
 import pytest
 from PIL import Image
 
-from paddle_caption.data.samples import PromptTemplate, build_prompt_ids
+from paddle_caption.data.prompts import PromptTemplate, load_template
+from paddle_caption.data.samples import build_prompt_ids
 from paddle_caption.runtime import UserError, run_cli
-from paddle_caption.serve import predict as P
+from paddle_caption.predict import cli, inputs, run, shards
+from paddle_caption.predict import predictor as predictor_mod
 
 from .conftest import micro_model_json, small_config
 
@@ -44,11 +47,11 @@ def read_results(path: Path) -> list[tuple[str, str]]:
     return [tuple(line.split("\t")) for line in lines[:-1]]
 
 
-def quiet(**kw) -> P.PredictOptions:
+def quiet(**kw) -> run.PredictOptions:
     from paddle_caption.model.generation import GenerationConfig
 
     kw.setdefault("generation", GenerationConfig(max_new_tokens=MAX_NEW))
-    return P.PredictOptions(progress=False, poll_seconds=0.01, **kw)
+    return run.PredictOptions(progress=False, poll_seconds=0.01, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +59,9 @@ def model_dir(tmp_path_factory) -> Path:
     """A micro model with the real vocabulary (real prompts tokenise), saved as a model directory."""
     from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-    from paddle_caption.runtime import import_paddle
 
     root = tmp_path_factory.mktemp("predict_model")
-    import_paddle().seed(0)
+    paddle.seed(0)
     MgenVLForCausalLM(MgenVLConfig.from_pretrained(micro_model_json(root))).save_pretrained(root / "model")
     return root / "model"
 
@@ -68,7 +70,7 @@ def model_dir(tmp_path_factory) -> Path:
 def predictor(model_dir):
     from paddle_caption.model.generation import GenerationConfig
 
-    return P.load_predictor(model_dir, GenerationConfig(max_new_tokens=MAX_NEW))
+    return predictor_mod.load_predictor(model_dir, GenerationConfig(max_new_tokens=MAX_NEW))
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def reference(tmp_path_factory, predictor):
     """One uninterrupted single-process run over 7 rows at batch 3: (tsv, results lines)."""
     root = tmp_path_factory.mktemp("predict_reference")
     tsv = write_tsv(root / "test.tsv", good_rows(7))
-    P.predict_tsv(predictor, tsv, root / "results.txt", quiet(batch_size=3))
+    run.predict_tsv(predictor, tsv, root / "results.txt", quiet(batch_size=3))
     return tsv, read_results(root / "results.txt")
 
 
@@ -84,9 +86,7 @@ def reference(tmp_path_factory, predictor):
 def test_generate_batched_equals_one_by_one_for_prompts_of_different_lengths():
     from paddle_caption.model.generation import GenerationConfig, generate
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-    from paddle_caption.runtime import import_paddle
-
-    paddle = import_paddle()
+    import paddle
     paddle.seed(1)
     cfg = small_config()
     model = MgenVLForCausalLM(cfg)
@@ -130,7 +130,7 @@ def test_predictor_batched_equals_one_by_one_for_templates_of_different_lengths(
 
 def test_file_level_batched_equals_one_by_one(tmp_path, predictor, reference):
     tsv, expected = reference
-    P.predict_tsv(predictor, tsv, tmp_path / "one.txt", quiet(batch_size=1))
+    run.predict_tsv(predictor, tsv, tmp_path / "one.txt", quiet(batch_size=1))
     assert read_results(tmp_path / "one.txt") == expected
     assert [rid for rid, _ in expected] == [f"img_{i:03d}" for i in range(7)]
     assert all(caption for _, caption in expected)
@@ -140,21 +140,21 @@ def test_file_level_batched_equals_one_by_one(tmp_path, predictor, reference):
 
 
 def test_batches_by_length_sorts_stably_and_restores_nothing_itself():
-    assert P.batches_by_length([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
-    assert P.batches_by_length([5] * 5, 2) == [[0, 1], [2, 3], [4]]
+    assert inputs.batches_by_length([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
+    assert inputs.batches_by_length([5] * 5, 2) == [[0, 1], [2, 3], [4]]
 
 
 def test_clean_caption_and_prompt_sources(tmp_path):
-    assert P.clean_caption(" a\tb\r\nc\u2028d ") == "a b c d"
-    default = P.load_template(tmp_path)
+    assert predictor_mod.clean_caption(" a\tb\r\nc\u2028d ") == "a b c d"
+    default = load_template(tmp_path)
     assert default == PromptTemplate.from_files()
     (tmp_path / "prompt.json").write_text(json.dumps({"system": "S", "prompt": "P"}))
-    assert P.load_template(tmp_path) == PromptTemplate("S", "P")
+    assert load_template(tmp_path) == PromptTemplate("S", "P")
     (tmp_path / "mine.txt").write_text("mine\n")
-    assert P.load_template(tmp_path, prompt_file=str(tmp_path / "mine.txt")) == PromptTemplate("S", "mine")
+    assert load_template(tmp_path, prompt_file=str(tmp_path / "mine.txt")) == PromptTemplate("S", "mine")
     (tmp_path / "prompt.json").write_text(json.dumps({"system": "S"}))
     with pytest.raises(UserError, match="prompt.json"):
-        P.load_template(tmp_path)
+        load_template(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ crash safety
@@ -180,16 +180,16 @@ def test_resume_after_crash_predicts_each_id_once(tmp_path, predictor, reference
     out = tmp_path / "results.txt"
     crashing = CountingPredictor(predictor, crash_after=2)
     with pytest.raises(KeyboardInterrupt):
-        P.predict_tsv(crashing, tsv, out, quiet(batch_size=2))
+        run.predict_tsv(crashing, tsv, out, quiet(batch_size=2))
     assert not out.exists()
     partial = out.with_name("results.txt.partial")
-    state = P.read_partial(partial)
+    state = shards.read_partial(partial)
     assert sorted(state.results) == ["img_000", "img_001", "img_002", "img_003"] and not state.complete
     with open(partial, "a", encoding="utf-8") as handle:  # a line torn by the crash
         handle.write('["img_004", "half a capt')
 
     resumed = CountingPredictor(predictor)
-    summary = P.predict_tsv(resumed, tsv, out, quiet(batch_size=2, resume=True))
+    summary = run.predict_tsv(resumed, tsv, out, quiet(batch_size=2, resume=True))
     assert len(resumed.images) == 3  # only img_004..img_006
     assert summary["resumed"] == 4 and summary["predicted"] == 3
     results = read_results(out)
@@ -198,7 +198,7 @@ def test_resume_after_crash_predicts_each_id_once(tmp_path, predictor, reference
 
     # A second crash-free run with --resume and no partial file simply predicts everything again.
     again = CountingPredictor(predictor)
-    P.predict_tsv(again, tsv, out, quiet(batch_size=4, resume=True))
+    run.predict_tsv(again, tsv, out, quiet(batch_size=4, resume=True))
     assert len(again.images) == 7 and read_results(out) == expected
 
 
@@ -208,29 +208,32 @@ def test_resume_refuses_a_partial_file_from_other_settings(tmp_path, predictor, 
     tsv, _ = reference
     out = tmp_path / "results.txt"
     with pytest.raises(KeyboardInterrupt):
-        P.predict_tsv(CountingPredictor(predictor, crash_after=1), tsv, out, quiet(batch_size=2))
+        run.predict_tsv(CountingPredictor(predictor, crash_after=1), tsv, out, quiet(batch_size=2))
     other = quiet(batch_size=2, resume=True, generation=GenerationConfig(max_new_tokens=MAX_NEW + 1))
     with pytest.raises(UserError, match="different input, model"):
-        P.predict_tsv(predictor, tsv, out, other)
+        run.predict_tsv(predictor, tsv, out, other)
 
 
 # ------------------------------------------------------------------------------------ bad images
 def test_bad_images_get_an_empty_caption_and_a_rejects_line(tmp_path, predictor):
     garbage = base64.b64encode(b"<html>not an image</html>").decode()
     rows = [f"ok_0\t{jpeg_b64(0)}", "bad_b64\tnot*base64!", f"junk\t{garbage}",
-            f"tiny\t{jpeg_b64(1, size=(10, 10))}", f"ok_1\t{jpeg_b64(1)}\tcaption", "empty\t"]
+            f"tiny\t{jpeg_b64(1, size=(10, 10))}", f"ok_1\t{jpeg_b64(1)}\tcaption", "empty\t",
+            f"four_cols\t{jpeg_b64(2)}\tcaption\textra", "only_an_id"]
     tsv = write_tsv(tmp_path / "test.tsv", rows)
     out = tmp_path / "results.txt"
-    summary = P.predict_tsv(predictor, tsv, out, quiet(batch_size=2))
+    summary = run.predict_tsv(predictor, tsv, out, quiet(batch_size=2))
     results = read_results(out)
-    assert [rid for rid, _ in results] == ["ok_0", "bad_b64", "junk", "tiny", "ok_1", "empty"]
+    assert [rid for rid, _ in results] == ["ok_0", "bad_b64", "junk", "tiny", "ok_1", "empty", "four_cols",
+                                           "only_an_id"]
     captions = dict(results)
     assert captions["ok_0"] and captions["ok_1"]
-    assert all(captions[k] == "" for k in ("bad_b64", "junk", "tiny", "empty"))
+    assert all(captions[k] == "" for k in ("bad_b64", "junk", "tiny", "empty", "four_cols", "only_an_id"))
     rejects = [line.split("\t") for line in (tmp_path / "results.txt.rejects").read_text().splitlines()]
     assert rejects == [["bad_b64", "bad_base64"], ["junk", "undecodable_image"],
-                       ["tiny", "image_too_small"], ["empty", "empty_image"]]
-    assert summary["rejected"] == 4 and summary["predicted"] == 2
+                       ["tiny", "image_too_small"], ["empty", "empty_image"],
+                       ["four_cols", "wrong_column_count"], ["only_an_id", "wrong_column_count"]]
+    assert summary["rejected"] == 6 and summary["predicted"] == 2
 
 
 # ------------------------------------------------------------------------------------ shards
@@ -239,11 +242,11 @@ def test_sharded_runs_merge_into_the_single_process_output(tmp_path, predictor, 
     tsv, expected = reference
     out = tmp_path / "results.txt"
     for rank in range(world - 1, 0, -1):  # the other ranks finish first; rank 0 merges
-        summary = P.predict_tsv(predictor, tsv, out, quiet(batch_size=2, rank=rank, world_size=world))
+        summary = run.predict_tsv(predictor, tsv, out, quiet(batch_size=2, rank=rank, world_size=world))
         assert summary["images"] == len(range(rank, 7, world)) and summary["results"] is None
-        assert P.read_partial(P.partial_path(out, rank, world)).complete
+        assert shards.read_partial(shards.partial_path(out, rank, world)).complete
     assert not out.exists()
-    summary = P.predict_tsv(predictor, tsv, out, quiet(batch_size=2, rank=0, world_size=world))
+    summary = run.predict_tsv(predictor, tsv, out, quiet(batch_size=2, rank=0, world_size=world))
     assert read_results(out) == expected
     assert summary["total_images"] == 7
     assert not list(tmp_path.glob("results.txt.partial*"))
@@ -252,31 +255,33 @@ def test_sharded_runs_merge_into_the_single_process_output(tmp_path, predictor, 
 def test_rank_0_waits_only_for_complete_shards_of_this_run(tmp_path, predictor, reference, monkeypatch):
     tsv, expected = reference
     out = tmp_path / "results.txt"
-    stale = P.partial_path(out, 1, 2)
-    stale.write_text(json.dumps({"format": P.PARTIAL_FORMAT, "fingerprint": "old"}) + "\n"
+    stale = shards.partial_path(out, 1, 2)
+    stale.write_text(json.dumps({"format": shards.PARTIAL_FORMAT, "fingerprint": "old"}) + "\n"
                      + json.dumps(["img_001", "stale", ""]) + "\n" + json.dumps({"complete": 1}) + "\n")
     with pytest.raises(UserError, match=r"timed out .*partial\.rank1-of-2"):
-        P.predict_tsv(predictor, tsv, out, quiet(rank=0, world_size=2, merge_timeout=0.05))
+        run.predict_tsv(predictor, tsv, out, quiet(rank=0, world_size=2, merge_timeout=0.05))
     # Ranks also come from paddle.distributed.launch's environment variables.
     monkeypatch.setenv("PADDLE_TRAINER_ID", "1")
     monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
-    assert P.predict_tsv(predictor, tsv, out, quiet(batch_size=2))["rank"] == 1
+    assert run.predict_tsv(predictor, tsv, out, quiet(batch_size=2))["rank"] == 1
     monkeypatch.setenv("PADDLE_TRAINER_ID", "0")
-    P.predict_tsv(predictor, tsv, out, quiet(batch_size=2, resume=True))  # rank 0 resumes its own shard
+    run.predict_tsv(predictor, tsv, out, quiet(batch_size=2, resume=True))  # rank 0 resumes its own shard
     assert read_results(out) == expected
 
 
 # ------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("rows, message", [
-    (["only_an_id"], r"test\.tsv:1: expected 'id<TAB>base64\[<TAB>caption\]', got 1 column"),
-    (["a\tx", "b\tx\tc\td"], r"test\.tsv:2: expected .* got 4 column"),
     (["a\tx", "", "b\tx", "a\ty"], r"test\.tsv:4: duplicate id 'a' \(first on line 1\)"),
-    (["\tx"], r"test\.tsv:1: empty id"),
+    (["a\tx", "b\tx\tc\td", "a\tx\tc\td"], r"test\.tsv:3: duplicate id 'a'"),
+    (["\tx"], r"test\.tsv:1: cannot read the row's id \(empty_id"),
+    ([b"\xff\xfeid\tx"], r"test\.tsv:1: cannot read the row's id \(invalid_utf8"),
     ([], r"test\.tsv: no rows"),
 ])
-def test_bad_tsv_rows_are_user_errors(tmp_path, rows, message):
+def test_rows_without_a_usable_id_are_user_errors(tmp_path, rows, message):
+    path = tmp_path / "test.tsv"
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else r.encode()) + b"\n" for r in rows))
     with pytest.raises(UserError, match=message):
-        P.read_test_rows(write_tsv(tmp_path / "test.tsv", rows))
+        inputs.read_test_rows(path)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, model_dir):
@@ -289,7 +294,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, model_dir):
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--prompt_file", "nope.txt"], "nope.txt"),
     ]
     for argv, message in cases:
-        assert run_cli(P.main, argv + ["--no_progress"]) == 2
+        assert run_cli(cli.main, argv + ["--no_progress"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
 
@@ -299,6 +304,6 @@ def test_cli_writes_results_and_summary(tmp_path, capsys, model_dir, reference):
     out = tmp_path / "results.txt"
     argv = [str(tsv), str(out), str(model_dir), "--max_new_tokens", str(MAX_NEW), "--batch_size", "4",
             "--no_progress", "--limit", "5"]
-    assert run_cli(P.main, argv) == 0
+    assert run_cli(cli.main, argv) == 0
     assert read_results(out) == expected[:5]
     assert "5 images (0 resumed, 5 predicted, 0 rejected)" in capsys.readouterr().out

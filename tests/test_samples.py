@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paddle_caption.data.samples import (
-    IGNORE_INDEX, PROMPTS_DIR, PromptTemplate, build_prompt_ids, build_sample, resolve_prompt_file,
-)
+from paddle_caption.data.prompts import PromptTemplate, read_prompt_file
+from paddle_caption.data.samples import build_prompt_ids, build_sample
+from paddle_caption.model.config import IGNORE_INDEX
+from paddle_caption.resources import packaged_config_dir
 from paddle_caption.runtime import UserError
 from paddle_caption.tokenizer import QWenVLTokenizer
 
@@ -35,13 +36,19 @@ def golden():
     return json.loads(GOLDEN_IDS.read_text(encoding="utf-8"))
 
 
-def test_prompt_files():
+def test_prompt_files(tmp_path, monkeypatch):
+    PROMPTS_DIR = packaged_config_dir() / "prompts"
     assert (PROMPTS_DIR / "style_aware.txt").read_bytes() == STYLE_PROMPT.encode("utf-8")
     assert (PROMPTS_DIR / "chat_system.txt").read_text(encoding="utf-8").strip() == "You are a helpful assistant."
     template = PromptTemplate.from_files("config/prompts/style_aware.txt")
     assert template == PromptTemplate("You are a helpful assistant.", STYLE_PROMPT)
     with pytest.raises(UserError, match="no_such_prompt.txt"):
-        resolve_prompt_file("no_such_prompt.txt")
+        read_prompt_file("no_such_prompt.txt")
+    # a file in the working directory wins over the packaged one of the same name
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "style_aware.txt").write_text("mine\n", encoding="utf-8")
+    assert PromptTemplate.from_files("style_aware.txt").prompt == "mine"
+    assert PromptTemplate.from_files("config/prompts/style_aware.txt").prompt == STYLE_PROMPT
 
 
 def _first_difference(tok, ours, theirs) -> str:

@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from paddle_caption.model.config import VisualConfig
-from paddle_caption.runtime import import_paddle
 
-paddle = import_paddle()
+import paddle
 
 
 def tower(**overrides):

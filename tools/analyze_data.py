@@ -1,8 +1,8 @@
 """Dataset statistics and plots: python tools/analyze_data.py INPUT(.tsv|records.jsonl) OUT_DIR"""
+
 import sys
 
-from paddle_caption.data.analyze import main
-from paddle_caption.runtime import run_cli
+from paddle_caption.entry_points import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run("analyze"))

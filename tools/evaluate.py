@@ -1,8 +1,8 @@
 """Score predictions against references: python tools/evaluate.py RESULTS.txt REFS.tsv [--mode jieba|char] [--json OUT] [--fields]"""
+
 import sys
 
-from paddle_caption.eval.evaluate import main
-from paddle_caption.runtime import run_cli
+from paddle_caption.entry_points import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run("evaluate"))

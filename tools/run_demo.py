@@ -1,8 +1,8 @@
 """The one-command demo (make demo): python tools/run_demo.py --config config/demo.json --out checkpoints/demo"""
+
 import sys
 
-from paddle_caption.demo.pipeline import main
-from paddle_caption.runtime import run_cli
+from paddle_caption.entry_points import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run("demo"))

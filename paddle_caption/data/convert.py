@@ -14,9 +14,8 @@ input order, so the output does not depend on `--workers`. At most 2 x workers r
 so memory stays flat whatever the input size. The main process drops duplicate ids and appends to
 partial files; the final files appear (by rename) only when everything succeeded.
 
-Rows are checked in this order; the first failing check is the row's reason (`REASONS`). The row
-structure checks (length, UTF-8, three columns, non-empty id) are always on; the others can be
-switched by flag or by a JSON `--config` file whose keys are `CleanConfig`'s fields.
+What is checked, and in which order, is `clean_rules.py` (`REASONS`, `check_row`, `CleanConfig`);
+this module is the engine that applies the rules to a 100 GB file.
 
 Resume: every `--checkpoint-seconds` the partial outputs are flushed and fsynced, then a state file
 records the input offset reached, the line count, the partial files' sizes and the counters.
@@ -35,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import heapq
 import itertools
 import json
@@ -51,92 +49,18 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from PIL import Image
-
-from ..runtime import UserError, atomic_write, cpu_count, remove_stale_temps
-from .analyze import STYLE_PATTERN, LengthHistogram
-from .images import VERIFY_MODES, ImageRejected, b64decode_strict, probe_image
-from .records import DEFAULT_MAX_ROW_BYTES, dump_record, iter_lines, normalize_id
-
-# Reject reasons in the order rows are checked.
-REASONS = {
-    "row_too_long": "row longer than --max-row-bytes (never read into memory)",
-    "invalid_utf8": "row is not valid UTF-8",
-    "wrong_column_count": "row does not have exactly three tab-separated columns",
-    "empty_id": "id column is empty",
-    "empty_caption": "caption is empty",
-    "no_style_phrase": "caption has no phrase matching the style pattern (default \\S+风格)",
-    "bad_base64": "image column is not strict base64",
-    "empty_image": "image column is empty",
-    "too_many_pixels": "image has more than --max-pixels pixels (read from the header; never decoded)",
-    "undecodable_image": "payload is not an image PIL can decode completely",
-    "image_too_small": "image side shorter than --min-side",
-    "duplicate_id": "id of an earlier kept row (the first one is kept)",
-    "caption_length_outlier": "caption length outside mean +- K*std of kept captions (--ksigma)",
-}
+from ..files import atomic_write, remove_stale_temps
+from ..runtime import UserError, cpu_count
+from .clean_rules import REASONS, CleanConfig, check_row, is_val
+from .contest_tsv import DEFAULT_MAX_ROW_BYTES, iter_lines
+from .images import VERIFY_MODES
+from .records import dump_record
+from .stats import STYLE_PATTERN, LengthHistogram
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
 PART_RECORDS, PART_REJECTS, PART_OUTLIERS = ".records.partial", ".rejects.partial", ".outliers.partial"
 STATE = ".convert_state.json"
 STATE_VERSION = 1
-
-
-@dataclass
-class CleanConfig:
-    """Cleaning rules; also the keys accepted in a `--config` JSON file."""
-
-    require_style: bool = True  # reject captions without a style phrase (the contest solution's rule)
-    style_pattern: str = STYLE_PATTERN
-    drop_empty_caption: bool = True
-    dedup_ids: bool = True  # reject rows whose id was already kept
-    verify: str = "fast"  # full | fast (JPEG checked at 1/8 scale) | header; see images.probe_image
-    min_side: int = 32  # reject images with a side below this; 0 disables
-    max_pixels: int = 4096 * 4096  # bounds decode memory; PIL's own bomb guard stays on above it
-    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
-    ksigma: float = 0.0  # 0 disables the caption-length outlier filter
-    val_fraction: float = 0.0  # share of kept rows routed to val_records.jsonl
-
-    def validate(self) -> None:
-        if self.verify not in VERIFY_MODES:
-            raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
-        try:
-            re.compile(self.style_pattern)
-        except re.error as err:
-            raise UserError(f"style_pattern {self.style_pattern!r} is not a valid regex: {err}") from None
-        if self.min_side < 0:
-            raise UserError(f"min_side must be >= 0, got {self.min_side}")
-        if not 1 <= self.max_pixels <= Image.MAX_IMAGE_PIXELS:
-            raise UserError(f"max_pixels must be in 1..{Image.MAX_IMAGE_PIXELS} (PIL's bomb limit), "
-                            f"got {self.max_pixels}")
-        if self.max_row_bytes < 1:
-            raise UserError(f"max_row_bytes must be >= 1, got {self.max_row_bytes}")
-        if self.ksigma < 0:
-            raise UserError(f"ksigma must be >= 0, got {self.ksigma}")
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-
-    def update_from_file(self, path: str | os.PathLike) -> None:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except OSError as err:
-            raise UserError(f"cannot read config {path}: {err.strerror or err}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"config {path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"config {path}: expected a JSON object")
-        kinds = {f.name: f.type for f in dataclasses.fields(self)}
-        for key, value in data.items():
-            if key not in kinds:
-                raise UserError(f"config {path}: unknown key {key!r} (known: {', '.join(kinds)})")
-            kind = kinds[key]
-            ok = {"bool": isinstance(value, bool),
-                  "int": isinstance(value, int) and not isinstance(value, bool),
-                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-                  "str": isinstance(value, str)}[kind]
-            if not ok:
-                raise UserError(f"config {path}: key {key!r} must be {kind}, got {json.dumps(value)}")
-            setattr(self, key, float(value) if kind == "float" else value)
 
 
 @dataclass
@@ -146,14 +70,6 @@ class RunOptions:
     checkpoint_seconds: float = 10.0
     resume: bool = False
     progress: bool = True
-
-
-def is_val(record_id: str, fraction: float) -> bool:
-    """Stable split: the first 8 bytes of sha1(id) as a fraction of 2**64."""
-    if fraction <= 0:
-        return False
-    digest = hashlib.sha1(record_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 # --------------------------------------------------------------------------------- workers
@@ -173,43 +89,6 @@ def _init_worker(tsv: str, cfg: CleanConfig, ignore_sigint: bool = True) -> None
     if ignore_sigint:  # Ctrl-C is handled once, by the main process
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = (tsv, cfg, re.compile(cfg.style_pattern))
-
-
-def _display_id(raw: bytes) -> str:
-    """An id fit for rejects.tsv, even from a broken row: decoded leniently, one line, bounded."""
-    text = normalize_id(raw[:1024].decode("utf-8", "replace"))
-    return re.sub(r"[\t\r\n]", " ", text)[:200]
-
-
-def check_row(data: bytes, cfg: CleanConfig, style_re: re.Pattern) -> tuple:
-    """(reason or None, id, caption, width, height) for one row's bytes."""
-    cols = data.split(b"\t")
-    three = len(cols) == 3
-    texts = []
-    for i, col in enumerate(cols):
-        if three and i == 1 and col.isascii():  # base64 is ASCII: skip decoding ~100 KB per row
-            texts.append("")
-            continue
-        try:
-            texts.append(col.decode("utf-8"))
-        except UnicodeDecodeError:
-            return "invalid_utf8", _display_id(cols[0]), "", 0, 0
-    if not three:
-        return "wrong_column_count", _display_id(cols[0]), "", 0, 0
-    rid = normalize_id(texts[0])
-    if not rid:
-        return "empty_id", "", "", 0, 0
-    caption = texts[2].strip()
-    if cfg.drop_empty_caption and not caption:
-        return "empty_caption", rid, caption, 0, 0
-    if cfg.require_style and not style_re.search(caption):
-        return "no_style_phrase", rid, caption, 0, 0
-    try:
-        width, height = probe_image(b64decode_strict(cols[1]), max_pixels=cfg.max_pixels,
-                                    min_side=cfg.min_side, verify=cfg.verify)
-    except ImageRejected as err:
-        return err.reason, rid, caption, 0, 0
-    return None, rid, caption, width, height
 
 
 def process_range(bounds: tuple[int, int]) -> RangeResult:

@@ -14,9 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..runtime import import_paddle
 from .images import ImageRejected, decode_image, preprocess_image
-from .samples import IGNORE_INDEX, PromptTemplate, assemble_sample, build_prompt_ids, sample_length
+from ..model.config import IGNORE_INDEX
+from .prompts import PromptTemplate
+from .samples import assemble_sample, build_prompt_ids, sample_length
 
 REQUIRED_RECORD_KEYS = ("id", "caption", "tsv", "offset", "length")
 
@@ -185,26 +186,56 @@ class LengthGroupedBatchSampler:
         return self.batches_per_epoch - self.skip_batches
 
 
-def make_dataloader(dataset: CaptionDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                    num_workers: int = 0, *, group_by_length: bool = True, drop_last: bool = False,
-                    epoch: int = 0, skip_batches: int = 0, pad_id: int | None = None,
-                    prefetch_factor: int = 2, persistent_workers: bool = True):
-    """A paddle DataLoader over `dataset` with a `LengthGroupedBatchSampler` (as `.batch_sampler`).
+class RankBatchSampler:
+    """One rank's share of a LengthGroupedBatchSampler's epoch for data parallel: batches[rank::world].
+
+    Every rank computes the same epoch order (a function of seed and epoch) and takes every
+    world-th batch; the tail that would leave ranks with unequal counts is dropped, so all ranks run
+    the same number of steps. With world 1 it is the whole epoch. Resumable like its base.
+    """
+
+    def __init__(self, base: LengthGroupedBatchSampler, rank: int = 0, world: int = 1):
+        self.base, self.rank, self.world = base, int(rank), int(world)
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip_batches)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        batches = self.base.epoch_batches(epoch)
+        usable = len(batches) - len(batches) % self.world
+        return batches[:usable][self.rank::self.world]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.base.batches_per_epoch // self.world
+
+    def __iter__(self):
+        yield from self.epoch_batches(self.epoch)[self.skip:]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.skip)
+
+
+def make_dataloader(dataset: CaptionDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                    num_workers: int = 0, group_by_length: bool = True, drop_last: bool = False,
+                    rank: int = 0, world: int = 1, pad_id: int | None = None, prefetch_factor: int = 2):
+    """A paddle DataLoader over `dataset` whose `.batch_sampler` is this rank's `RankBatchSampler`.
 
     Call `loader.batch_sampler.set_epoch(e, skip_batches=k)` before iterating each epoch. Batches
     arrive as dicts of paddle tensors (plus the `ids` list); worker processes decode the images.
     """
-    paddle = import_paddle()
-    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed,
-                                        group_by_length=group_by_length, drop_last=drop_last)
-    sampler.set_epoch(epoch, skip_batches)
+    import paddle
+
+    base = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=shuffle, seed=seed,
+                                     group_by_length=group_by_length, drop_last=drop_last)
     return paddle.io.DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=RankBatchSampler(base, rank, world),
         collate_fn=Collator(dataset.pad_id if pad_id is None else pad_id),
         num_workers=num_workers,
         prefetch_factor=prefetch_factor,
-        persistent_workers=persistent_workers and num_workers > 0,
+        persistent_workers=num_workers > 0,
         use_shared_memory=True,
         return_list=True,
     )

@@ -38,13 +38,23 @@ def b64decode_strict(payload: str | bytes) -> bytes:
         raise ImageRejected("bad_base64", str(err)) from None
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
-                 verify: bool = True) -> Image.Image:
-    """Decode image bytes into an RGB PIL image, or raise ImageRejected.
+VERIFY_MODES = ("full", "fast", "header")
+
+
+def _open_checked(data: bytes, *, max_pixels: int, min_side: int, mode: str) -> tuple[Image.Image, tuple[int, int]]:
+    """Open image bytes and check them as `mode` says: (image, its (width, height) from the
+    header), or ImageRejected. (In "fast" mode the returned image is the 1/8-scale draft.)
 
     The header is checked against `max_pixels` before any pixel is decoded, so a 20000x20000
-    payload is refused without allocating it. With `verify`, the whole file is decoded (a truncated
-    JPEG whose header is fine is still a reject).
+    payload is refused without allocating it. Modes:
+    - "full": PIL's structural verify, then every pixel decoded at full size;
+    - "decode": every pixel decoded, without the verify pass (for images already verified);
+    - "fast": as "full", but a JPEG is decoded at 1/8 scale and as luma only (PIL draft mode).
+      libjpeg still entropy-decodes every component of every block, so a truncated or corrupt JPEG
+      is rejected just the same (tested against "full" on truncated and damaged JPEGs), but most of
+      the IDCT, the chroma upsampling and the colour conversion are skipped (~3x faster than "full";
+      luma only saves ~15% over 1/8-scale RGB). Other formats are checked as in "full";
+    - "header": format and size only (a payload cut after its header passes).
     """
     if not data:
         raise ImageRejected("empty_image")
@@ -55,10 +65,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageRejected("too_many_pixels", f"{width}x{height}")
-            if verify:
+            if mode == "fast" and img.format == "JPEG":
+                img.draft("L", (1, 1))  # smallest DCT scale libjpeg offers (1/8), luma only
+            elif mode in ("full", "fast"):
                 img.verify()  # structural check; the image must be reopened afterwards
                 img = Image.open(io.BytesIO(data))
-            img.load()
+            if mode != "header":
+                img.load()
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -67,9 +80,25 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
         raise ImageRejected("undecodable_image", f"{type(err).__name__}: {err}") from None
     if min(width, height) < min_side:
         raise ImageRejected("image_too_small", f"{width}x{height} < {min_side}")
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    return img
+    return img, (width, height)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+                 verify: bool = True) -> Image.Image:
+    """Decode image bytes into an RGB PIL image, or raise ImageRejected. With `verify`, PIL's
+    structural check runs first (a truncated JPEG whose header is fine is still a reject)."""
+    img, _ = _open_checked(data, max_pixels=max_pixels, min_side=min_side, mode="full" if verify else "decode")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+                verify: str = "fast") -> tuple[int, int]:
+    """Check image bytes for bulk cleaning, where the pixels are not needed, and return
+    (width, height), or raise ImageRejected. `verify` is "full", "fast" or "header" (see
+    `_open_checked`); "fast" rejects exactly what "full" rejects."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    return _open_checked(data, max_pixels=max_pixels, min_side=min_side, mode=verify)[1]
 
 
 def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
@@ -80,51 +109,3 @@ def preprocess_image(img: Image.Image, image_size: int) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float32) / 255.0
     arr = (arr - CLIP_MEAN) / CLIP_STD
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
-
-
-VERIFY_MODES = ("full", "fast", "header")
-
-
-def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
-                verify: str = "fast") -> tuple[int, int]:
-    """Check image bytes the way `decode_image` does and return (width, height), or raise ImageRejected.
-
-    Meant for bulk cleaning, where the pixels are not needed:
-    - "full": exactly `decode_image(..., verify=True)` (every pixel decoded at full size);
-    - "fast": the same checks, but a JPEG is decoded at 1/8 scale and as luma only (PIL draft mode).
-      libjpeg still entropy-decodes every component of every block, so a truncated or corrupt JPEG
-      is rejected just the same (tested against "full" on truncated and damaged JPEGs), but most of
-      the IDCT, the chroma upsampling and the colour conversion are skipped (~3x faster than "full";
-      luma only saves ~15% over 1/8-scale RGB). Other formats are fully decoded;
-    - "header": format and size only (a payload cut after its header passes).
-    The pixel bound is checked on the header, before anything is decoded.
-    """
-    if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
-    if verify == "full":
-        return decode_image(data, max_pixels=max_pixels, min_side=min_side, verify=True).size
-    if not data:
-        raise ImageRejected("empty_image")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageRejected("too_many_pixels", f"{width}x{height}")
-            if verify == "fast":
-                if img.format == "JPEG":
-                    img.draft("L", (1, 1))  # smallest DCT scale libjpeg offers (1/8), luma only
-                else:
-                    img.verify()
-                    img = Image.open(io.BytesIO(data))
-                img.load()
-    except ImageRejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageRejected("too_many_pixels", str(err)) from None
-    except Exception as err:  # PIL raises many types for corrupt data
-        raise ImageRejected("undecodable_image", f"{type(err).__name__}: {err}") from None
-    if min(width, height) < min_side:
-        raise ImageRejected("image_too_small", f"{width}x{height} < {min_side}")
-    return width, height

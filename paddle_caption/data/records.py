@@ -10,104 +10,24 @@ The contest TSV (`id \\t base64-image \\t caption`, one row per line) is ~100 GB
 and `read_image_bytes(record)` reads the row back with one positional read and base64-decodes its
 image column. The TSV must therefore stay where it was, unchanged; a moved or edited file is detected
 (the row read back must carry the record's id) rather than silently yielding the wrong image.
-
-This module also holds the TSV line reader shared by the converter and the analyser.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from ..runtime import UserError, atomic_write
+from ..files import atomic_write
+from ..runtime import UserError
+from .contest_tsv import RowError, parse_row, read_line_at
 from .images import b64decode_strict
 
 RECORD_KEYS = ("id", "caption", "tsv", "offset", "length", "width", "height")
 _KEY_TYPES = {"id": str, "caption": str, "tsv": str, "offset": int, "length": int, "width": int, "height": int}
 
-# A row longer than this is rejected unread: it bounds the memory one row can take.
-DEFAULT_MAX_ROW_BYTES = 32 * 1024 * 1024
-
 
 class RecordError(ValueError):
     """A record that does not match its TSV row (moved/edited file, or a malformed row)."""
-
-
-# --------------------------------------------------------------------------------- TSV rows
-@dataclass
-class TsvLine:
-    offset: int  # byte offset of the row's first byte
-    length: int  # row length in bytes, without the "\n" (and without a "\r" before it)
-    data: bytes | None  # the row's bytes; None if it is longer than max_row_bytes
-
-
-def normalize_id(raw: str) -> str:
-    """Ids are compared and stored without surrounding whitespace or a UTF-8 byte-order mark."""
-    return raw.strip().lstrip("\ufeff").strip()
-
-
-def iter_lines(handle, start: int = 0, end: int | None = None, *,
-               max_row_bytes: int = DEFAULT_MAX_ROW_BYTES, block_size: int = 1 << 20) -> Iterator[TsvLine]:
-    """Yield the rows of a binary file whose first byte lies in [start, end).
-
-    Byte ranges split at arbitrary points still partition the rows exactly: a row that straddles
-    `start` belongs to the range before. Memory is one block plus one row, whatever the file size;
-    a row longer than `max_row_bytes` is yielded with `data=None` instead of being held.
-    """
-    end = float("inf") if end is None else end
-    pos = start
-    if start > 0:
-        handle.seek(start - 1)
-        if handle.read(1) != b"\n":  # `start` is inside a row: it belongs to the previous range
-            while True:
-                block = handle.read(block_size)
-                if not block:
-                    return
-                i = block.find(b"\n")
-                if i >= 0:
-                    pos = handle.tell() - len(block) + i + 1
-                    break
-    handle.seek(pos)
-    pending: list[bytes] = []  # pieces of the current row (several only for rows longer than a block)
-    pending_len = 0
-    too_long = False
-    while pos < end:
-        block = handle.read(block_size)
-        if not block:  # EOF: a last row without a newline
-            if pending_len or too_long:
-                yield _make_line(pos, pending, pending_len, too_long)
-            return
-        i = 0
-        while True:
-            j = block.find(b"\n", i)
-            if j < 0:
-                pending_len += len(block) - i
-                if pending_len > max_row_bytes:
-                    too_long, pending = True, []
-                elif i < len(block):
-                    pending.append(block[i:])
-                break
-            pending_len += j - i
-            if pending_len > max_row_bytes:
-                too_long, pending = True, []
-            else:
-                pending.append(block[i:j])
-            yield _make_line(pos, pending, pending_len, too_long)
-            pos += pending_len + 1
-            pending, pending_len, too_long = [], 0, False
-            i = j + 1
-            if pos >= end:
-                return
-
-
-def _make_line(offset: int, pieces: list[bytes], size: int, too_long: bool) -> TsvLine:
-    if too_long:
-        return TsvLine(offset, size, None)
-    data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    if data.endswith(b"\r"):  # a CRLF file
-        data = data[:-1]
-    return TsvLine(offset, len(data), data)
 
 
 # --------------------------------------------------------------------------------- records I/O
@@ -178,7 +98,7 @@ def _fd(path: str) -> int:
 def read_row_bytes(record: dict) -> bytes:
     """The record's TSV row (without its newline), read with one positional read."""
     path, offset, length = record["tsv"], int(record["offset"]), int(record["length"])
-    row = os.pread(_fd(path), length, offset)
+    row = read_line_at(_fd(path), offset, length)
     if len(row) != length:
         raise RecordError(f"{path}: row of record {record['id']!r} at byte {offset} is past the end "
                           f"of the file (was the TSV changed after conversion?)")
@@ -191,8 +111,11 @@ def read_image_bytes(record: dict) -> bytes:
     Raises RecordError (a ValueError) if the row no longer matches the record, and
     `images.ImageRejected` (also a ValueError) if its base64 is invalid.
     """
-    cols = read_row_bytes(record).split(b"\t")
-    if len(cols) != 3 or normalize_id(cols[0].decode("utf-8", "replace")) != record["id"]:
+    try:
+        row = parse_row(read_row_bytes(record))
+    except RowError:
+        row = None
+    if row is None or row.id != record["id"]:
         raise RecordError(f"{record['tsv']}: the row at byte {record['offset']} is not record "
                           f"{record['id']!r} (was the TSV changed after conversion?)")
-    return b64decode_strict(cols[1])
+    return b64decode_strict(row.image_b64)

@@ -10,7 +10,8 @@ and only `{caption}<|im_end|>` is supervised (labels are -100 elsewhere). Everyt
 including `<|im_start|>assistant\\n` is the *prompt context*; it is identical for every sample, so
 it is tokenised once per (tokenizer, template) and prediction reuses the same ids.
 
-Text pieces are encoded the way Qwen-VL's `make_context` does it: role name, "\\n" and content
+The system message and instruction come from a `PromptTemplate` (`prompts.py`). Text pieces are
+encoded the way Qwen-VL's `make_context` does it: role name, "\\n" and content
 separately, and the user content split around each image span.
 
 Truncation rule: a sample longer than `max_length` loses answer tokens from the end, and then
@@ -21,55 +22,11 @@ one answer token, `ValueError` names the sample.
 from __future__ import annotations
 
 import functools
-import os
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from ..runtime import UserError
-
-IGNORE_INDEX = -100  # label value the loss skips
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-PROMPTS_DIR = REPO_ROOT / "config" / "prompts"
-DEFAULT_PROMPT_FILE = "style_aware.txt"
-DEFAULT_SYSTEM_FILE = "chat_system.txt"
-
-
-def resolve_prompt_file(path: str | os.PathLike) -> Path:
-    """Find a prompt file: as given (absolute or relative to the working directory), then relative
-    to the repository root, then inside `config/prompts/`."""
-    path = Path(path)
-    candidates = [path] if path.is_absolute() else [path, REPO_ROOT / path, PROMPTS_DIR / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    tried = ", ".join(str(c) for c in candidates)
-    raise UserError(f"prompt file not found: {path} (tried {tried})")
-
-
-def read_prompt_file(path: str | os.PathLike) -> str:
-    # Trailing newlines are dropped: editors add them silently, and they would change the tokens.
-    return resolve_prompt_file(path).read_text(encoding="utf-8").rstrip("\r\n")
-
-
-@dataclass(frozen=True)
-class PromptTemplate:
-    """The system message and the user instruction that precede every caption.
-
-    Frozen (hashable) so that the tokenised prompt context can be cached per template.
-    """
-
-    system: str
-    prompt: str
-
-    @classmethod
-    def from_files(cls, prompt_file: str | os.PathLike = DEFAULT_PROMPT_FILE,
-                   system_file: str | os.PathLike | None = None) -> "PromptTemplate":
-        """Read the instruction and the system message (default `config/prompts/chat_system.txt`)."""
-        system_file = DEFAULT_SYSTEM_FILE if system_file is None else system_file
-        return cls(system=read_prompt_file(system_file), prompt=read_prompt_file(prompt_file))
+from ..model.config import IGNORE_INDEX
+from .prompts import PromptTemplate
 
 
 @functools.lru_cache(maxsize=64)

@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..runtime import UserError, atomic_write, cpu_count
+from ..files import atomic_write
+from ..runtime import UserError, cpu_count
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary (spec tables; order matters only for sampling)

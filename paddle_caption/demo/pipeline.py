@@ -21,9 +21,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..runtime import UserError, atomic_write
+from ..files import atomic_write
+from ..runtime import UserError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNS = {"image": "with images", "no_image": "no-image ablation"}
 BARS = {"cider_ratio": 3.0, "background": 0.95, "style": 0.60}
 
@@ -45,21 +45,23 @@ class DemoOptions:
     grid: int = 16  # test images drawn in the PNG
 
 
-def _script(name: str) -> str:
-    return str(REPO_ROOT / name)
+def _command(name: str) -> list[str]:
+    """A kit command run as a user would run it, in a fresh process (`python -m paddle_caption NAME`);
+    the same code as the top-level scripts (`supervised_finetune.py`, `tools/convert_labels.py`, ...)."""
+    return [sys.executable, "-m", "paddle_caption", name]
 
 
 def _run(cmd: list[str], log_path: Path | None = None) -> None:
     """Run a stage's command; on failure, raise with the tail of its output."""
     if log_path is None:
-        done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         output = done.stdout
     else:
         with open(log_path, "w", encoding="utf-8") as log:
-            done = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         output = log_path.read_text(encoding="utf-8", errors="replace")
     if done.returncode != 0:
-        raise UserError(f"stage failed: {' '.join(cmd[1:3])} …: {_last_line(output)}")
+        raise UserError(f"stage failed: {' '.join(cmd[2:4])} …: {_last_line(output)}")
 
 
 def _last_line(text: str) -> str:
@@ -71,7 +73,6 @@ class Demo:
     def __init__(self, opts: DemoOptions, log=print):
         self.opts, self.log = opts, log
         self.out = Path(opts.out)
-        self.py = sys.executable
         from ..train.config import TrainConfig
 
         self.train_config = TrainConfig.load(opts.config)  # checked before anything slow starts
@@ -87,7 +88,7 @@ class Demo:
             self.log(f"[1/6] synthetic ad world: {data} exists, kept")
             return
         self.log(f"[1/6] synthetic ad world: {o.n_train} train / {o.n_val} val / {o.n_test} test images")
-        _run([self.py, _script("tools/make_demo_data.py"), str(data), "--train", str(o.n_train),
+        _run([*_command("make-data"), str(data), "--train", str(o.n_train),
               "--val", str(o.n_val), "--test", str(o.n_test), "--seed", str(o.data_seed), "--quiet"])
         for stale in ("train", "val"):  # records of an older dataset point at other bytes
             (self.out / stale / "summary.json").unlink(missing_ok=True)
@@ -99,7 +100,7 @@ class Demo:
             target = self.out / split
             if (target / "summary.json").is_file():
                 continue
-            _run([self.py, _script("tools/convert_labels.py"), str(self.out / "data" / f"{split}.tsv"),
+            _run([*_command("convert"), str(self.out / "data" / f"{split}.tsv"),
                   str(target), "--quiet"])
         summary = json.loads((self.out / "train" / "summary.json").read_text())
         reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
@@ -117,7 +118,7 @@ class Demo:
             run_dir.mkdir(parents=True, exist_ok=True)
             if (run_dir / "final" / "trainer_state.json").is_file():
                 continue
-            cmd = [self.py, _script("supervised_finetune.py"), str(self.opts.config),
+            cmd = [*_command("train"), str(self.opts.config),
                    "--train_records", str(self.out / "train" / "records.jsonl"),
                    "--val_records", str(self.out / "val" / "records.jsonl"),
                    "--output_dir", str(run_dir), "--max_train_minutes", str(minutes),
@@ -125,7 +126,7 @@ class Demo:
             if self.opts.max_steps:
                 cmd += ["--max_steps", str(self.opts.max_steps)]
             log = open(run_dir / "train.log", "a", encoding="utf-8")
-            procs[run] = (subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+            procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
         self.log(f"[3/6] training {' and '.join(RUNS[r] for r in self.runs)} concurrently, "
                  f"{minutes:g} min budget each (logs: {self.out}/<run>/train.log)")
         total = int(minutes * 60) if minutes > 0 else None
@@ -161,7 +162,7 @@ class Demo:
             model_dir = self.out / run / "model"
             if (model_dir / "config.json").is_file():
                 continue
-            _run([self.py, _script("tools/merge_local_params.py"),
+            _run([*_command("merge"),
                   "--model_name_or_path", str(self._base_model()),
                   "--local_path", str(self.out / run / "final"), "--merge_model_path", str(model_dir)])
         self.log("[4/6] merged trained parameters into full model directories: "
@@ -180,11 +181,11 @@ class Demo:
             results = self.out / run / "results.txt"
             if results.is_file():
                 continue
-            cmd = [self.py, _script("predict_batch.py"), str(self.out / "data" / "test.tsv"), str(results),
+            cmd = [*_command("predict"), str(self.out / "data" / "test.tsv"), str(results),
                    str(self.out / run / "model"), "--batch_size", str(self.opts.batch_size),
                    "--max_new_tokens", str(self.opts.max_new_tokens), "--num_threads", "1", "--resume"]
             log = open(self.out / run / "predict.log", "w", encoding="utf-8")
-            procs.append((run, subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log))
+            procs.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
         t0 = time.time()
         for run, proc, log in procs:
             proc.wait()
@@ -240,22 +241,22 @@ class Demo:
         return result
 
     def write_grid(self, predictions: dict, refs: dict) -> str | None:
-        from ..data.images import b64decode_strict, decode_image
+        from ..data.contest_tsv import RowError, iter_rows
+        from ..data.images import ImageRejected, b64decode_strict, decode_image
         from .plots import caption_grid_png
 
         items = []
-        with open(self.out / "data" / "test.tsv", "rb") as handle:
-            for line in handle:
-                if len(items) >= self.opts.grid:
-                    break
-                image_id, payload = line.rstrip(b"\r\n").split(b"\t")[:2]
-                image_id = image_id.decode()
-                try:
-                    image = decode_image(b64decode_strict(payload))
-                except Exception:  # a bad test image is drawn as an empty cell, like predict's empty caption
-                    image = None
-                items.append({"id": image_id, "image": image, "prediction": predictions.get(image_id, ""),
-                              "reference": refs.get(image_id, [""])[0]})
+        for _, _, row in iter_rows(self.out / "data" / "test.tsv", test=True):
+            if len(items) >= self.opts.grid:
+                break
+            if isinstance(row, RowError):
+                continue
+            try:
+                image = decode_image(b64decode_strict(row.image_b64))
+            except ImageRejected:  # a bad test image is drawn as an empty cell, like predict's empty caption
+                image = None
+            items.append({"id": row.id, "image": image, "prediction": predictions.get(row.id, ""),
+                          "reference": refs.get(row.id, [""])[0]})
         return caption_grid_png(items, self.out / "caption_grid.png", columns=4,
                                 title="paddle_caption demo: predicted (top) vs reference (bottom)")
 

@@ -13,8 +13,8 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from ..runtime import atomic_write
-from .fonts import INSTALL_HINT, fallback_font_path, find_cjk_font, font_codepoints, matplotlib_cjk_family
+from ..files import atomic_write
+from ..fonts import INSTALL_HINT, fallback_font_path, find_cjk_font, font_codepoints, matplotlib_cjk_family
 
 PRINTABLE_ASCII = frozenset(range(0x20, 0x7F))
 NEEDS_CJK_NOTE = "(caption needs a CJK font)"

@@ -9,11 +9,12 @@ RESULTS.txt has one `id \\t caption` line per image (the caption may be empty). 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
-from ..runtime import UserError, atomic_write, run_cli
+from ..data.contest_tsv import iter_text_rows, normalize_id
+from ..files import write_json
+from ..runtime import UserError
 from .fields import FIELD_KEYS, field_accuracy
 from .metrics import MODES, score_captions
 
@@ -23,37 +24,15 @@ METRIC_KEYS = ("CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L")
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/=]{512,}")
 
 
-def _lines(path: Path):
-    """(line number, text) for each non-blank line, decoding UTF-8 (a BOM is tolerated)."""
-    try:
-        handle = open(path, encoding="utf-8-sig", newline="")
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
-    with handle:
-        lineno = 0
-        while True:
-            lineno += 1
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{lineno}: not valid UTF-8") from None
-            if not line:
-                return
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield lineno, line
-
-
 def read_results(path: str | Path) -> dict[str, str]:
     """id -> predicted caption from `id \\t caption` lines; duplicate ids are an error."""
     path = Path(path)
     results: dict[str, str] = {}
-    for lineno, line in _lines(path):
-        cols = line.split("\t")
-        if len(cols) != 2 or not cols[0].strip():
+    for lineno, cols in iter_text_rows(path, "results file"):
+        if len(cols) != 2 or not normalize_id(cols[0]):
             raise UserError(f"{path}:{lineno}: expected 'id<TAB>caption', got {len(cols)} column(s)"
-                            + ("" if cols[0].strip() else " with an empty id"))
-        key = cols[0].strip()
+                            + ("" if normalize_id(cols[0]) else " with an empty id"))
+        key = normalize_id(cols[0])
         if key in results:
             raise UserError(f"{path}:{lineno}: duplicate id {key!r} in results")
         results[key] = cols[1].strip()
@@ -66,18 +45,17 @@ def read_references(path: str | Path) -> dict[str, list[str]]:
     """id -> reference captions from `id \\t caption` or `id \\t base64 \\t caption` lines."""
     path = Path(path)
     refs: dict[str, list[str]] = {}
-    for lineno, line in _lines(path):
-        cols = line.split("\t")
-        if len(cols) not in (2, 3) or not cols[0].strip():
+    for lineno, cols in iter_text_rows(path, "references file"):
+        if len(cols) not in (2, 3) or not normalize_id(cols[0]):
             raise UserError(f"{path}:{lineno}: expected 'id<TAB>caption' or 'id<TAB>base64<TAB>caption', "
-                            f"got {len(cols)} column(s)" + ("" if cols[0].strip() else " with an empty id"))
+                            f"got {len(cols)} column(s)" + ("" if normalize_id(cols[0]) else " with an empty id"))
         caption = cols[-1].strip()
         if not caption:
             raise UserError(f"{path}:{lineno}: empty reference caption")
         if _BASE64_RE.fullmatch(caption):
             raise UserError(f"{path}:{lineno}: the caption column holds base64 image data; "
                             "a test split has no captions to score against")
-        refs.setdefault(cols[0].strip(), []).append(caption)
+        refs.setdefault(normalize_id(cols[0]), []).append(caption)
     if not refs:
         raise UserError(f"{path}: no references")
     return refs
@@ -158,19 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _main(argv=None) -> int:
+def main(argv=None) -> int:
     args = parse_args(argv)
     scores = evaluate_files(args.results, args.refs, mode=args.mode, fields=args.fields)
     out = args.json or default_json_path(args.results)
     record = {**scores, "results": str(args.results), "refs": str(args.refs)}
-    with atomic_write(out) as handle:
-        json.dump(record, handle, ensure_ascii=False, indent=2)
-        handle.write("\n")
+    write_json(out, record)
     print(format_table(scores))
     print(f"scores written to {out}")
     return 0
 
-
-def main(argv=None) -> int:
-    """Console entry point: one-line errors and a non-zero exit instead of tracebacks."""
-    return run_cli(_main, argv)

@@ -78,3 +78,13 @@ def field_accuracy(predictions: Mapping[str, str], references: Mapping[str, str]
         "n": len(references),
         "n_parsed_refs": n_refs,
     }
+
+
+def field_scores(predictions: Mapping[str, str], references: Mapping[str, list[str]]) -> dict:
+    """`field_accuracy` as flat `acc_<field>` scores against each id's first reference, for logs;
+    nothing where the references do not follow the synthetic grammar."""
+    try:
+        fields = field_accuracy(predictions, {key: refs[0] for key, refs in references.items()})
+    except ValueError:
+        return {}
+    return {f"acc_{key}": value for key, value in fields.items() if isinstance(value, float)}

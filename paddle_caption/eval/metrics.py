@@ -22,12 +22,12 @@ like PTBTokenizer, punctuation tokens are dropped. `mode="char"` scores characte
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import unicodedata
 from collections import Counter
 from typing import Mapping, Sequence
+
+from ..text import jieba_cut
 
 Tokens = Sequence[str]
 
@@ -45,16 +45,6 @@ MODES = ("jieba", "char")
 # Tokenisation
 
 
-@functools.lru_cache(maxsize=1)
-def _jieba():
-    """Import and initialise jieba once; it logs its dictionary loading to stderr unless told not to."""
-    import jieba
-
-    jieba.setLogLevel(logging.WARNING)
-    jieba.initialize()
-    return jieba
-
-
 def is_punctuation(token: str) -> bool:
     """True for a token made only of punctuation (Unicode category P*: 。，、：；！？,.:;!?“”（）…—)."""
     return bool(token) and all(unicodedata.category(ch).startswith("P") for ch in token)
@@ -67,7 +57,7 @@ def tokenize(text: str, mode: str = "jieba", drop_punct: bool = True) -> list[st
     PTBTokenizer drops punctuation before coco-caption scores English.
     """
     if mode == "jieba":
-        pieces = _jieba().lcut(text, cut_all=False)
+        pieces = jieba_cut(text)
     elif mode == "char":
         pieces = list(text)
     else:

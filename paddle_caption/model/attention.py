@@ -17,11 +17,10 @@ The backward uses the row identity Σ_k p·dP = dO·O (as FlashAttention does), 
 from __future__ import annotations
 
 import numpy as np
+import paddle
 
-from ..runtime import import_paddle
 from .numpy_bridge import as_numpy, from_numpy, numpy_capable
 
-paddle = import_paddle()
 F = paddle.nn.functional
 
 

@@ -9,7 +9,8 @@ import json
 import os
 from pathlib import Path
 
-from ..runtime import UserError, atomic_write, import_paddle
+from ..files import atomic_write
+from ..runtime import UserError
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -117,19 +118,46 @@ def _load_file(path: Path, allow_pickle: bool) -> dict:
                 "convert it to safetensors, or pass allow_pickle=True (--allow_pickle) if you trust it")
         if suffix not in (".pdparams", ".pdopt"):
             raise UserError(f"{path}: unsupported pickle format {suffix!r} (only Paddle .pdparams)")
-        paddle = import_paddle()
+        import paddle
+
         return paddle.load(str(path))
     raise UserError(f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors)")
 
 
-def check_state_compatible(own: dict, state: dict, source: str) -> None:
-    """Refuse a checkpoint of another architecture, naming the first mismatching key."""
-    for key in sorted(own):
-        if key not in state:
-            raise UserError(f"{source}: missing key {key!r} (checkpoint of a different architecture?)")
-        expected, got = list(own[key].shape), list(state[key].shape)
-        if expected != got:
-            raise UserError(f"{source}: key {key!r} has shape {got}, the model expects {expected}")
-    extra = sorted(set(state) - set(own))
+ARCHITECTURE_HINT = "checkpoint of a different architecture?"
+
+
+def check_state(expected: dict, given: dict, source: str, *, subset: bool = False,
+                hint: str = ARCHITECTURE_HINT) -> None:
+    """Refuse `given` tensors that do not fit `expected` ({name: tensor}), naming the first bad key.
+
+    Every given key must be expected, with the same shape; unless `subset`, every expected key
+    must be given too. `hint` says what a mismatch usually means.
+    """
+    if not subset:
+        missing = sorted(set(expected) - set(given))
+        if missing:
+            raise UserError(f"{source}: missing key {missing[0]!r} ({hint})")
+    extra = sorted(set(given) - set(expected))
     if extra:
-        raise UserError(f"{source}: unexpected key {extra[0]!r} (checkpoint of a different architecture?)")
+        raise UserError(f"{source}: unexpected key {extra[0]!r} ({hint})")
+    for key in sorted(given):
+        want, got = list(expected[key].shape), list(given[key].shape)
+        if want != got:
+            raise UserError(f"{source}: key {key!r} has shape {got}, expected {want}")
+
+
+def assign_state(targets: dict, given: dict, source: str, *, subset: bool = False,
+                 hint: str = ARCHITECTURE_HINT) -> int:
+    """Check `given` against `targets` ({name: parameter}) as `check_state` does, then copy each
+    given tensor into its target, cast to the target's dtype. Returns the number assigned."""
+    import numpy as np
+    import paddle
+
+    check_state(targets, given, source, subset=subset, hint=hint)
+    for key, value in given.items():
+        target = targets[key]
+        if not isinstance(value, paddle.Tensor):
+            value = paddle.to_tensor(np.asarray(value))
+        target.set_value(value.astype(target.dtype))
+    return len(given)

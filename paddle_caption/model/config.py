@@ -6,13 +6,14 @@ Qwen-VL / Mgen-VL `config.json` loads unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import read_json_object, write_json
 from ..runtime import UserError
 
 CONFIG_NAMES = ("config.json", "model_config.json")  # ours/PaddleNLP's, PaddleMIX's
+IGNORE_INDEX = -100  # the label of a position the loss skips (the prompt context, padding)
 
 # Keys that upstream config files carry but that do not change the function computed here
 # (runtime switches, provenance, fused-kernel flags). They are accepted and dropped; any other
@@ -138,23 +139,11 @@ class MgenVLConfig:
                     break
             else:
                 raise UserError(f"{path}: no {' or '.join(CONFIG_NAMES)} in this model directory")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: model config not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: a model config must be a JSON object")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json_object(path, "model config"), str(path))
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        from ..runtime import atomic_write
-
         target = Path(directory) / "config.json"
-        with atomic_write(target) as handle:
-            json.dump(self.to_dict(), handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+        write_json(target, self.to_dict())
         return target
 
 

@@ -8,15 +8,10 @@ Logits processing runs in NumPy on the last position only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-
-from ..runtime import import_paddle
-
-paddle = import_paddle()
-
-IM_END_ID, ENDOFTEXT_ID = 151645, 151643
+import paddle
 
 
 @dataclass
@@ -29,9 +24,16 @@ class GenerationConfig:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
-    stop_ids: tuple = (IM_END_ID, ENDOFTEXT_ID)
-    pad_id: int = ENDOFTEXT_ID
+    # Ids that end a row (() = none: run to max_new_tokens), and the id left padding uses. None
+    # means "the tokenizer's" (`tokenizer.stop_ids`, `tokenizer.pad_id`): `with_tokenizer` fills them.
+    stop_ids: tuple | None = None
+    pad_id: int | None = None
     seed: int = 0
+
+    def with_tokenizer(self, tokenizer) -> "GenerationConfig":
+        """This config with the tokenizer's stop and pad ids where none are set."""
+        return replace(self, stop_ids=tuple(tokenizer.stop_ids) if self.stop_ids is None else self.stop_ids,
+                       pad_id=tokenizer.pad_id if self.pad_id is None else self.pad_id)
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -120,6 +122,8 @@ def generate(model, prompts: list[list[int]], images=None, config: GenerationCon
     """
     cfg = config or GenerationConfig()
     cfg.validate()
+    if cfg.stop_ids is None or cfg.pad_id is None:
+        raise ValueError("GenerationConfig needs stop_ids and pad_id: use config.with_tokenizer(tokenizer)")
     was_training = model.training
     model.eval()
     try:

@@ -13,11 +13,10 @@ Tensors cross between Paddle and numpy without copying (`numpy_bridge.py`). Infe
 from __future__ import annotations
 
 import numpy as np
+import paddle
 
-from ..runtime import import_paddle
 from .numpy_bridge import as_numpy, from_numpy, numpy_capable
 
-paddle = import_paddle()
 F = paddle.nn.functional
 
 

@@ -12,18 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import paddle
 
-from ..runtime import import_paddle
-from .config import MgenVLConfig
+from .config import IGNORE_INDEX, MgenVLConfig
 from .head import cross_entropy, linear_cross_entropy, project
 from .qwen import QWenModel
 from .visual import VisionTower
 
-paddle = import_paddle()
 nn = paddle.nn
 F = paddle.nn.functional
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -91,15 +88,9 @@ class MgenVLForCausalLM(nn.Layer):
 
     def load_weights(self, state: dict, source: str = "checkpoint"):
         """Strict by-name load: every key present, no extra key, every shape equal."""
-        from .checkpoint import check_state_compatible
+        from .checkpoint import assign_state
 
-        own = self.state_dict()
-        check_state_compatible(own, state, source)
-        for key, target in own.items():
-            value = state[key]
-            if not isinstance(value, paddle.Tensor):
-                value = paddle.to_tensor(np.asarray(value))
-            target.set_value(value.astype(target.dtype))
+        assign_state(self.state_dict(), state, source)
 
     # ---- the image-text interaction ------------------------------------------------------------
     def image_span_rows(self, input_ids_np: np.ndarray) -> np.ndarray:

@@ -8,11 +8,7 @@ the 39 MB [hidden x vocab] head weight on every call, which cost as much as the 
 from __future__ import annotations
 
 import numpy as np
-
-from ..runtime import import_paddle
-
-paddle = import_paddle()
-
+import paddle
 
 def numpy_capable(*tensors) -> bool:
     """True when every tensor is float32 on the CPU: the numpy kernels serve exactly that case."""

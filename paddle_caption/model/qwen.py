@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..runtime import import_paddle
+import paddle
+
 from .attention import attention, rotary
 from .config import MgenVLConfig
 
-paddle = import_paddle()
 nn = paddle.nn
 F = paddle.nn.functional
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import paddle
 
-from ..runtime import UserError, import_paddle
+from ..runtime import UserError
 from .attention import attention
 from .config import VisualConfig
 
-paddle = import_paddle()
 nn = paddle.nn
 F = paddle.nn.functional
 

@@ -7,8 +7,9 @@ output_dir; `--resume` additionally insists that there is one.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from ..runtime import UserError, run_cli
+from ..runtime import UserError
 
 USAGE = "usage: supervised_finetune.py CONFIG.json [--key value ...] [--resume]"
 
@@ -25,18 +26,11 @@ def main(argv=None) -> int:
     from .config import TrainConfig
 
     cfg = TrainConfig.load(config_path, rest)
-    from ..runtime import configure_environment
+    from .checkpoints import latest_checkpoint
 
-    configure_environment(cfg.num_threads or None)  # before numpy/paddle load their thread pools
-    from .trainer import FINAL_DIR, Trainer, list_checkpoints
-    from pathlib import Path
+    if require_resume and latest_checkpoint(Path(cfg.output_dir)) is None:
+        raise UserError(f"--resume: no complete checkpoint in {cfg.output_dir}")
+    from .trainer import Trainer
 
-    out = Path(cfg.output_dir)
-    if require_resume and not (list_checkpoints(out) or (out / FINAL_DIR).is_dir()):
-        raise UserError(f"--resume: no complete checkpoint in {out}")
     Trainer(cfg).train()
     return 0
-
-
-def entry() -> None:
-    sys.exit(run_cli(main))

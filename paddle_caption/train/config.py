@@ -1,20 +1,20 @@
 """TrainConfig: one JSON file fully describes a training run; `--key value` overrides any field.
 
-Unknown keys and wrong types are one-line errors raised before anything heavy is imported.
-Relative paths in a config file are resolved against the current directory first, then the
-repository root (so `config/...` works from anywhere inside the checkout).
+Unknown keys and wrong types are one-line errors raised before anything heavy is imported
+(`typed_config`). Paths in a config are taken as given (relative to the working directory) and,
+where nothing exists there, among the kit's packaged files (`resources`): `config/model/tiny.json`
+works from any directory, installed or not.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import resources
+from ..files import read_json_object
 from ..runtime import UserError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..typed_config import field_types, from_mapping, parse_overrides
 
 
 @dataclass
@@ -81,6 +81,9 @@ class TrainConfig:
     eval_caption_samples: int = 32
     eval_max_new_tokens: int = 64
     eval_batch_size: int = 16
+    # Scores computed on the evaluation captions besides CIDEr-D/BLEU/ROUGE-L, by name (see
+    # paddle_caption/eval/scorers.py), e.g. ["synthetic_fields"] for the demo's synthetic world.
+    eval_extra_scores: list = field(default_factory=list)
     logging_steps: int = 10
     save_steps: int = 0  # 0 = only at the end
     save_minutes: float = 0.0
@@ -110,6 +113,12 @@ class TrainConfig:
             raise UserError("config: set max_steps, num_train_epochs or max_train_minutes")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("config: warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        from ..eval.scorers import EXTRA_SCORERS
+
+        for name in self.eval_extra_scores:
+            if name not in EXTRA_SCORERS:
+                raise UserError(f"config: eval_extra_scores: unknown scorer {name!r} "
+                                f"(known: {', '.join(EXTRA_SCORERS)})")
         for item in self.lr_scale:
             if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
                     or isinstance(item[1], bool) or not isinstance(item[1], (int, float)) or item[1] < 0):
@@ -122,106 +131,17 @@ class TrainConfig:
     # ---- loading ----------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "TrainConfig":
-        hints = typing.get_type_hints(cls)
-        values = {}
-        for key, value in data.items():
-            if key.startswith("_"):  # "_comment" keys document a config file
-                continue
-            if key not in hints:
-                raise UserError(f"{source}: unknown key {key!r}")
-            values[key] = _check_type(key, value, hints[key], source)
-        return cls(**values)
+        return from_mapping(cls, data, source)
 
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> "TrainConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: a config must be a JSON object")
-        data.update(parse_overrides(overrides or [], typing.get_type_hints(cls)))
+        """A config file (as given, else among the packaged configs) plus `--key value` overrides."""
+        path = resources.find_file(path, "config file")
+        data = read_json_object(path, "config")
+        data.update(parse_overrides(overrides or [], field_types(cls)))
         return cls.from_dict(data, str(path)).validate()
 
 
-def parse_overrides(args: list[str], hints: dict) -> dict:
-    """`--key value` pairs -> {key: typed value}. Lists take a JSON array; bools true/false."""
-    out, i = {}, 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise UserError(f"override {arg!r}: expected --key value")
-        key, _, inline = arg[2:].partition("=")
-        if key not in hints:
-            raise UserError(f"override --{key}: unknown key")
-        if inline:
-            raw = inline
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            raw = args[i + 1]
-            i += 2
-        elif _base_type(hints[key]) is bool:  # a bare flag means true
-            raw = "true"
-            i += 1
-        else:
-            raise UserError(f"override --{key}: missing value")
-        out[key] = _parse_value(key, raw, hints[key])
-    return out
-
-
-def _base_type(hint):
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
-        return args[0]
-    return typing.get_origin(hint) or hint
-
-
-def _parse_value(key: str, raw: str, hint):
-    base = _base_type(hint)
-    try:
-        if raw.lower() in ("none", "null") and type(None) in typing.get_args(hint):
-            return None
-        if base is bool:
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return raw.lower() in ("true", "1")
-        if base in (int, float):
-            return base(raw)
-        if base is list:
-            value = json.loads(raw)
-            if not isinstance(value, list):
-                raise ValueError
-            return value
-        return raw
-    except ValueError:
-        raise UserError(f"override --{key}: {raw!r} is not a valid {base.__name__}") from None
-
-
-def _check_type(key: str, value, hint, source: str):
-    base = _base_type(hint)
-    optional = type(None) in typing.get_args(hint)
-    if value is None and optional:
-        return None
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if base is bool and not isinstance(value, bool):
-        raise UserError(f"{source}: key {key!r} must be true/false, not {value!r}")
-    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{source}: key {key!r} must be an integer, not {value!r}")
-    if not isinstance(value, base):
-        raise UserError(f"{source}: key {key!r} must be {base.__name__}, not {type(value).__name__} {value!r}")
-    return value
-
-
 def resolve_path(path: str | None) -> Path | None:
-    """A config path: as given if it exists, else relative to the repository root."""
-    if not path:
-        return None
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    candidate = REPO_ROOT / p
-    return candidate if candidate.exists() else p
+    """A path named in a config: as given if it exists, else among the packaged files."""
+    return resources.resolve(path)

@@ -11,10 +11,10 @@ paddlenlp is imported lazily: only LoRA runs and merges pay for its import time.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..runtime import UserError, atomic_write
+from ..files import atomic_write
+from ..runtime import UserError, quiet_environment
 
 CONFIG_NAME = "lora_config.json"
 WEIGHTS_NAME = "peft_model.safetensors"
@@ -23,7 +23,7 @@ PICKLE_NAME = "lora_model_state.pdparams"
 
 
 def _quiet_peft():
-    os.environ.setdefault("PPNLP_HOME", str(Path.home() / ".paddlenlp"))
+    quiet_environment()
     from paddlenlp.peft import LoRAConfig, LoRAModel
     from paddlenlp.utils.log import logger
 
@@ -112,17 +112,9 @@ def load_lora_weights(wrapped, directory: Path, allow_pickle: bool = False) -> N
 
 
 def _assign(wrapped, state: dict, source) -> None:
-    own = lora_state(wrapped)
-    for key, param in own.items():
-        if key not in state:
-            raise UserError(f"{source}: adapter key {key!r} missing (different LoRA targets or rank?)")
-        if list(state[key].shape) != list(param.shape):
-            raise UserError(f"{source}: adapter key {key!r} has shape {list(state[key].shape)}, "
-                            f"expected {list(param.shape)}")
-        param.set_value(state[key].astype(param.dtype))
-    extra = sorted(set(state) - set(own))
-    if extra:
-        raise UserError(f"{source}: unexpected adapter key {extra[0]!r} (different LoRA targets?)")
+    from ..model.checkpoint import assign_state
+
+    assign_state(lora_state(wrapped), state, str(source), hint="different LoRA targets or rank?")
 
 
 def merge_lora(model, directory: Path, allow_pickle: bool = False) -> tuple[dict, int]:

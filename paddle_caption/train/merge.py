@@ -16,11 +16,12 @@ renamed, so a killed merge never leaves a directory that looks complete.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-from ..runtime import UserError
+from ..files import read_json_object, write_json
+from ..runtime import UserError, configure
+from .config import resolve_path
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -44,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint dir as given, or the best one inside a run's output_dir."""
-    from .trainer import FINAL_DIR, STATE_FILE, list_checkpoints
+    from .checkpoints import FINAL_DIR, STATE_FILE, list_checkpoints
 
     path = Path(path)
     if not path.exists():
@@ -63,34 +64,21 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: invalid JSON ({err})") from None
+    return read_json_object(path, "file") if path.is_file() else None
 
 
 def build_base(base: str, ckpt: Path, allow_pickle: bool):
     """The model the run started from; returns (model, base_dir or None)."""
-    from ..model.config import MgenVLConfig
-    from ..model.mgen_vl import MgenVLForCausalLM
-    from ..runtime import import_paddle
-    from .config import resolve_path
+    from .model_init import initial_model
 
-    paddle = import_paddle()
     path = resolve_path(base)
-    if path is None or not path.exists():
-        raise UserError(f"--model_name_or_path {base}: no such model directory or config file")
-    if path.is_dir():
-        return MgenVLForCausalLM.from_pretrained(path, allow_pickle=allow_pickle), path
+    if path is not None and path.is_dir():
+        return initial_model(str(path), None, 0, allow_pickle)
     train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json")
     if not train_config or "init_seed" not in train_config:
         raise UserError(f"{ckpt}: no train_config.json with init_seed, so the from-scratch initial "
-                        f"weights of {path} cannot be rebuilt; pass a model directory instead")
-    config = MgenVLConfig.from_pretrained(path)
-    paddle.seed(int(train_config["init_seed"]))  # the trainer's own initialisation, bit for bit
-    return MgenVLForCausalLM(config), None
+                        f"weights of {base} cannot be rebuilt; pass a model directory instead")
+    return initial_model(None, base, int(train_config["init_seed"]))  # the trainer's init, bit for bit
 
 
 def check_same_architecture(model, ckpt: Path) -> None:
@@ -108,25 +96,14 @@ def check_same_architecture(model, ckpt: Path) -> None:
 
 
 def replace_local_params(model, ckpt: Path) -> int:
-    from ..model.checkpoint import load_safetensors
-    from .trainer import LOCAL_PARAMS
+    from ..model.checkpoint import assign_state, load_safetensors
+    from .checkpoints import LOCAL_PARAMS
 
     weights = ckpt / LOCAL_PARAMS
     if not weights.is_file():
         hint = " (this is a LoRA checkpoint: use --lora_path)" if (ckpt / "lora").is_dir() else ""
         raise UserError(f"{ckpt}: no {LOCAL_PARAMS}{hint}")
-    local = load_safetensors(weights)
-    own = model.state_dict()
-    for key in sorted(local):
-        if key not in own:
-            raise UserError(f"{weights}: key {key!r} is not a parameter of the base model "
-                            "(checkpoint of a different architecture?)")
-        if list(local[key].shape) != list(own[key].shape):
-            raise UserError(f"{weights}: key {key!r} has shape {list(local[key].shape)}, the base "
-                            f"model has {list(own[key].shape)}")
-    for key, value in local.items():
-        own[key].set_value(value.astype(own[key].dtype))
-    return len(local)
+    return assign_state(model.state_dict(), load_safetensors(weights), str(weights), subset=True)
 
 
 def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | None = None,
@@ -167,7 +144,7 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
     step = (_read_json(ckpt / "trainer_state.json") or {}).get("step")
     info = {"base": str(base), "checkpoint": str(ckpt), "mode": mode, "step": step,
             "tensors_written": len(state), ("layers_adapted" if mode == "lora" else "params_replaced"): replaced}
-    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_json(tmp / MERGE_INFO, info)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
@@ -178,9 +155,7 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ..runtime import configure_environment
-
-    configure_environment()
+    configure()
     merge(args.model_name_or_path, Path(args.merge_model_path), local_path=args.local_path,
           lora_path=args.lora_path, allow_pickle=args.allow_pickle,
           max_shard_bytes=int(args.max_shard_gb * (1 << 30)))

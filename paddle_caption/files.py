@@ -1,0 +1,75 @@
+"""Writing files so that a killed process never leaves a half-written file under its final name."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    kwargs = {} if "b" in mode else {"encoding": encoding}
+    try:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Pretty, UTF-8 JSON with a final newline, written atomically."""
+    with atomic_write(path) as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> None:
+    """Delete temp files that `atomic_write(path)` left behind when a process was SIGKILLed."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?[])", r"[\1]", name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from `path`, or a one-line UserError naming the file and what is wrong."""
+    from .runtime import UserError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: {what} is a directory, not a file") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read {what}: {err.strerror or err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: {what} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} must be a JSON object")
+    return data

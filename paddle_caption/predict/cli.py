@@ -1,0 +1,70 @@
+"""`python predict_batch.py TEST.tsv RESULTS.txt MODEL_DIR [options]`: caption a test TSV for submission.
+
+TEST.tsv rows are `id \\t base64-image` (a third caption column is ignored). RESULTS.txt gets one
+`id \\t caption` line per input id, in input order; unusable rows get an empty caption and a line in
+RESULTS.txt.rejects. The prompt is the one the model was trained with (MODEL_DIR/prompt.json), unless
+`--prompt_file`/`--system_file` replace a part. `--resume` keeps the results of an interrupted run.
+
+Several GPUs/processes: under `python -m paddle.distributed.launch --gpus 0,1,2,3 predict_batch.py
+TEST.tsv RESULTS.txt MODEL_DIR`, or with `--rank R --world_size W` on each of W processes, each rank
+captions every W-th row and rank 0 merges one ordered RESULTS.txt (see paddle_caption/predict/shards.py).
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..runtime import UserError, configure
+from .run import PredictOptions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="predict_batch.py", description=__doc__.split("\n\n")[0].strip("`"))
+    p.add_argument("test_tsv", help="id<TAB>base64 rows (a third column is ignored)")
+    p.add_argument("results", help="output: id<TAB>caption per input id, in input order")
+    p.add_argument("model_dir", help="config.json + model.safetensors [+ prompt.json, qwen.tiktoken]")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--num_beams", type=int, default=1)
+    p.add_argument("--do_sample", action="store_true")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch k uses seed + k)")
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--length_penalty", type=float, default=1.0, help="beam search only")
+    p.add_argument("--prompt_file", help="instruction text (default: MODEL_DIR/prompt.json's)")
+    p.add_argument("--system_file", help="system message text (default: MODEL_DIR/prompt.json's)")
+    p.add_argument("--resume", action="store_true", help="keep the results of an interrupted run")
+    p.add_argument("--rank", type=int, help="this process's shard (default: PADDLE_TRAINER_ID or 0)")
+    p.add_argument("--world_size", type=int, help="number of shards (default: PADDLE_TRAINERS_NUM or 1)")
+    p.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--min_side", type=int, default=PredictOptions.min_side,
+                   help="reject images with a side below this (0: no limit)")
+    p.add_argument("--merge_timeout", type=float, default=PredictOptions.merge_timeout,
+                   help="rank 0: seconds to wait for the other shards")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    configure(args.num_threads)
+    from ..model.generation import GenerationConfig
+    from .run import format_summary, predict_file
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                           num_beams=args.num_beams, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                           length_penalty=args.length_penalty, seed=args.seed)
+    try:
+        gen.validate()  # before the model loads
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    opts = PredictOptions(batch_size=args.batch_size, generation=gen, prompt_file=args.prompt_file,
+                          system_file=args.system_file, resume=args.resume, rank=args.rank,
+                          world_size=args.world_size, limit=args.limit, min_side=args.min_side,
+                          merge_timeout=args.merge_timeout, progress=not args.no_progress)
+    summary = predict_file(args.test_tsv, args.results, args.model_dir, opts)
+    print(format_summary(summary))
+    return 0

@@ -1,0 +1,102 @@
+"""The Predictor: one loaded model, its tokenizer and training prompt, captioning batches of images.
+
+Every caption the kit writes goes through it: `predict_batch.py`, evaluation during training, the
+demo and the caption service. Images are preprocessed float32 arrays [3, S, S] (`preprocess`);
+each image gets the model's single-image training prompt unless per-image prompt ids are given.
+A batch is encoded once, in the prefill of `model.generation.generate` (left padding, KV cache,
+finished rows leave the batch), so greedy output does not depend on the batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..data.images import preprocess_image
+from ..data.prompts import PromptTemplate, load_template
+from ..data.samples import build_prompt_ids
+from ..runtime import UserError
+
+# Characters that some reader would take as a column or line break inside a caption.
+_BREAKS = re.compile(r"[\t\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+")
+
+
+def clean_caption(text: str) -> str:
+    """One submission field: no tab or line break inside, no surrounding whitespace."""
+    return _BREAKS.sub(" ", text).strip()
+
+
+class Predictor:
+    def __init__(self, model, tokenizer, template: PromptTemplate, gen_config=None,
+                 source: str = "in-memory model"):
+        from ..model.generation import GenerationConfig
+
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.gen_config = self.complete(gen_config or GenerationConfig())
+        self.prompt_ids = build_prompt_ids(tokenizer, template)
+        self.image_size = int(model.config.visual.image_size)
+        self.source = source  # what the model is, for the resume/merge fingerprint
+
+    def complete(self, config):
+        """`config` with this tokenizer's stop and pad ids filled in where unset, validated."""
+        config = config.with_tokenizer(self.tokenizer)
+        try:
+            config.validate()
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        return config
+
+    def preprocess(self, img) -> np.ndarray:
+        return preprocess_image(img, self.image_size)
+
+    def generate_ids(self, images: list[np.ndarray], prompts: list[list[int]] | None = None,
+                     config=None) -> list[list[int]]:
+        """New token ids per image (stop id excluded); the images are encoded once, as one batch."""
+        import paddle
+
+        from ..model.generation import generate
+
+        if not images:
+            return []
+        prompts = [self.prompt_ids] * len(images) if prompts is None else prompts
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        dtype = next(iter(self.model.parameters())).dtype
+        pixels = paddle.to_tensor(np.stack(images)).astype(dtype)
+        config = self.gen_config if config is None else self.complete(config)
+        return generate(self.model, [list(p) for p in prompts], pixels, config)
+
+    def decode(self, ids: list[int]) -> str:
+        return clean_caption(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def caption_batch(self, images: list[np.ndarray], prompts: list[list[int]] | None = None,
+                      config=None) -> list[str]:
+        return [self.decode(ids) for ids in self.generate_ids(images, prompts, config)]
+
+
+def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: str | None = None,
+                   system_file: str | None = None) -> Predictor:
+    """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor."""
+    from ..model.mgen_vl import MgenVLForCausalLM
+    from ..tokenizer import QWenVLTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"model directory not found: {model_dir}")
+    template = load_template(model_dir, prompt_file, system_file)  # prompt errors before the slow load
+    try:
+        model = MgenVLForCausalLM.from_pretrained(model_dir)
+        tokenizer = QWenVLTokenizer.for_model(model.config, model_dir)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model {model_dir}: {err}") from None
+    return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir))
+
+
+def model_dir_signature(model_dir: Path) -> str:
+    """Path + size and mtime of every file in the model directory: changes when the model does."""
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return json.dumps([str(model_dir.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                                                   for p in files])
