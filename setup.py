@@ -14,7 +14,13 @@ setup(
     version="0.1.0",
     description="PaddlePaddle-native Qwen-VL (Mgen-VL) ad-image captioning kit",
     packages=find_packages(include=["paddle_caption", "paddle_caption.*"]),
-    python_requires=">=3.9",
+    # The kit's own prompts, model architectures and run configs travel with the package, so an
+    # installed kit finds them from any directory (paddle_caption/resources.py).
+    package_data={"paddle_caption": ["config/*.json", "config/*/*.json", "config/prompts/*.txt"]},
+    include_package_data=False,
+    # 3.10: PEP 604 unions (`str | None`) in dataclass fields are evaluated at run time, and
+    # matplotlib 3.10 requires it.
+    python_requires=">=3.10",
     install_requires=requirements,
     entry_points={
         "console_scripts": [

@@ -1,17 +1,15 @@
 import base64
-import importlib
 import io
-import sys
-import time
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from paddle_caption.data.dataset import (
-    CaptionDataset, Collator, LengthGroupedBatchSampler, collate_batch, make_dataloader,
+    CaptionDataset, Collator, LengthGroupedBatchSampler, RankBatchSampler, collate_batch, make_dataloader,
 )
+from paddle_caption.data.records import load_records
 from paddle_caption.data.images import CLIP_MEAN, CLIP_STD
 from paddle_caption.data.prompts import PromptTemplate
 from paddle_caption.data.samples import build_sample
@@ -30,45 +28,25 @@ CAPTIONS = [
 ]
 
 
-def _read_row_image(record):
-    """The test's own reader for its TSV layout (id, caption, base64 image)."""
-    with open(record["tsv"], "rb") as handle:
-        handle.seek(record["offset"])
-        row = handle.read(record["length"])
-    return base64.b64decode(row.split(b"\t")[2])
+SIZES = [(40 + 7 * i, 36 + 3 * i) for i in range(16)]
 
 
-@pytest.fixture(autouse=True)
-def image_reader(monkeypatch):
-    """Route the dataset's `records.read_image_bytes` call to this test's TSV reader.
+def write_records(tmp_path, n=len(CAPTIONS)):
+    """Real contest rows (`id \\t base64 \\t caption`, one with CRLF) through the real converter."""
+    from paddle_caption.data.convert import RunOptions, convert
 
-    The TSV layout belongs to the converter (`paddle_caption.data.records`); these tests only
-    need the dataset to go through that function. Workers are forked, so the patch reaches them.
-    """
-    try:
-        module = importlib.import_module("paddle_caption.data.records")
-    except ModuleNotFoundError:
-        module = types.ModuleType("paddle_caption.data.records")
-        monkeypatch.setitem(sys.modules, module.__name__, module)
-        monkeypatch.setattr(sys.modules["paddle_caption.data"], "records", module, raising=False)
-    monkeypatch.setattr(module, "read_image_bytes", _read_row_image, raising=False)
-
-
-def write_records(tmp_path, n=len(CAPTIONS), broken=()):
+    lines = []
+    for i in range(n):
+        buffer = io.BytesIO()
+        Image.new("RGB", SIZES[i], COLOURS[i % len(COLOURS)]).save(buffer, format="PNG")
+        lines.append(f"ad_{i:03d}\t".encode() + base64.b64encode(buffer.getvalue())
+                     + f"\t{CAPTIONS[i % len(CAPTIONS)]}".encode() + (b"\r\n" if i == 1 else b"\n"))
     tsv = tmp_path / "images.tsv"
-    records, offset = [], 0
-    with open(tsv, "wb") as handle:
-        for i in range(n):
-            colour = COLOURS[i % len(COLOURS)]
-            buffer = io.BytesIO()
-            Image.new("RGB", (40 + 7 * i, 30 + 3 * i), colour).save(buffer, format="PNG")
-            if i in broken:
-                buffer = io.BytesIO(b"not an image")
-            row = f"ad_{i:03d}\t{CAPTIONS[i % len(CAPTIONS)]}\t".encode() + base64.b64encode(buffer.getvalue())
-            handle.write(row + b"\n")
-            records.append({"id": f"ad_{i:03d}", "caption": CAPTIONS[i % len(CAPTIONS)], "tsv": str(tsv),
-                            "offset": offset, "length": len(row), "width": 40 + 7 * i, "height": 30 + 3 * i})
-            offset += len(row) + 1
+    tsv.write_bytes(b"".join(lines))
+    convert(tsv, tmp_path / "converted", opts=RunOptions(workers=1, progress=False))
+    records = load_records(tmp_path / "converted" / "records.jsonl")
+    assert [r["id"] for r in records] == [f"ad_{i:03d}" for i in range(n)]
+    assert [(r["width"], r["height"]) for r in records] == SIZES[:n]
     return records
 
 
@@ -125,11 +103,24 @@ def test_collated_batch(dataset, tok):
     assert collate_batch(items[:1], 7)["input_ids"].shape == (1, lengths[0])
 
 
-def test_bad_image_names_the_record(tmp_path, tok, template):
-    dataset = CaptionDataset(write_records(tmp_path, broken={1}), tok, template, IMAGE_SIZE, MAX_LENGTH)
+def test_a_changed_tsv_names_the_record(tmp_path, tok, template):
+    records = write_records(tmp_path)
+    dataset = CaptionDataset(records, tok, template, IMAGE_SIZE, MAX_LENGTH)
+    tsv = Path(records[0]["tsv"])
+    data = bytearray(tsv.read_bytes())
+    # The image payload of row 1 replaced by base64 of the same length that is no image.
+    start = records[1]["offset"] + len("ad_001\t")
+    end = data.index(b"\t", start)
+    data[start:end] = base64.b64encode(b"x" * ((end - start) // 4 * 3))[: end - start]
+    # Row 2's id changed in place: the record no longer matches its row.
+    at = records[2]["offset"]
+    data[at:at + 6] = b"zz_002"
+    tsv.write_bytes(bytes(data))
     dataset[0]
     with pytest.raises(ValueError, match="record ad_001 .*undecodable_image"):
         dataset[1]
+    with pytest.raises(ValueError, match="record ad_002 .*is not record 'ad_002'"):
+        dataset[2]
 
 
 def test_max_length_too_small(tmp_path, tok, template):
@@ -174,12 +165,22 @@ def _run_epochs(loader):
     return out
 
 
+def test_rank_samplers_split_an_epoch_evenly():
+    lengths = np.arange(23)
+    base = LengthGroupedBatchSampler(lengths, batch_size=2, seed=1)  # 12 batches, the last one short
+    shares = [RankBatchSampler(base, rank, 3) for rank in range(3)]
+    epochs = [s.epoch_batches(2) for s in shares]
+    assert [len(e) for e in epochs] == [4, 4, 4] and all(s.batches_per_epoch == 4 for s in shares)
+    assert [b for rank_batches in zip(*epochs) for b in rank_batches] == base.epoch_batches(2)[:12]
+    shares[1].set_epoch(2, skip_batches=3)
+    assert list(shares[1]) == epochs[1][3:] and len(shares[1]) == 1
+    assert RankBatchSampler(base).epoch_batches(0) == base.epoch_batches(0)
+
+
 def test_dataloader_workers_match_single_process(tmp_path, tok, template):
     dataset = CaptionDataset(write_records(tmp_path, n=13), tok, template, IMAGE_SIZE, MAX_LENGTH)
-    start = time.perf_counter()
     single = _run_epochs(make_dataloader(dataset, batch_size=3, shuffle=True, seed=5, num_workers=0))
     multi = _run_epochs(make_dataloader(dataset, batch_size=3, shuffle=True, seed=5, num_workers=2))
-    elapsed = time.perf_counter() - start
     assert [len(e) for e in single] == [5, 3]
     for epoch_single, epoch_multi in zip(single, multi):
         assert len(epoch_single) == len(epoch_multi)
@@ -191,4 +192,3 @@ def test_dataloader_workers_match_single_process(tmp_path, tok, template):
     # The resumed epoch continues exactly where a full epoch 1 would be after 2 batches.
     full = LengthGroupedBatchSampler(dataset.lengths, 3, seed=5).epoch_batches(1)
     assert [b["ids"] for b in single[1]] == [[f"ad_{i:03d}" for i in batch] for batch in full[2:]]
-    print(f"dataloader test: {elapsed:.2f} s")

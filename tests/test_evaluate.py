@@ -1,5 +1,6 @@
 """Field accuracy on hand-made synthetic captions, and the evaluate tool (files, CLI, errors)."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,6 @@ import pytest
 
 from paddle_caption.eval.evaluate import evaluate_files, main, read_references
 from paddle_caption.eval.fields import field_accuracy
-from paddle_caption.eval.metrics import score_captions
 from paddle_caption.runtime import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,36 +85,47 @@ def write(path: Path, lines) -> Path:
     return path
 
 
+A_TEXT = "卡通风格。图片中间是一个红色的圆形，背景是白色。"
+B_TEXT = "水彩风格。图片中间是一个蓝色的菱形，背景是灰色。"
+C_TEXT = "像素风格。图片中间是一个黄色的五角星，背景是黑色。"
+
+
 @pytest.fixture
 def files(tmp_path):
-    results = write(tmp_path / "results.txt", [
-        "a\t卡通风格。图片中间是一个红色的圆形，背景是白色。",
-        "b\t水彩风格。图片中间是一个蓝色的菱形，背景是灰色。",
-        "c\t",  # an empty prediction is allowed
-    ])
-    refs = write(tmp_path / "refs.tsv", [
-        "a\t卡通风格。图片中间是一个红色的圆形，背景是白色。",
-        "b\t水彩风格。图片中间是一个蓝色的菱形，背景是米色。",
-        "b\t水彩风格。图片中间是一个绿色的菱形，背景是灰色。",  # a second reference for b
-        "c\t像素风格。图片中间是一个黄色的五角星，背景是黑色。",
-    ])
+    """a and b predicted exactly, c empty, one reference each."""
+    results = write(tmp_path / "results.txt", [f"a\t{A_TEXT}", f"b\t{B_TEXT}", "c\t"])
+    refs = write(tmp_path / "refs.tsv", [f"a\t{A_TEXT}", f"b\t{B_TEXT}", f"c\t{C_TEXT}"])
     return results, refs
 
 
-def test_evaluate_files_matches_score_captions(files):
+def hand_computed_char_scores() -> dict:
+    """The scores of `files` in character mode, from the metrics' definitions alone.
+
+    CIDEr-D: a candidate equal to its only reference has identical tf-idf vectors (cosine 1 for each
+    n, no length penalty), so 10 each; the empty candidate scores 0. BLEU-4: every candidate n-gram
+    matches (precision 1), and the corpus brevity penalty is exp(1 - r / c) with c the candidate
+    characters and r the reference characters. ROUGE-L: F = 1 for a and b, 0 for c.
+    """
+    chars = [sum(1 for ch in text if ch not in "。，") for text in (A_TEXT, B_TEXT, C_TEXT)]
+    candidate, reference = chars[0] + chars[1], sum(chars)
+    return {"CIDEr-D": 20 / 3, "BLEU-4": math.exp(1 - reference / candidate), "ROUGE-L": 2 / 3}
+
+
+def test_evaluate_files_gives_the_hand_computed_scores(files):
     results, refs = files
-    scores = evaluate_files(results, refs)
-    expected = score_captions(
-        {"a": "卡通风格。图片中间是一个红色的圆形，背景是白色。", "b": "水彩风格。图片中间是一个蓝色的菱形，背景是灰色。",
-         "c": ""},
-        {"a": ["卡通风格。图片中间是一个红色的圆形，背景是白色。"],
-         "b": ["水彩风格。图片中间是一个蓝色的菱形，背景是米色。", "水彩风格。图片中间是一个绿色的菱形，背景是灰色。"],
-         "c": ["像素风格。图片中间是一个黄色的五角星，背景是黑色。"]})
-    assert scores["n"] == 3 and scores["mode"] == "jieba"
-    for key in ("CIDEr-D", "BLEU-1", "BLEU-4", "ROUGE-L"):
-        assert scores[key] == pytest.approx(expected[key], rel=1e-12)
-    # a and b are right (b matches each reference on all but one word), c is empty.
-    assert 0.5 < scores["ROUGE-L"] < 2 / 3
+    scores = evaluate_files(results, refs, mode="char")
+    assert scores["n"] == 3 and scores["mode"] == "char"
+    for key, value in hand_computed_char_scores().items():
+        assert scores[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_several_references_per_id(tmp_path):
+    results = write(tmp_path / "results.txt", [f"a\t{A_TEXT}", f"b\t{B_TEXT}"])
+    refs = write(tmp_path / "refs.tsv", [f"a\t{C_TEXT}", f"a\t{A_TEXT}", f"b\t{B_TEXT}"])
+    assert read_references(refs) == {"a": [C_TEXT, A_TEXT], "b": [B_TEXT]}
+    scores = evaluate_files(results, refs, mode="char")
+    assert scores["ROUGE-L"] == pytest.approx(1.0)  # per image, the best reference counts
+    assert scores["BLEU-4"] == pytest.approx(1.0, rel=1e-6)  # the closest reference length is exact
 
 
 def test_references_accept_three_column_rows(tmp_path):
@@ -128,10 +139,12 @@ def test_cli_writes_json_and_table(files, capsys):
     results, refs = files
     assert main([str(results), str(refs), "--mode", "char"]) == 0
     out = capsys.readouterr().out
-    assert "CIDEr-D" in out and "ROUGE-L" in out and "| 3" in out
+    expected = hand_computed_char_scores()
+    assert f"CIDEr-D | {expected['CIDEr-D']:.4f}" in out and "images  | 3" in out
     saved = json.loads((results.parent / "results.scores.json").read_text(encoding="utf-8"))
-    assert saved["mode"] == "char"
-    assert saved["CIDEr-D"] == pytest.approx(evaluate_files(results, refs, mode="char")["CIDEr-D"])
+    assert saved["mode"] == "char" and saved["results"] == str(results) and saved["refs"] == str(refs)
+    for key, value in expected.items():
+        assert saved[key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_cli_fields_and_explicit_json(tmp_path, capsys):

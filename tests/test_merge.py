@@ -116,10 +116,27 @@ def test_local_merge_equals_trained_model_via_cli(tmp_path, caption_data):
     assert info["step"] == 2 and info["params_replaced"] == len(trainer.named_trainable)
     np.testing.assert_array_equal(logits_of(load_merged(out), trainer), expected)
 
-    # A merged model is itself a base: merging the same checkpoint into it changes nothing, and a
-    # second merge into the same output replaces it.
-    merge(str(out), out, local_path=str(tmp_path / "run" / "final"), log=lambda *_: None)
-    np.testing.assert_array_equal(logits_of(load_merged(out), trainer), expected)
+    # Merging into another base of the same architecture (here: another random initialisation)
+    # takes exactly the checkpoint's trained parameters and keeps that base's others; a second merge
+    # into the same output directory replaces it.
+    import paddle
+
+    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    paddle.seed(123)
+    other = MgenVLForCausalLM(MgenVLConfig.from_pretrained(cfg["model_config"]))
+    other.save_pretrained(tmp_path / "other")
+    other_state = state_of(other)
+    local = {k: v.numpy() for k, v in load_safetensors(tmp_path / "run" / "final" / "local_params.safetensors").items()}
+    assert set(local) == {name for name, _ in trainer.named_trainable}
+    merge(str(tmp_path / "other"), out, local_path=str(tmp_path / "run" / "final"), log=lambda *_: None)
+    merged = state_of(load_merged(out))
+    assert set(merged) == set(other_state) and set(local) < set(merged)
+    for name, value in merged.items():
+        np.testing.assert_array_equal(value, local[name] if name in local else other_state[name], err_msg=name)
+    assert any(not np.array_equal(other_state[name], local[name]) for name in local)
 
 
 def test_merge_refuses_other_architectures_and_foreign_outputs(tmp_path, caption_data):
