@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 # A row longer than this is rejected unread: it bounds the memory one row can take.
@@ -186,14 +185,7 @@ def iter_rows(path: str | os.PathLike, *, test: bool = False, what: str = "file"
     A row longer than `max_row_bytes` comes as RowError("row_too_long") carrying its peeked id.
     The line's `data` is dropped after parsing, so holding the lines costs a few bytes each.
     """
-    from ..runtime import UserError
-
-    path = Path(path)
-    try:
-        handle = open(path, "rb")
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
-    with handle:
+    with _open(path, what) as handle:
         for lineno, line in enumerate(iter_lines(handle, max_row_bytes=max_row_bytes), 1):
             if line.data is None:
                 parsed = RowError("row_too_long", peek_id(handle.fileno(), line), f"{line.length} bytes")
@@ -205,6 +197,15 @@ def iter_rows(path: str | os.PathLike, *, test: bool = False, what: str = "file"
                 except RowError as err:
                     parsed = err
             yield lineno, TsvLine(line.offset, line.length, None), parsed
+
+
+def _open(path: str | os.PathLike, what: str):
+    from ..runtime import UserError
+
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
 
 
 def format_row(row_id: str, image_b64: str | bytes, caption: str | None = None) -> str:
@@ -222,12 +223,7 @@ def iter_text_rows(path: str | os.PathLike, what: str = "file") -> Iterator[tupl
     """
     from ..runtime import UserError
 
-    path = Path(path)
-    try:
-        handle = open(path, "rb")
-    except OSError as err:
-        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
-    with handle:
+    with _open(path, what) as handle:
         for lineno, line in enumerate(iter_lines(handle), 1):
             if line.data is None:
                 raise UserError(f"{path}:{lineno}: line longer than {DEFAULT_MAX_ROW_BYTES} bytes")
