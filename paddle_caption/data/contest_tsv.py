@@ -208,12 +208,6 @@ def _open(path: str | os.PathLike, what: str):
         raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
 
 
-def format_row(row_id: str, image_b64: str | bytes, caption: str | None = None) -> str:
-    """One image row (without its newline)."""
-    payload = image_b64.decode("ascii") if isinstance(image_b64, bytes) else image_b64
-    return "\t".join([row_id, payload] + ([] if caption is None else [caption]))
-
-
 # --------------------------------------------------------------------------------- text rows
 def iter_text_rows(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, list[str]]]:
     """(1-based line number, columns) of every non-blank line of a small UTF-8 text TSV.
