@@ -14,6 +14,8 @@ setup(
     version="0.1.0",
     description="PaddlePaddle-native Qwen-VL (Mgen-VL) ad-image captioning kit",
     packages=find_packages(include=["paddle_caption", "paddle_caption.*"]),
+    # the caption service's web page: served from the installed package, not from a checkout
+    package_data={"paddle_caption.serve": ["static/*"]},
     python_requires=">=3.9",
     install_requires=requirements,
     entry_points={
@@ -26,6 +28,7 @@ setup(
             "paddle-caption-predict=paddle_caption.entry_points:predict",
             "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
             "paddle-caption-demo=paddle_caption.entry_points:demo",
+            "paddle-caption-serve=paddle_caption.entry_points:serve",
         ]
     },
 )

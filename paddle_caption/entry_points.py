@@ -41,3 +41,7 @@ def evaluate() -> None:
 
 def demo() -> None:
     _run("paddle_caption.demo.pipeline")
+
+
+def serve() -> None:
+    _run("paddle_caption.serve.cli")
