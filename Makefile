@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo replicate test test-fast bench clean
+.PHONY: setup demo replicate serve demo-model-exists test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -20,6 +20,14 @@ demo: setup
 
 replicate: setup
 	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
+
+# The caption service on the demo model (http://127.0.0.1:8000/); SERVE_ARGS passes more flags.
+DEMO_MODEL := checkpoints/demo/image/model
+serve: demo-model-exists setup
+	$(PY) -m paddle_caption.serve $(DEMO_MODEL) $(SERVE_ARGS)
+
+demo-model-exists:
+	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model at $(DEMO_MODEL): run 'make demo' first (about 15 minutes)" >&2; exit 2; }
 
 test: setup
 	$(PY) -m pytest -q -ra tests

@@ -3,10 +3,11 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+TEST_ONLY = ("pytest", "httpx", "playwright")  # requirements.txt also pins the test tools
 requirements = [
     line.split("#")[0].strip()
     for line in (here / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith("pytest")
+    if line.split("#")[0].strip() and not line.startswith(TEST_ONLY)
 ]
 
 setup(

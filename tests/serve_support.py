@@ -27,6 +27,7 @@ def make_model_dir(root: Path) -> Path:
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
     from paddle_caption.runtime import import_paddle
 
+    root.mkdir(parents=True, exist_ok=True)
     import_paddle().seed(0)
     MgenVLForCausalLM(MgenVLConfig.from_pretrained(micro_model_json(root))).save_pretrained(root / "model")
     return root / "model"

@@ -401,6 +401,20 @@ def test_health_is_503_when_the_engine_is_stuck_or_stopped(predictor, images):
         assert_error(c.post("/v1/captions", json={"image": b64(images[0])}), 503, "not running")
 
 
+def test_a_dead_engine_thread_turns_health_503_and_requests_503(predictor, images):
+    service, _, app = build(predictor)
+
+    def broken_admit():
+        raise RuntimeError("engine loop bug")
+
+    service.engine._admit = broken_admit  # the loop itself fails: the thread ends
+    with AppClient(app) as c:
+        wait_until(lambda: not service.engine.alive)
+        r = c.get("/health")
+        assert r.status_code == 503 and "not running (RuntimeError: engine loop bug)" in r.json()["reason"]
+        assert_error(c.post("/v1/captions", json={"image": b64(images[0])}), 503, "not running")
+
+
 def test_a_model_failure_is_a_500_json_error_and_the_engine_serves_on(predictor, images, alone, monkeypatch):
     service, _, app = build(predictor)
     with AppClient(app) as c:
@@ -505,3 +519,20 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     assert metric(text, "paddle_caption_prefill_batch_size_count") == 2
     assert metric(text, "paddle_caption_decode_batch_size_count") == 12  # one step per token of the long row
     assert metric(text, "paddle_caption_decode_batch_size_bucket", le="1.0") == 12 - 3  # 3 steps of two rows
+
+
+def test_the_web_page_ships_as_package_data(tmp_path):
+    """A non-editable install serves the page: setup.py's build copies every static file."""
+    import subprocess
+    import sys
+
+    from paddle_caption.serve.app import STATIC_DIR
+
+    from .serve_support import ROOT
+
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                   check=True, capture_output=True)
+    shipped = tmp_path / "paddle_caption" / "serve" / "static"
+    wanted = sorted(p.relative_to(STATIC_DIR) for p in STATIC_DIR.rglob("*") if p.is_file())
+    assert {"index.html", "app.js", "style.css"} <= {str(p) for p in wanted}
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file()) == wanted

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
-    p.add_argument("--served_model_name", help="the model id in /v1/models (default: the directory name)")
+    p.add_argument("--served_model_name", help="the model id in /v1/models and responses (default: MODEL_DIR as given)")
     g = p.add_argument_group("batching")
     g.add_argument("--max_batch_size", type=int, default=eng.max_batch_size, help="rows decoded together")
     g.add_argument("--max_wait_ms", type=float, default=eng.max_wait_ms,
@@ -86,7 +86,7 @@ def build_service(model_dir, limits: ServiceLimits | None = None, engine_options
     metrics = ServiceMetrics()
     engine = CaptionEngine(predictor.model, engine_options, metrics)
     root = Path(model_dir).resolve()
-    service = CaptionService(predictor, engine, limits, model_name or root.name, str(root))
+    service = CaptionService(predictor, engine, limits, model_name or str(model_dir), str(root))
     return service, metrics
 
 

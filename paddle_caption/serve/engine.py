@@ -131,6 +131,7 @@ class CaptionEngine:
         self._steps = 0
         self._error: str | None = None  # why the thread died, if it did
         self._token_log: collections.deque = collections.deque()  # (time, tokens) of the last 10 s
+        self._token_lock = threading.Lock()
         self._dtype = next(iter(model.parameters())).dtype
         if metrics is not None:
             metrics.watch(self)
@@ -162,7 +163,7 @@ class CaptionEngine:
             dropped = before - len(self._queue)
         if dropped and self.metrics is not None:
             self.metrics.on_cancel(dropped)
-        _resolve(job.future, error=EngineError("cancelled"))
+        job.future.cancel()  # nobody waits for it any more (no result is set later)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Admit nothing new, finish what is queued and running, end the thread. True if it ended."""
@@ -192,8 +193,8 @@ class CaptionEngine:
 
     def tokens_per_second(self, window: float = 10.0) -> float:
         now = time.monotonic()
-        log_ = list(self._token_log)
-        return sum(n for t, n in log_ if t > now - window) / window
+        with self._token_lock:
+            return sum(n for t, n in self._token_log if t > now - window) / window
 
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -320,6 +321,7 @@ class CaptionEngine:
         if self.metrics is not None:
             self.metrics.on_tokens(n)
         now = time.monotonic()
-        self._token_log.append((now, n))
-        while self._token_log and self._token_log[0][0] < now - 10.0:
-            self._token_log.popleft()
+        with self._token_lock:
+            self._token_log.append((now, n))
+            while self._token_log and self._token_log[0][0] < now - 10.0:
+                self._token_log.popleft()
