@@ -7,6 +7,7 @@ Without Chromium (or playwright) the test skips locally, but fails under CI (CI 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 
@@ -24,11 +25,8 @@ def chromium_or_skip() -> str:
     problem = None
     if path is None:
         problem = "Debian's chromium is not installed (apt-get install chromium)"
-    else:
-        import importlib.util
-
-        if importlib.util.find_spec("playwright") is None:
-            problem = "the playwright package is not installed (pip install -r requirements.txt)"
+    elif importlib.util.find_spec("playwright") is None:
+        problem = "the playwright package is not installed (pip install -r requirements.txt)"
     if problem:
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"browser test cannot run under CI: {problem}")
