@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -116,15 +117,16 @@ def serve_in_process(model_dir: Path, *flags: str, startup_timeout: float = 120)
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server can never block on it
     proc = subprocess.Popen([sys.executable, "-m", "paddle_caption.serve", str(model_dir), "--port", str(port),
-                             "--log_level", "warning", *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--log_level", "warning", *flags], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()}")
+                log.seek(0)
+                raise RuntimeError(f"server exited with {proc.returncode}: {log.read()}")
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
@@ -138,7 +140,7 @@ def serve_in_process(model_dir: Path, *flags: str, startup_timeout: float = 120)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        proc.stdout.close()
+        log.close()
 
 
 class AppClient:

@@ -115,6 +115,9 @@ class EngineStatus:
 
 
 class CaptionEngine:
+    """Owns `model` on one thread (see the module docstring); `metrics` (optional) is a
+    `ServiceMetrics` it reports into."""
+
     def __init__(self, model, options: EngineOptions | None = None, metrics=None):
         from ..model.generation import ContinuousBatch
 
@@ -163,7 +166,7 @@ class CaptionEngine:
             dropped = before - len(self._queue)
         if dropped and self.metrics is not None:
             self.metrics.on_cancel(dropped)
-        job.future.cancel()  # nobody waits for it any more (no result is set later)
+        job.future.cancel()  # nobody waits for it now; a result the engine still sets is dropped (_resolve)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Admit nothing new, finish what is queued and running, end the thread. True if it ended."""
