@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo replicate test test-fast bench clean
+.PHONY: setup browser demo replicate serve demo-model-exists test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -21,7 +21,26 @@ demo: setup
 replicate: setup
 	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
 
-test: setup
+# The caption service on the demo model (http://127.0.0.1:8000/); SERVE_ARGS passes more flags.
+DEMO_MODEL := checkpoints/demo/image/model
+serve: demo-model-exists setup
+	$(PY) -m paddle_caption.serve $(DEMO_MODEL) $(SERVE_ARGS)
+
+demo-model-exists:
+	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model at $(DEMO_MODEL): run 'make demo' first (about 15 minutes)" >&2; exit 2; }
+
+# The web page's test drives Debian's Chromium through playwright (playwright's own browser
+# download is not reachable): installed here with apt-get when missing and running as root;
+# otherwise the test skips with a note (and fails under CI=1).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the browser test (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: no chromium (apt-get install chromium as root): the browser test will skip"; fi; }
+
+test: setup browser
 	$(PY) -m pytest -q -ra tests
 
 test-fast: setup

@@ -3,10 +3,11 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+TEST_ONLY = ("pytest", "httpx", "playwright")  # requirements.txt also pins the test tools
 requirements = [
     line.split("#")[0].strip()
     for line in (here / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith("pytest")
+    if line.split("#")[0].strip() and not line.startswith(TEST_ONLY)
 ]
 
 setup(
@@ -16,7 +17,9 @@ setup(
     packages=find_packages(include=["paddle_caption", "paddle_caption.*"]),
     # The kit's own prompts, model architectures and run configs travel with the package, so an
     # installed kit finds them from any directory (paddle_caption/resources.py).
-    package_data={"paddle_caption": ["config/*.json", "config/*/*.json", "config/prompts/*.txt"]},
+    # The caption service's web page is package data too.
+    package_data={"paddle_caption": ["config/*.json", "config/*/*.json", "config/prompts/*.txt"],
+                  "paddle_caption.serve": ["static/*"]},
     include_package_data=False,
     # 3.10: PEP 604 unions (`str | None`) in dataclass fields are evaluated at run time, and
     # matplotlib 3.10 requires it.
@@ -32,6 +35,7 @@ setup(
             "paddle-caption-predict=paddle_caption.entry_points:predict",
             "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
             "paddle-caption-demo=paddle_caption.entry_points:demo",
+            "paddle-caption-serve=paddle_caption.entry_points:serve",
         ]
     },
 )

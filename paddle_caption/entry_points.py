@@ -20,6 +20,7 @@ COMMANDS = {
     "predict": ("paddle_caption.predict.cli", "caption a test TSV for submission"),
     "evaluate": ("paddle_caption.eval.evaluate", "CIDEr-D, BLEU, ROUGE-L of results against references"),
     "demo": ("paddle_caption.demo.pipeline", "the whole workflow on the embedded default"),
+    "serve": ("paddle_caption.serve.cli", "the caption service: HTTP API and web page"),
 }
 
 
@@ -55,3 +56,4 @@ merge = _console("merge")
 predict = _console("predict")
 evaluate = _console("evaluate")
 demo = _console("demo")
+serve = _console("serve")

@@ -93,3 +93,21 @@ def matplotlib_cjk_family() -> str | None:
 
     font_manager.fontManager.addfont(str(path))
     return font_manager.FontProperties(fname=str(path)).get_name()
+
+
+@functools.lru_cache(maxsize=1)
+def cjk_font_ttf_bytes() -> bytes | None:
+    """The CJK font as one TrueType face (browsers do not load .ttc collections), or None."""
+    path = find_cjk_font()
+    if path is None:
+        return None
+    if path.suffix.lower() != ".ttc":
+        return path.read_bytes()
+    import io
+
+    from fontTools.ttLib import TTFont
+
+    buffer = io.BytesIO()
+    with TTFont(str(path), fontNumber=0) as font:
+        font.save(buffer)
+    return buffer.getvalue()

@@ -1,14 +1,18 @@
-"""Batched generation with a KV cache: greedy, sampling and beam search.
+"""Batched generation with a KV cache: greedy, sampling and beam search, and continuous batching.
 
 Prompts of different lengths are left-padded; the attention mask is explicit and positions are
 derived from it, so a row's tokens see exactly what they would see alone (batched greedy output
 equals one-by-one greedy output). Images are encoded once, in the prefill. A row that emits a stop
 id leaves the batch: its KV-cache rows are dropped, so finished rows cost no more compute.
 Logits processing runs in NumPy on the last position only.
+
+Layers: `DecodeBatch` is the cache state (add rows, step, keep rows); `ContinuousBatch` drives it
+for greedy/sampling rows that join and leave at step boundaries with per-row settings (what the
+caption service's engine uses); `generate` is the one-call API on top of both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import paddle
@@ -72,7 +76,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def sample_tokens(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Generator) -> np.ndarray:
+def sample_tokens(logits: np.ndarray, cfg: GenerationConfig, rng) -> np.ndarray:
+    """One sampled id per row. `rng` is one Generator (rows draw from it in order) or one per row."""
     logits = logits / cfg.temperature
     if cfg.top_k:
         kth = np.partition(logits, -cfg.top_k, axis=-1)[:, -cfg.top_k][:, None]
@@ -87,32 +92,213 @@ def sample_tokens(logits: np.ndarray, cfg: GenerationConfig, rng: np.random.Gene
         np.put_along_axis(drop, order, drop_sorted, axis=-1)
         probs = np.where(drop, 0.0, probs)
         probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs], dtype=np.int64)
+    rngs = rng if isinstance(rng, (list, tuple)) else [rng] * len(probs)
+    return np.array([r.choice(len(p), p=p) for r, p in zip(rngs, probs)], dtype=np.int64)
 
 
-class _Decoder:
-    """Holds the KV cache and mask of the rows still being decoded."""
+class DecodeBatch:
+    """The rows being decoded together: their KV cache, attention mask and next-token logits.
 
-    def __init__(self, model, input_ids: np.ndarray, mask: np.ndarray, images):
-        self.model = model
-        self.mask = paddle.to_tensor(mask)
-        out = model(paddle.to_tensor(input_ids), images=images, attention_mask=self.mask,
-                    use_cache=True, last_logits_only=True)
-        self.past = out.past_key_values
-        self.logits = out.logits[:, -1].astype("float32").numpy()
+    This is the state every decoding strategy drives (greedy/sampling in `ContinuousBatch`, beam
+    search, and later speculative decoding). Its whole API:
 
-    def keep(self, rows: np.ndarray):
-        """Reorder/drop batch rows of the cache (beam reordering, finished rows leaving)."""
-        index = paddle.to_tensor(rows, dtype="int64")
-        self.past = [(paddle.gather(k, index), paddle.gather(v, index)) for k, v in self.past]
-        self.mask = paddle.gather(self.mask, index)
+        batch = DecodeBatch(model)          # empty
+        new = batch.add(prompts, images)    # prefill new rows; they join the running rows at the end
+        batch.logits                        # [rows, vocab] float32 next-token logits, one per row
+        batch.step(tokens)                  # feed one token per row; refreshes `logits`
+        batch.keep(rows)                    # keep/reorder rows: finished rows leave, beams reorder
 
-    def step(self, tokens: np.ndarray):
+    Layout: rows are right-aligned. Every row's newest token sits in the last cache column; a row
+    shorter than the widest one has masked (mask 0, zero key/value) columns on its left. `add`
+    prefills only the new rows (left-padded among themselves), then left-pads whichever cache is
+    narrower with masked zeros and stacks the two. Positions come from the mask (`cumsum - 1`, see
+    qwen.positions_from_mask) and masked keys get a -3.4e38 bias (an exact zero after softmax), so
+    padding changes nothing: a row's logits are what it gets decoded alone, up to float summation
+    order (greedy tokens equal, tested). After `keep`, columns that no remaining row uses are cut,
+    so the cache is never wider than the longest remaining row (prompt + tokens so far).
+
+    Exactness holds while the cache width stays within `config.seq_length`: Qwen's dynamic NTK and
+    log-n scaling look at the padded width (the same holds for any left-padded batch). Callers
+    bound prompt + max_new_tokens by seq_length to keep it.
+
+    The model must be in eval mode; forwards run under `paddle.no_grad()` (thread-safe: Paddle's
+    grad switch is per thread, so an engine thread can own the batch).
+    """
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.past = None  # per layer (k, v), each [rows, heads, width, head_dim]
+        self.mask = None  # int64 [rows, width]: 1 = real token
+        self.logits = np.zeros((0, 0), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else int(self.mask.shape[1])
+
+    def add(self, prompts: list[list[int]], images=None) -> np.ndarray:
+        """Prefill `prompts` (with `images` [n_images, 3, S, S] for their `<img>` spans, in order)
+        and append them as new rows; returns their row indices."""
+        ids, mask = left_pad(prompts, self.pad_id)
+        mask = paddle.to_tensor(mask)
+        with paddle.no_grad():
+            out = self.model(paddle.to_tensor(ids), images=images, attention_mask=mask,
+                             use_cache=True, last_logits_only=True)
+        logits = out.logits[:, -1].astype("float32").numpy()
+        first = len(self)
+        if self.past is None:
+            self.past, self.mask, self.logits = out.past_key_values, mask, logits
+        else:
+            width = max(self.width, int(mask.shape[1]))
+            self.past = [(paddle.concat([_pad_left(k_old, width), _pad_left(k_new, width)], axis=0),
+                          paddle.concat([_pad_left(v_old, width), _pad_left(v_new, width)], axis=0))
+                         for (k_old, v_old), (k_new, v_new) in zip(self.past, out.past_key_values)]
+            self.mask = paddle.concat([_pad_left(self.mask, width), _pad_left(mask, width)], axis=0)
+            self.logits = np.concatenate([self.logits, logits])
+        return np.arange(first, len(self))
+
+    def step(self, tokens: np.ndarray) -> None:
+        """Append one token to every row (`tokens` [rows]) and compute the next logits."""
+        if len(tokens) != len(self):
+            raise ValueError(f"{len(tokens)} tokens for {len(self)} rows")
         self.mask = paddle.concat([self.mask, paddle.ones([len(tokens), 1], dtype="int64")], axis=1)
-        out = self.model(paddle.to_tensor(tokens.reshape(-1, 1)), attention_mask=self.mask,
-                         past_key_values=self.past, use_cache=True, last_logits_only=True)
+        with paddle.no_grad():
+            out = self.model(paddle.to_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1, 1)),
+                             attention_mask=self.mask, past_key_values=self.past, use_cache=True,
+                             last_logits_only=True)
         self.past = out.past_key_values
         self.logits = out.logits[:, -1].astype("float32").numpy()
+
+    def keep(self, rows) -> None:
+        """Keep these rows, in this order (a row may repeat: beam search copies parents)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            self.__init__(self.model, self.pad_id)
+            return
+        self.logits = self.logits[rows]
+        index = paddle.to_tensor(rows)
+        mask = paddle.gather(self.mask, index)
+        used = np.flatnonzero(mask.numpy().any(axis=0))
+        first = int(used[0]) if len(used) else 0  # columns before it are padding in every row
+        self.mask = mask[:, first:] if first else mask
+        self.past = [(_cut_left(paddle.gather(k, index), first), _cut_left(paddle.gather(v, index), first))
+                     for k, v in self.past]
+
+
+def _pad_left(x, width: int):
+    """Zero columns on the left of axis 1 (mask [B, T]) or axis 2 (cache [B, H, T, D]) up to `width`."""
+    axis = 1 if len(x.shape) == 2 else 2
+    missing = width - int(x.shape[axis])
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[axis] = missing
+    return paddle.concat([paddle.zeros(shape, dtype=x.dtype), x], axis=axis)
+
+
+def _cut_left(cache, first: int):
+    return cache[:, :, first:] if first else cache
+
+
+@dataclass
+class Row:
+    """One sequence of a `ContinuousBatch`: its settings, random stream and output so far."""
+
+    config: GenerationConfig
+    rng: np.random.Generator
+    prompt_len: int
+    tag: object = None  # the caller's handle (e.g. a request)
+    tokens: list = field(default_factory=list)  # new ids, stop id excluded
+    seen: np.ndarray | None = None  # context ids, for the repetition penalty
+    finish_reason: str | None = None  # "stop" (a stop id) or "length" (max_new_tokens)
+
+
+class ContinuousBatch:
+    """Greedy/sampling generation for rows that join and leave at step boundaries, each with its
+    own `GenerationConfig` (max_new_tokens, do_sample, temperature, top_k, top_p,
+    repetition_penalty, stop_ids, seed). Beam search is not per-row: run it with `generate`.
+
+        batch = ContinuousBatch(model)
+        rows = batch.add(prompts, images, configs)   # any time between steps
+        while batch: finished = batch.step()          # each step: one token for every row
+        batch.drop(some_rows)                         # e.g. the client went away
+
+    A row's tokens do not depend on which rows share its batch (tested: a row that joins a running
+    batch gets the tokens it gets alone). Each row samples from its own Generator (seeded with its
+    config's seed) unless `add` is given one shared Generator (what `generate` does).
+    """
+
+    def __init__(self, model, pad_id: int):
+        self.decoder = DecodeBatch(model, pad_id)
+        self.rows: list[Row] = []  # in decoder row order
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, prompts: list[list[int]], images, configs: list[GenerationConfig], tags=None,
+            rng: np.random.Generator | None = None) -> list[Row]:
+        if len(configs) != len(prompts) or (tags is not None and len(tags) != len(prompts)):
+            raise ValueError("need one config (and one tag) per prompt")
+        for cfg in configs:
+            cfg.validate()
+            if cfg.num_beams != 1:
+                raise ValueError("ContinuousBatch decodes greedy/sampling rows; use generate() for beam search")
+            if cfg.stop_ids is None:
+                raise ValueError("GenerationConfig needs stop_ids: use config.with_tokenizer(tokenizer)")
+        new = [Row(cfg, rng if rng is not None else np.random.default_rng(cfg.seed), len(prompt),
+                   None if tags is None else tags[i],
+                   seen=np.unique(np.asarray(prompt, dtype=np.int64)) if cfg.repetition_penalty != 1.0 else None)
+               for i, (prompt, cfg) in enumerate(zip(prompts, configs))]
+        self.decoder.add(prompts, images)
+        self.rows += new
+        return new
+
+    def step(self) -> list[Row]:
+        """Choose every row's next token; rows that stop or reach max_new_tokens leave the batch
+        (returned, with `finish_reason`); the others are fed their token."""
+        if not self.rows:
+            return []
+        logits = self.decoder.logits
+        for i, row in enumerate(self.rows):
+            if row.config.repetition_penalty != 1.0:
+                logits[i:i + 1] = apply_repetition_penalty(logits[i:i + 1], [row.seen], row.config.repetition_penalty)
+        tokens = logits.argmax(axis=-1)
+        groups: dict[tuple, list[int]] = {}  # rows sampling with the same settings, in row order
+        for i, row in enumerate(self.rows):
+            if row.config.do_sample:
+                groups.setdefault((row.config.temperature, row.config.top_k, row.config.top_p), []).append(i)
+        for members in groups.values():
+            cfg = self.rows[members[0]].config
+            tokens[members] = sample_tokens(logits[members], cfg, [self.rows[i].rng for i in members])
+        done, still = [], []
+        for i, (row, token) in enumerate(zip(self.rows, tokens)):
+            token = int(token)
+            if token in row.config.stop_ids:
+                row.finish_reason = "stop"
+            else:
+                row.tokens.append(token)
+                if row.seen is not None:
+                    row.seen = np.union1d(row.seen, [token])
+                if len(row.tokens) >= row.config.max_new_tokens:
+                    row.finish_reason = "length"
+            (done if row.finish_reason else still).append(i)
+        finished = [self.rows[i] for i in done]
+        if done:
+            self.decoder.keep(still)
+            self.rows = [self.rows[i] for i in still]
+        if self.rows:
+            self.decoder.step(tokens[still])
+        return finished
+
+    def drop(self, rows: list[Row]) -> None:
+        """Remove rows before they finish (their cache rows are freed)."""
+        gone = {id(row) for row in rows}
+        still = [i for i, row in enumerate(self.rows) if id(row) not in gone]
+        if len(still) != len(self.rows):
+            self.decoder.keep(still)
+            self.rows = [self.rows[i] for i in still]
 
 
 def generate(model, prompts: list[list[int]], images=None, config: GenerationConfig | None = None):
@@ -137,37 +323,18 @@ def generate(model, prompts: list[list[int]], images=None, config: GenerationCon
 
 
 def _greedy_or_sample(model, prompts, images, cfg: GenerationConfig):
-    rng = np.random.default_rng(cfg.seed)
-    ids, mask = left_pad(prompts, cfg.pad_id)
-    decoder = _Decoder(model, ids, mask, images)
-    outputs = [[] for _ in prompts]
-    active = np.arange(len(prompts))  # original row of each decoder row
-    seen = [np.unique(np.asarray(p, dtype=np.int64)) for p in prompts]
-    stop = np.array(cfg.stop_ids, dtype=np.int64)
-    for step in range(cfg.max_new_tokens):
-        logits = apply_repetition_penalty(decoder.logits, [seen[r] for r in active], cfg.repetition_penalty)
-        tokens = sample_tokens(logits, cfg, rng) if cfg.do_sample else logits.argmax(axis=-1)
-        finished = np.isin(tokens, stop)
-        for row, token, done in zip(active, tokens, finished):
-            if not done:
-                outputs[row].append(int(token))
-                if cfg.repetition_penalty != 1.0:
-                    seen[row] = np.union1d(seen[row], [token])
-        if finished.all() or step == cfg.max_new_tokens - 1:
-            break
-        if finished.any():
-            still = np.flatnonzero(~finished)
-            decoder.keep(still)
-            active, tokens = active[still], tokens[still]
-        decoder.step(tokens)
-    return outputs
+    batch = ContinuousBatch(model, cfg.pad_id)
+    # One shared stream, drawn in row order: batched sampling reproduces earlier releases.
+    rows = batch.add(prompts, images, [cfg] * len(prompts), rng=np.random.default_rng(cfg.seed))
+    while batch:
+        batch.step()
+    return [row.tokens for row in rows]
 
 
 def _beam_search(model, prompts, images, cfg: GenerationConfig):
     """Standard beam search; finished hypotheses are ranked by sum log-prob / length**length_penalty."""
     beams = cfg.num_beams
     expanded = [p for p in prompts for _ in range(beams)]
-    ids, mask = left_pad(expanded, cfg.pad_id)
     if images is not None:
         spans_per_prompt = [sum(1 for t in p if t == model.config.image_start_id) for p in prompts]
         order, start = [], 0
@@ -175,7 +342,8 @@ def _beam_search(model, prompts, images, cfg: GenerationConfig):
             order.extend(list(range(start, start + n)) * beams)
             start += n
         images = paddle.gather(images, paddle.to_tensor(order, dtype="int64"))
-    decoder = _Decoder(model, ids, mask, images)
+    decoder = DecodeBatch(model, cfg.pad_id)
+    decoder.add(expanded, images)
     n = len(prompts)
     scores = np.zeros((n, beams), dtype=np.float64)
     scores[:, 1:] = -np.inf  # all beams start identical: expand only the first

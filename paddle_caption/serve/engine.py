@@ -1,0 +1,330 @@
+"""The caption engine: one thread owns the model, a queue feeds it, batches form and re-form.
+
+Requests become `Job`s of one or more `Sequence`s (a prompt and its images). `submit` queues the
+sequences (refused with `QueueFull` past `max_queue`); the engine thread then loops:
+
+1. Admission. When nothing is running it waits for the first sequence and then up to
+   `max_wait_ms` for more, until `max_batch_size` rows are waiting (dynamic batching). While a
+   batch is decoding, whatever is waiting joins it at the next step boundary, up to
+   `max_batch_size` rows (continuous batching): the new rows are prefilled together and their KV
+   caches merged into the running batch (`model.generation.ContinuousBatch`), with their own
+   max_new_tokens and greedy/sampling settings. Beam-search sequences run as a batch of their own
+   through `generate` (beam search reorders cache rows every step, so it does not mix).
+2. One decode step for every running row; rows that stop or reach their max_new_tokens leave the
+   batch, and a job's future resolves when its last sequence is done.
+3. Rows of jobs that were cancelled (client gone, timeout) are dropped at the step boundary, which
+   frees their slots at once; their queued sequences are removed when the job is cancelled.
+
+A failure while prefilling or stepping fails the jobs involved (`EngineError`, logged with its
+traceback) and the engine carries on with an empty batch. `status()` reports whether the thread is
+alive and when it last made progress; the service's /health turns 503 on either. `stop()` stops
+admitting new jobs, finishes everything queued and running, and ends the thread.
+
+A sequence's greedy tokens do not depend on which others share its batch (the generation tests
+show it), so a request's caption equals predict_batch.py's for the same image.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("paddle_caption.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` images already."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down or its thread is gone."""
+
+
+class EngineError(Exception):
+    """The model failed on this job (the engine itself keeps running)."""
+
+
+@dataclass
+class EngineOptions:
+    max_batch_size: int = 16  # rows decoded together (vLLM's --max-num-seqs)
+    max_wait_ms: float = 10.0  # an idle engine waits this long for a first batch to fill
+    max_queue: int = 256  # images waiting; more is QueueFull (HTTP 503)
+    idle_poll_s: float = 0.5  # an idle engine wakes this often (its heartbeat)
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_wait_ms < 0:
+            raise ValueError("need max_batch_size >= 1, max_queue >= 1, max_wait_ms >= 0")
+
+
+@dataclass
+class Sequence:
+    """One generation: prompt ids, one preprocessed image per `<img>` span, settings."""
+
+    prompt: list
+    images: list  # float32 arrays [3, S, S]
+    config: object  # GenerationConfig
+    job: "Job" = None
+    tokens: list | None = None
+    finish_reason: str | None = None
+    latency_s: float = 0.0
+
+
+class Job:
+    """The sequences of one request; `future` resolves to them, finished, in order."""
+
+    def __init__(self, sequences: list[Sequence], arrived: float | None = None):
+        self.sequences = sequences
+        for seq in sequences:
+            seq.job = self
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.arrived = time.monotonic() if arrived is None else arrived  # time.monotonic() of the request
+        self.cancelled = False
+        self.remaining = len(sequences)
+
+    def _finish_one(self) -> None:
+        self.remaining -= 1
+        if self.remaining == 0:
+            _resolve(self.future, result=self.sequences)
+
+
+def _resolve(future: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Set a future unless its waiter already gave up on it (cancelled it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+@dataclass
+class EngineStatus:
+    alive: bool
+    stopping: bool
+    queued: int
+    running: int
+    seconds_since_progress: float
+    error: str | None = None
+    steps: int = 0
+
+
+class CaptionEngine:
+    """Owns `model` on one thread (see the module docstring); `pad_id` is the tokenizer's; `metrics`
+    (optional) is a `ServiceMetrics` it reports into."""
+
+    def __init__(self, model, pad_id: int, options: EngineOptions | None = None, metrics=None):
+        from ..model.generation import ContinuousBatch
+
+        self.model, self.options, self.metrics = model, options or EngineOptions(), metrics
+        self.options.validate()
+        model.eval()
+        self._new_batch = lambda: ContinuousBatch(model, pad_id)
+        self._batch = self._new_batch()
+        self._queue: collections.deque[Sequence] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._last_progress = time.monotonic()
+        self._steps = 0
+        self._error: str | None = None  # why the thread died, if it did
+        self._token_log: collections.deque = collections.deque()  # (time, tokens) of the last 10 s
+        self._token_lock = threading.Lock()
+        self._dtype = next(iter(model.parameters())).dtype
+        if metrics is not None:
+            metrics.watch(self)
+
+    # ---- the service's side ---------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="caption-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        with self._cv:
+            if not self.alive:
+                raise EngineStopped("the engine is not running" + (f" ({self._error})" if self._error else ""))
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            if len(self._queue) + len(job.sequences) > self.options.max_queue:
+                raise QueueFull(f"the queue is full ({len(self._queue)} of {self.options.max_queue} images waiting)")
+            self._queue.extend(job.sequences)
+            self._cv.notify()
+        return job.future
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: forget the job's queued sequences now, its running rows at the next step."""
+        with self._cv:
+            job.cancelled = True
+            before = len(self._queue)
+            self._queue = collections.deque(s for s in self._queue if s.job is not job)
+            dropped = before - len(self._queue)
+        if dropped and self.metrics is not None:
+            self.metrics.on_cancel(dropped)
+        job.future.cancel()  # nobody waits for it now; a result the engine still sets is dropped (_resolve)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Admit nothing new, finish what is queued and running, end the thread. True if it ended."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch)
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(self.alive, self._stopping, self.queued, self.running,
+                            time.monotonic() - self._last_progress, self._error, self._steps)
+
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        now = time.monotonic()
+        with self._token_lock:
+            return sum(n for t, n in self._token_log if t > now - window) / window
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                self._last_progress = time.monotonic()
+                admitted = self._admit()
+                if admitted is None:
+                    break
+                if admitted:
+                    self._prefill(admitted)
+                if self._batch:
+                    self._step()
+        except BaseException as err:  # the loop itself broke: fail everyone, /health says so
+            log.exception("caption engine died")
+            self._error = f"{type(err).__name__}: {err}"
+            with self._cv:
+                waiting, self._queue = list(self._queue), collections.deque()
+            for seq in waiting + [row.tag for row in self._batch.rows]:
+                _resolve(seq.job.future, error=EngineError(f"the engine died: {self._error}"))
+
+    def _admit(self) -> list[Sequence] | None:
+        """Sequences to prefill now ([] = none); None = stopped and drained."""
+        opts = self.options
+        with self._cv:
+            if not self._batch:
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cv.wait(opts.idle_poll_s)
+                    return []
+                deadline = time.monotonic() + opts.max_wait_ms / 1000
+                while len(self._queue) < opts.max_batch_size and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+            room = opts.max_batch_size - len(self._batch)
+            admitted = []
+            while self._queue and len(admitted) < room:
+                seq = self._queue.popleft()
+                if not seq.job.cancelled:
+                    admitted.append(seq)
+            return admitted
+
+    def _prefill(self, sequences: list[Sequence]) -> None:
+        now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.on_prefill(len(sequences), [now - s.job.arrived for s in sequences])
+        beams = [s for s in sequences if s.config.num_beams > 1]
+        rows = [s for s in sequences if s.config.num_beams == 1]
+        if rows:
+            try:
+                self._batch.add([s.prompt for s in rows], self._pixels(rows), [s.config for s in rows], tags=rows)
+            except Exception as err:  # noqa: BLE001 - a model failure fails these jobs, not the engine
+                log.exception("prefill failed")
+                self._fail(rows, err)
+        groups: dict[object, list[Sequence]] = {}
+        for seq in beams:  # same settings decode together
+            groups.setdefault(repr(seq.config), []).append(seq)
+        for group in groups.values():
+            self._run_beams(group)
+
+    def _run_beams(self, group: list[Sequence]) -> None:
+        from ..model.generation import generate
+
+        try:
+            outputs = generate(self.model, [s.prompt for s in group], self._pixels(group), group[0].config)
+        except Exception as err:  # noqa: BLE001
+            log.exception("beam search failed")
+            self._fail(group, err)
+            return
+        max_new = group[0].config.max_new_tokens
+        self._count_tokens(sum(len(ids) for ids in outputs))
+        for seq, ids in zip(group, outputs):
+            self._finish(seq, ids, "length" if len(ids) >= max_new else "stop")
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        if not self._batch:
+            return
+        rows = len(self._batch)
+        try:
+            finished = self._batch.step()
+        except Exception as err:  # noqa: BLE001
+            log.exception("decode step failed")
+            failed = [row.tag for row in self._batch.rows]
+            self._batch = self._new_batch()
+            self._fail(failed, err)
+            return
+        self._steps += 1
+        self._count_tokens(rows - sum(1 for row in finished if row.finish_reason == "stop"))
+        if self.metrics is not None:
+            self.metrics.on_step(rows)
+        for row in finished:
+            self._finish(row.tag, row.tokens, row.finish_reason)
+
+    def _drop_cancelled(self) -> None:
+        gone = [row for row in self._batch.rows if row.tag.job.cancelled]
+        if gone:
+            self._batch.drop(gone)
+            if self.metrics is not None:
+                self.metrics.on_cancel(len(gone))
+
+    def _pixels(self, sequences: list[Sequence]):
+        import paddle
+
+        images = [image for seq in sequences for image in seq.images]
+        return paddle.to_tensor(np.stack(images)).astype(self._dtype) if images else None
+
+    def _finish(self, seq: Sequence, tokens: list, reason: str) -> None:
+        seq.tokens, seq.finish_reason = list(tokens), reason
+        seq.latency_s = time.monotonic() - seq.job.arrived
+        if self.metrics is not None:
+            self.metrics.on_row_done(seq.latency_s)
+        seq.job._finish_one()
+
+    def _fail(self, sequences: list[Sequence], err: Exception) -> None:
+        for seq in sequences:
+            _resolve(seq.job.future, error=EngineError(f"{type(err).__name__}: {err}"))
+            seq.job.cancelled = True  # its other sequences are dropped at the next boundary
+
+    def _count_tokens(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.on_tokens(n)
+        now = time.monotonic()
+        with self._token_lock:
+            self._token_log.append((now, n))
+            while self._token_log and self._token_log[0][0] < now - 10.0:
+                self._token_log.popleft()

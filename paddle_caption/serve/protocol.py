@@ -1,0 +1,258 @@
+"""Request and response schemas of the caption service (pydantic), and its error type.
+
+The chat schema is OpenAI's `/v1/chat/completions` with vision content parts: a user message's
+content is a string or a list of `{"type": "text", "text": ...}` and
+`{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,..."}}` parts. Beyond OpenAI's
+fields, the kit's decoding options use PaddleNLP's names (`num_beams`, `top_k`,
+`repetition_penalty`, `length_penalty`). Every request model refuses unknown fields: a misspelt
+option is an error, not a silent default.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+def validation_message(err: ValidationError) -> tuple[str, str | None]:
+    """One line naming each bad field, e.g. "messages.0.content.1.image_url: Field required";
+    also returns the first field's path (the error's `param`).
+
+    pydantic's paths carry union-branch labels (`str`, `list[tagged-union[...]]`, the tag value);
+    they are dropped, and a field that is a string *or* a list reports only the branch the input
+    took (both branches when it is neither).
+    """
+    items = [dict(item) for item in err.errors()]
+    branches: dict[tuple, dict] = {}  # union field -> errors of its string branch and its other branch
+    for item in items:
+        raw = [str(x) for x in item["loc"]]
+        for j, part in enumerate(raw):
+            if _is_branch_label(part):
+                item["branch_depth"] = j + 1
+                branches.setdefault(tuple(raw[:j]), {"str": [], "other": []})[
+                    "str" if part == "str" else "other"].append(item)
+                break
+    drop = set()
+    for prefix, branch in branches.items():
+        if branch["str"] and branch["other"]:
+            drop.update(id(x) for x in branch["str"])  # the input was not a string
+            if all(len(x["loc"]) == x["branch_depth"] for x in branch["other"]):  # nor the other kind
+                kind = "a list" if str(branch["other"][0]["loc"][-1]).startswith("list[") else "an object"
+                for x in branch["other"]:
+                    x["msg"], x["loc"] = f"expected a string or {kind}", prefix
+    parts, first = [], None
+    for item in items:
+        if id(item) in drop:
+            continue
+        loc = ".".join(_clean_loc(item["loc"]))
+        first = first or loc or None
+        if item["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{loc}'")
+        elif item["type"] == "model_type" and not loc:
+            parts.append("expected a JSON object")
+        else:
+            msg = item["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts), first
+
+
+def _is_branch_label(part: str) -> bool:
+    """`str`, `list[...]`, a model's class name: pydantic's names for union branches (our fields are snake_case)."""
+    return part == "str" or "[" in part or part[:1].isupper() or part.startswith("function-")
+
+
+def _clean_loc(loc) -> list[str]:
+    """Drop pydantic's union labels from an error path (see validation_message)."""
+    parts, out, i = [str(x) for x in loc], [], 0
+    while i < len(parts):
+        part = parts[i]
+        if "tagged-union[" in part:  # then the list index (kept) and the tag value (dropped)
+            out.extend(parts[i + 1:i + 2])
+            i += 3
+            continue
+        if not _is_branch_label(part):
+            out.append(part)
+        i += 1
+    return out
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------------------------ chat
+class ImageURL(Strict):
+    url: str
+    detail: Optional[Literal["auto", "low", "high"]] = None  # accepted for compatibility; unused
+
+
+class ImageURLPart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+ContentPart = Annotated[Union[TextPart, ImageURLPart], Field(discriminator="type")]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[ContentPart]]
+    name: Optional[str] = None
+
+
+class ChatCompletionRequest(Strict):
+    model: Optional[str] = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    # Omitted or 0: greedy, as predict_batch.py (a caption service wants the model's best caption).
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    # the kit's options (PaddleNLP names)
+    top_k: Optional[int] = Field(None, ge=0)
+    num_beams: int = Field(1, ge=1)
+    length_penalty: float = 1.0
+    repetition_penalty: float = Field(1.0, gt=0)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, stream: bool) -> bool:
+        if stream:
+            raise ValueError("streaming is not supported; send stream=false")
+        return stream
+
+    @model_validator(mode="after")
+    def _one_max(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def do_sample(self) -> bool:
+        """Sampling iff temperature > 0, or temperature omitted and top_p < 1 or top_k > 0."""
+        if self.temperature is not None:
+            return self.temperature > 0
+        return (self.top_p is not None and self.top_p < 1) or bool(self.top_k)
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# ------------------------------------------------------------------------------------ captions
+class CaptionOptions(Strict):
+    """Decoding options of `/v1/captions` (predict_batch.py's flags); the default is greedy."""
+
+    max_new_tokens: Optional[int] = Field(None, ge=1)
+    num_beams: int = Field(1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    length_penalty: float = 1.0
+    seed: int = 0  # image k of a request samples with seed + k
+    prompt: Optional[str] = None  # replaces the model's training instruction
+    system: Optional[str] = None  # replaces the model's system message
+
+
+class CaptionImage(Strict):
+    id: Optional[str] = None
+    image: str  # base64 or a data: URL
+
+
+class CaptionRequest(CaptionOptions):
+    """JSON form: `{"image": B64}` (with an optional `id`) or `{"images": [B64 | {"id", "image"}, ...]}`."""
+
+    image: Optional[str] = None
+    id: Optional[str] = None
+    images: Optional[list[Union[str, CaptionImage]]] = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        if (self.image is None) == (self.images is None):
+            raise ValueError("send exactly one of 'image' (one base64 image) or 'images' (a list)")
+        if self.id is not None and self.image is None:
+            raise ValueError("'id' goes with 'image'; in 'images' give each item its own id")
+        return self
+
+    def options(self) -> CaptionOptions:
+        return CaptionOptions(**{name: getattr(self, name) for name in CaptionOptions.model_fields})
+
+
+class CaptionResult(BaseModel):
+    id: str
+    caption: str
+    tokens: int
+    latency_ms: float
+
+
+# ------------------------------------------------------------------------------------ models
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "paddle_caption"
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
