@@ -12,9 +12,17 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..model.precision import DTYPES
 from ..runtime import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARDING = ("none", "stage1", "stage2")
+RENAMED = {"precision": "dtype (float32 | bfloat16 | float16)"}
+
+
+def unknown_key(key: str) -> str:
+    hint = f"; it was renamed to {RENAMED[key]}" if key in RENAMED else ""
+    return f"unknown key {key!r}{hint}"
 
 
 @dataclass
@@ -70,8 +78,10 @@ class TrainConfig:
     max_train_minutes: float = 0.0
     seed: int = 42  # data order and per-step RNG
 
-    # ---- precision and hardware -------------------------------------------------------------------
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on GPU; CPU always fp32)
+    # ---- precision, memory and hardware ------------------------------------------------------------
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the model's dtype (model/precision.py)
+    recompute: bool = False  # activation checkpointing per decoder and ViT layer (model/recompute.py)
+    sharding: str = "none"  # none | stage1 | stage2: optimizer state (stage2: + gradients) split across GPUs
     num_threads: int = 0  # CPU threads for Paddle (0 = all cores)
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------------------
@@ -96,7 +106,7 @@ class TrainConfig:
                             "model_config (architecture JSON, trained from scratch)")
         if not self.train_records:
             raise UserError("config: train_records is required")
-        choices = {"finetune_mode": ("full", "partial", "lora"), "precision": ("fp32", "bf16", "fp16"),
+        choices = {"finetune_mode": ("full", "partial", "lora"), "dtype": DTYPES, "sharding": SHARDING,
                    "lr_scheduler": ("cosine", "linear", "constant")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -128,7 +138,7 @@ class TrainConfig:
             if key.startswith("_"):  # "_comment" keys document a config file
                 continue
             if key not in hints:
-                raise UserError(f"{source}: unknown key {key!r}")
+                raise UserError(f"{source}: {unknown_key(key)}")
             values[key] = _check_type(key, value, hints[key], source)
         return cls(**values)
 
@@ -156,7 +166,7 @@ def parse_overrides(args: list[str], hints: dict) -> dict:
             raise UserError(f"override {arg!r}: expected --key value")
         key, _, inline = arg[2:].partition("=")
         if key not in hints:
-            raise UserError(f"override --{key}: unknown key")
+            raise UserError(f"override --{key}: {unknown_key(key)}")
         if inline:
             raw = inline
             i += 1

@@ -112,7 +112,8 @@ class Trainer:
         cfg, paddle = self.cfg, self.paddle
         if cfg.model_name_or_path:
             model_dir = resolve_path(cfg.model_name_or_path)
-            model = MgenVLForCausalLM.from_pretrained(model_dir, allow_pickle=cfg.allow_pickle)
+            # float32 weights under O1 autocast, as before `dtype` existed (issue 14 wires O2 here)
+            model = MgenVLForCausalLM.from_pretrained(model_dir, allow_pickle=cfg.allow_pickle, dtype="float32")
             self.tokenizer_dir = model_dir
         else:
             config = MgenVLConfig.from_pretrained(resolve_path(cfg.model_config))
@@ -316,14 +317,13 @@ class Trainer:
         import contextlib
 
         cfg, paddle = self.cfg, self.paddle
-        if cfg.precision == "fp32":
+        if cfg.dtype == "float32":
             return contextlib.nullcontext
         if not paddle.is_compiled_with_cuda():
-            self.log(f"precision {cfg.precision} requested, but this is a CPU run: training in float32 "
+            self.log(f"dtype {cfg.dtype} requested, but this is a CPU run: training in float32 "
                      "(Paddle has no bf16/fp16 training kernels on this CPU)")
             return contextlib.nullcontext
-        dtype = "bfloat16" if cfg.precision == "bf16" else "float16"
-        return lambda: paddle.amp.auto_cast(enable=True, dtype=dtype, level="O1")
+        return lambda: paddle.amp.auto_cast(enable=True, dtype=cfg.dtype, level="O1")
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, state: LoopState) -> dict:
