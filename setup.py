@@ -26,6 +26,8 @@ setup(
             "paddle-caption-predict=paddle_caption.entry_points:predict",
             "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
             "paddle-caption-demo=paddle_caption.entry_points:demo",
+            "paddle-caption-plan-memory=paddle_caption.entry_points:plan_memory",
+            "paddle-caption-convert-checkpoint=paddle_caption.entry_points:convert_checkpoint",
         ]
     },
 )

@@ -41,3 +41,11 @@ def evaluate() -> None:
 
 def demo() -> None:
     _run("paddle_caption.demo.pipeline")
+
+
+def plan_memory() -> None:
+    _run("paddle_caption.train.memory_plan")
+
+
+def convert_checkpoint() -> None:
+    _run("paddle_caption.model.convert_checkpoint")

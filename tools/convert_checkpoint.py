@@ -1,0 +1,10 @@
+"""Convert a PaddleMIX (model_state.pdparams, with --allow_pickle) or Hugging Face Qwen-VL checkpoint
+into a sharded safetensors model directory:
+python tools/convert_checkpoint.py SRC DST [--dtype bfloat16] [--allow_pickle]"""
+import sys
+
+from paddle_caption.model.convert_checkpoint import main
+from paddle_caption.runtime import run_cli
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
