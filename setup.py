@@ -36,6 +36,8 @@ setup(
             "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
             "paddle-caption-demo=paddle_caption.entry_points:demo",
             "paddle-caption-serve=paddle_caption.entry_points:serve",
+            "paddle-caption-plan-memory=paddle_caption.entry_points:plan_memory",
+            "paddle-caption-convert-checkpoint=paddle_caption.entry_points:convert_checkpoint",
         ]
     },
 )

@@ -21,6 +21,9 @@ COMMANDS = {
     "evaluate": ("paddle_caption.eval.evaluate", "CIDEr-D, BLEU, ROUGE-L of results against references"),
     "demo": ("paddle_caption.demo.pipeline", "the whole workflow on the embedded default"),
     "serve": ("paddle_caption.serve.cli", "the caption service: HTTP API and web page"),
+    "plan-memory": ("paddle_caption.train.memory_plan", "GPU memory a training config needs, per GPU"),
+    "convert-checkpoint": ("paddle_caption.model.convert_checkpoint",
+                           "PaddleMIX / Hugging Face Qwen-VL weights -> a safetensors model directory"),
 }
 
 
@@ -57,3 +60,5 @@ predict = _console("predict")
 evaluate = _console("evaluate")
 demo = _console("demo")
 serve = _console("serve")
+plan_memory = _console("plan-memory")
+convert_checkpoint = _console("convert-checkpoint")

@@ -21,6 +21,15 @@ def field_types(cls) -> dict:
     return {k: v for k, v in typing.get_type_hints(cls).items() if k in names}
 
 
+def unknown_key(cls, key: str) -> str:
+    """The message for a key `cls` does not have; a dataclass may list renamed keys in a class
+    attribute `RENAMED_KEYS` = {old name: what replaced it}, so an old config gets told the new one."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    if key in renamed:
+        return f"unknown key {key!r}: it was renamed to {renamed[key]}"
+    return f"unknown key {key!r} (known: {', '.join(field_types(cls))})"
+
+
 def from_mapping(cls, data: dict, source: str = "config", base=None):
     """A `cls` instance from `data`: fields from `base` (or the defaults) updated by `data`."""
     hints = field_types(cls)
@@ -29,14 +38,15 @@ def from_mapping(cls, data: dict, source: str = "config", base=None):
         if key.startswith("_"):
             continue
         if key not in hints:
-            raise UserError(f"{source}: unknown key {key!r} (known: {', '.join(hints)})")
+            raise UserError(f"{source}: {unknown_key(cls, key)}")
         values[key] = check_type(key, value, hints[key], source)
     return cls(**values)
 
 
-def parse_overrides(args: list[str], hints: dict) -> dict:
-    """`--key value` pairs -> {key: typed value}. Lists take a JSON array; bools true/false; a bare
-    `--flag` of a bool field means true."""
+def parse_overrides(args: list[str], cls) -> dict:
+    """`--key value` pairs for the dataclass `cls` -> {key: typed value}. Lists take a JSON array;
+    bools true/false; a bare `--flag` of a bool field means true."""
+    hints = field_types(cls)
     out, i = {}, 0
     while i < len(args):
         arg = args[i]
@@ -44,7 +54,7 @@ def parse_overrides(args: list[str], hints: dict) -> dict:
             raise UserError(f"override {arg!r}: expected --key value")
         key, _, inline = arg[2:].partition("=")
         if key not in hints:
-            raise UserError(f"override --{key}: unknown key")
+            raise UserError(f"override --{key}: {unknown_key(cls, key)}")
         if inline:
             raw = inline
             i += 1

@@ -14,6 +14,18 @@ FIXTURES = Path(__file__).parent / "fixtures"
 REFERENCE_DIR = FIXTURES / "qwen_vl_tiny_reference"
 
 
+@pytest.fixture(params=["numpy", "paddle"])
+def kernels(request):
+    """Run the test on both kernel paths: the numpy CPU kernels, and Paddle's own (what a GPU runs:
+    fused attention, Paddle RoPE and head), forced on CPU by `paddle_kernels()`."""
+    import contextlib
+
+    from paddle_caption.model.numpy_bridge import paddle_kernels
+
+    with paddle_kernels() if request.param == "paddle" else contextlib.nullcontext():
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return REFERENCE_DIR

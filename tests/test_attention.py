@@ -1,11 +1,13 @@
-"""The attention core: the numpy CPU path equals the plain Paddle expression, values and gradients."""
+"""The attention core and RoPE: every kernel path equals the plain Paddle expression, values and
+gradients — the numpy CPU op, and (off the numpy path, as on a GPU) Paddle's fused
+`scaled_dot_product_attention` — with no mask, a causal mask and left padding."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from paddle_caption.model import attention as attention_module
-from paddle_caption.model.attention import attention
+from paddle_caption.model.attention import attention, causal_bias_np, plain_attention
 from paddle_caption.model.qwen import MASK_VALUE
 
 import paddle
@@ -30,27 +32,33 @@ def make_inputs(seed, b=2, h=3, q_len=5, k_len=7, d=4):
     return tensors, bias
 
 
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_numpy_core_matches_paddle_values_and_gradients(with_bias):
-    (q, k, v), bias = make_inputs(0)
-    bias = bias if with_bias else None
-    upstream = paddle.to_tensor(np.random.default_rng(1).standard_normal((2, 3, 5, 4)).astype(np.float32))
-    assert attention_module._use_numpy((q, k, v), None)  # this machine is a CPU: the numpy path runs
-
-    ours = attention(q, k, v, 0.5, bias)
-    (ours * upstream).sum().backward()
-    ours_grads = [t.grad.numpy().copy() for t in (q, k, v)]
+def values_and_grads(fn, q, k, v, upstream):
     for t in (q, k, v):
         t.clear_gradient()
-    ref = paddle_reference(q, k, v, 0.5, bias)
-    (ref * upstream).sum().backward()
+    out = fn(q, k, v)
+    (out * upstream).sum().backward()
+    return out.numpy(), [t.grad.numpy().copy() for t in (q, k, v)]
 
-    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
-    for mine, theirs in zip(ours_grads, (t.grad.numpy() for t in (q, k, v))):
+
+@pytest.mark.parametrize("mask", ["none", "causal", "left_padded"])
+@pytest.mark.parametrize("scale", [0.5, 0.3])  # 0.5 = 1/sqrt(d), the fused op's own; 0.3 is folded into q
+def test_attention_matches_the_plain_expression(kernels, mask, scale):
+    square = mask == "causal"
+    (q, k, v), padded = make_inputs(0, q_len=7 if square else 5)
+    bias = {"none": None, "causal": None, "left_padded": padded}[mask]
+    reference_bias = paddle.to_tensor(causal_bias_np(7, 7)) if square else bias
+    upstream = paddle.to_tensor(np.random.default_rng(1).standard_normal(q.shape).astype(np.float32))
+    # the path really taken: numpy on a CPU by default, the fused op under paddle_kernels()
+    assert attention_module._use_numpy((q, k, v), None) == (kernels == "numpy")
+
+    ours, ours_grads = values_and_grads(lambda *t: attention(*t, scale, bias, causal=square), q, k, v, upstream)
+    ref, ref_grads = values_and_grads(lambda *t: paddle_reference(*t, scale, reference_bias), q, k, v, upstream)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(ours_grads, ref_grads):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_no_grad_path_and_frozen_inputs():
+def test_no_grad_path_and_frozen_inputs(kernels):
     (q, k, v), bias = make_inputs(2)
     with paddle.no_grad():
         np.testing.assert_allclose(attention(q, k, v, 0.3, bias).numpy(),
@@ -60,7 +68,7 @@ def test_no_grad_path_and_frozen_inputs():
     assert q.grad is None and k.grad is not None and v.grad is not None
 
 
-def test_fully_masked_row_is_uniform_not_nan():
+def test_fully_masked_row_is_uniform_not_nan(kernels):
     (q, k, v), _ = make_inputs(3, b=1, h=1, q_len=2, k_len=3)
     bias = paddle.to_tensor(np.array([[[[MASK_VALUE] * 3, [0.0, MASK_VALUE, 0.0]]]], dtype=np.float32))
     out = attention(q, k, v, 1.0, bias).numpy()
@@ -68,9 +76,30 @@ def test_fully_masked_row_is_uniform_not_nan():
     np.testing.assert_allclose(out[0, 0, 0], v.numpy()[0, 0].mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_takes_the_paddle_path():
+def test_low_precision_mask_stays_finite():
+    """The fused op takes its mask in q's dtype; float32's min would become -inf in bfloat16."""
+    _, bias = make_inputs(4)
+    for dtype in ("bfloat16", "float16"):
+        mask = attention_module.sdpa_mask(bias, getattr(paddle, dtype)).astype("float32").numpy()
+        assert np.isfinite(mask).all()
+        assert ((mask < 0) == (bias.numpy() < 0)).all() and mask.min() == float(paddle.finfo(getattr(paddle, dtype)).min)
+
+
+def test_dropout_takes_the_plain_expression(monkeypatch):
     (q, k, v), _ = make_inputs(4)
     assert not attention_module._use_numpy((q, k, v), paddle.nn.Dropout(0.1))
+    called = []
+    monkeypatch.setattr(attention_module, "plain_attention", lambda *a: called.append(a) or plain_attention(*a))
+    monkeypatch.setattr(attention_module, "fused_attention", lambda *a: pytest.fail("dropout must not fuse"))
+    attention(q, k, v, 0.5, causal=True, dropout=paddle.nn.Dropout(0.0))
+    assert called and called[0][4] is not None  # the causal bias, built for the plain expression
+
+
+def test_causal_bias_sees_the_diagonal_of_the_last_queries():
+    bias = causal_bias_np(2, 4)  # two new queries at positions 2 and 3 of 4
+    np.testing.assert_array_equal(bias == 0, [[1, 1, 1, 0], [1, 1, 1, 1]])
+    with pytest.raises(ValueError):
+        bias[0, 0] = 1.0  # cached and shared: read-only
 
 
 def test_numpy_rotary_matches_paddle_values_and_gradients():
@@ -91,3 +120,20 @@ def test_numpy_rotary_matches_paddle_values_and_gradients():
 
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ours_grad, x.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_switch_by_environment(monkeypatch):
+    from paddle_caption.model.numpy_bridge import KERNELS_ENV, numpy_capable, paddle_kernels
+    from paddle_caption.runtime import UserError
+
+    x = paddle.ones([2])
+    assert numpy_capable(x)
+    monkeypatch.setenv(KERNELS_ENV, "paddle")
+    assert not numpy_capable(x)
+    monkeypatch.setenv(KERNELS_ENV, "numpy")
+    with paddle_kernels():
+        assert not numpy_capable(x)
+    assert numpy_capable(x)
+    monkeypatch.setenv(KERNELS_ENV, "cuda")
+    with pytest.raises(UserError, match="PADDLE_CAPTION_KERNELS"):
+        numpy_capable(x)

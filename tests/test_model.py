@@ -1,4 +1,7 @@
-"""The model: parity with PaddleMIX's qwen_vl, the image scatter, padding, KV cache, checkpoints."""
+"""The model: parity with PaddleMIX's qwen_vl, the image scatter, padding, KV cache, checkpoints.
+
+Every numerical test takes the `kernels` fixture, so it runs on both kernel paths: the numpy CPU
+kernels and Paddle's own (fused attention, Paddle RoPE and head: what a GPU runs)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,14 +20,14 @@ def image_prompt(prefix, suffix, n=256):
 
 
 # ---- parity with the PaddleMIX reference ---------------------------------------------------------
-def test_visual_output_matches_reference(reference_model, reference_io):
+def test_visual_output_matches_reference(reference_model, reference_io, kernels):
     inputs, outputs = reference_io
     with paddle.no_grad():
         visual = reference_model.visual(paddle.to_tensor(inputs["images"])).numpy()
     np.testing.assert_allclose(visual, outputs["visual_out"], rtol=0, atol=1e-5)
 
 
-def test_logits_match_reference(reference_model, reference_io):
+def test_logits_match_reference(reference_model, reference_io, kernels):
     inputs, outputs = reference_io
     with paddle.no_grad():
         logits = reference_model(paddle.to_tensor(inputs["input_ids"]),
@@ -32,7 +35,7 @@ def test_logits_match_reference(reference_model, reference_io):
     np.testing.assert_allclose(logits, outputs["logits"], rtol=0, atol=1e-5)
 
 
-def test_loss_matches_reference(reference_model, reference_io):
+def test_loss_matches_reference(reference_model, reference_io, kernels):
     inputs, outputs = reference_io
     with paddle.no_grad():
         loss = reference_model(paddle.to_tensor(inputs["input_ids"]), images=paddle.to_tensor(inputs["images"]),
@@ -42,7 +45,7 @@ def test_loss_matches_reference(reference_model, reference_io):
     assert abs(loss * 16 / 546 - float(outputs["loss"])) < 1e-6
 
 
-def test_greedy_tokens_match_reference(reference_model, reference_io):
+def test_greedy_tokens_match_reference(reference_model, reference_io, kernels):
     from paddle_caption.model.generation import GenerationConfig, generate
 
     inputs, outputs = reference_io
@@ -70,7 +73,7 @@ def test_scatter_writes_visual_rows_and_keeps_text_rows(reference_model, referen
         np.testing.assert_array_equal(embeds[row, outside], token_embeds[row, outside])
 
 
-def test_image_is_used_in_logits_and_gradients(reference_model, reference_io):
+def test_image_is_used_in_logits_and_gradients(reference_model, reference_io, kernels):
     inputs, _ = reference_io
     ids = paddle.to_tensor(inputs["input_ids"][:1])
     img_a = paddle.to_tensor(inputs["images"][:1])
@@ -113,7 +116,7 @@ def test_ablation_writes_zero_rows():
 
 
 # ---- padding, cache, loss ------------------------------------------------------------------------
-def test_left_padding_matches_unpadded(reference_model):
+def test_left_padding_matches_unpadded(reference_model, kernels):
     rng = np.random.default_rng(5)
     short = image_prompt(rng.integers(0, 900, 3), rng.integers(0, 900, 5))
     long = image_prompt(rng.integers(0, 900, 9), rng.integers(0, 900, 12))
@@ -130,7 +133,7 @@ def test_left_padding_matches_unpadded(reference_model):
     np.testing.assert_allclose(batched[1], alone[1], rtol=0, atol=1e-5)
 
 
-def test_kv_cache_matches_full_forward(reference_model):
+def test_kv_cache_matches_full_forward(reference_model, kernels):
     rng = np.random.default_rng(6)
     prompt = image_prompt(rng.integers(0, 900, 4), rng.integers(0, 900, 6))
     follow = rng.integers(0, 900, 5).tolist()
@@ -149,7 +152,7 @@ def test_kv_cache_matches_full_forward(reference_model):
     np.testing.assert_allclose(np.stack(steps), full[len(prompt):], rtol=0, atol=1e-5)
 
 
-def test_last_logits_only_prefill_gives_the_same_logits_and_cache(reference_model):
+def test_last_logits_only_prefill_gives_the_same_logits_and_cache(reference_model, kernels):
     """Generation's prefill runs the last layer for the last row only; its logits and every
     layer's cached keys/values must equal the full forward's, left padding included."""
     from paddle_caption.model.generation import left_pad
@@ -178,7 +181,7 @@ def _loss_and_grads(model, ids, loss_on, **kwargs):
     return loss.item(), grads
 
 
-def test_supervised_only_head_gives_the_full_loss_and_gradients(reference_io):
+def test_supervised_only_head_gives_the_full_loss_and_gradients(reference_io, kernels):
     """The fused supervised-rows head (numpy on CPU) == full logits + Paddle cross-entropy, with right
     padding and answers of different lengths in one batch."""
     from paddle_caption import MgenVLForCausalLM

@@ -83,7 +83,8 @@ def reference(tmp_path_factory, predictor):
 
 
 # ------------------------------------------------------------------------------------ batched == one-by-one
-def test_generate_batched_equals_one_by_one_for_prompts_of_different_lengths():
+# (both kernel paths: the `kernels` fixture also runs them with Paddle's own kernels, as on a GPU)
+def test_generate_batched_equals_one_by_one_for_prompts_of_different_lengths(kernels):
     from paddle_caption.model.generation import GenerationConfig, generate
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
     import paddle
@@ -114,7 +115,7 @@ def test_generate_batched_equals_one_by_one_for_prompts_of_different_lengths():
     assert len(alone[1]) <= 3 and sorted(len(ids) for ids in alone) != [len(alone[0])] * 4
 
 
-def test_predictor_batched_equals_one_by_one_for_templates_of_different_lengths(predictor):
+def test_predictor_batched_equals_one_by_one_for_templates_of_different_lengths(predictor, kernels):
     templates = [PromptTemplate("You are a helpful assistant.", "描述图片。"),
                  PromptTemplate("You are a helpful assistant.", "请总结图片的图片风格并描述图片内容，注意准确性。"),
                  PromptTemplate("Be brief.", "Describe the picture.")]

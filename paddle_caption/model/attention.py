@@ -4,9 +4,17 @@ Why: on CPU, Paddle's float32 elementwise kernels are several times slower than 
 core (on [16, 2, 390, 390] scores: the broadcast mask add 110 ms against 4 ms, softmax 43 ms against
 26 ms, q·kᵀ 41 ms against 21 ms; the whole core in bench/attention.py), and the core is most of the
 decoder's prefill and a large share of a training step. So on CPU, in float32 and without attention
-dropout, the core runs in numpy (OpenBLAS products, in-place softmax) with a hand-written backward;
-everywhere else (GPU, half precision, dropout) it is the plain Paddle expression. Both compute the
-same values and gradients (tests/test_attention.py).
+dropout, the core runs in numpy (OpenBLAS products, in-place softmax) with a hand-written backward.
+
+Everywhere else (GPU, half precision, or `PADDLE_CAPTION_KERNELS=paddle` / `paddle_kernels()` on
+CPU) it is Paddle's fused `scaled_dot_product_attention` — flash attention on a GPU in
+float16/bfloat16 — which takes every mask this model builds: none (ViT, resampler), causal over a
+square score matrix (`is_causal`, training batches without left padding), or the additive mask of
+left-padded and cached decoding (`attn_mask`, made finite in the low dtype so a fully masked
+padding row stays a harmless uniform row). Attention dropout (off in every Qwen-VL config) takes
+the plain expression. On Paddle 3.3's CPU build the fused op runs its "math" backend (the same
+products and softmax as the plain expression; layout [B, T, H, D]; float32 — CPU has no bfloat16
+matmul). All paths compute the same values and gradients (tests/test_attention.py).
 
 The rotary embedding (x·cos + rotate_half(x)·sin) is six Paddle kernels (split, negate, concat,
 two products, a sum) over every q and k; here it is three numpy passes.
@@ -16,12 +24,27 @@ The backward uses the row identity Σ_k p·dP = dO·O (as FlashAttention does), 
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import numpy as np
 import paddle
 
 from .numpy_bridge import as_numpy, from_numpy, numpy_capable
 
 F = paddle.nn.functional
+
+MASK_VALUE = -3.4028234663852886e38  # finfo(float32).min, as PaddleMIX's mask (not -inf: no NaN rows)
+
+
+@functools.lru_cache(maxsize=8)
+def causal_bias_np(q_len: int, k_len: int) -> np.ndarray:
+    """[q_len, k_len] additive causal mask: query i (the last q_len of k_len positions) sees keys
+    0 .. i + k_len - q_len. Cached and read-only."""
+    allowed = np.tril(np.ones((q_len, k_len), dtype=bool), k=k_len - q_len)
+    bias = np.where(allowed, np.float32(0), np.float32(MASK_VALUE)).astype(np.float32)
+    bias.setflags(write=False)
+    return bias
 
 
 def _numpy_forward(q, k, v, scale: float, bias):
@@ -103,15 +126,53 @@ def _use_numpy(tensors, dropout) -> bool:
     return dropout is None and numpy_capable(*tensors)
 
 
-def attention(q, k, v, scale: float, bias=None, dropout=None):
-    """q [B, H, Q, D], k/v [B, H, K, D], optional additive `bias` broadcastable to [B, H, Q, K]
-    (a mask, never differentiated) -> [B, H, Q, D]. Softmax runs in float32 whatever the dtype."""
+def attention(q, k, v, scale: float, bias=None, dropout=None, causal: bool = False):
+    """q [B, H, Q, D], k/v [B, H, K, D] -> [B, H, Q, D]. Masking: an additive `bias` broadcastable
+    to [B, H, Q, K] (never differentiated), or `causal=True` for the plain causal mask of a forward
+    without cache or padding (the fused kernels then apply their own). Softmax runs in float32
+    whatever the dtype."""
+    if causal and bias is not None:
+        raise ValueError("pass either an additive bias or causal=True, not both")
     if _use_numpy((q, k, v), dropout):
-        bias_np = None if bias is None else as_numpy(bias.astype("float32"))
+        if causal:
+            bias_np = causal_bias_np(q.shape[2], k.shape[2])
+        else:
+            bias_np = None if bias is None else as_numpy(bias.astype("float32"))
         if paddle.is_grad_enabled() and not all(t.stop_gradient for t in (q, k, v)):
             return _NumpyAttention.apply(q, k, v, scale, bias_np)
         out, _ = _numpy_forward(as_numpy(q), as_numpy(k), as_numpy(v), scale, bias_np)
         return from_numpy(out)
+    if dropout is None:
+        return fused_attention(q, k, v, scale, bias, causal)
+    if causal:
+        bias = paddle.to_tensor(causal_bias_np(q.shape[2], k.shape[2]))
+    return plain_attention(q, k, v, scale, bias, dropout)
+
+
+def fused_attention(q, k, v, scale: float, bias=None, causal: bool = False):
+    """`scaled_dot_product_attention` in its [B, T, H, D] layout. Flash attention accepts only the
+    default 1/sqrt(D) scale, so any other scale is folded into q first."""
+    head_dim = q.shape[-1]
+    if abs(scale * math.sqrt(head_dim) - 1.0) > 1e-7:
+        q = q * (scale * math.sqrt(head_dim))
+    mask = None if bias is None else sdpa_mask(bias, q.dtype)
+    q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return out.transpose([0, 2, 1, 3])
+
+
+def sdpa_mask(bias, dtype):
+    """The additive mask in the fused op's dtype (it requires q's). finfo(float32).min would round
+    to -inf in bfloat16/float16 and turn a fully masked padding row into NaN; finfo(dtype).min
+    keeps it a finite, uniform row, as in float32."""
+    if bias.dtype == dtype:
+        return bias
+    lowest = paddle.full([], paddle.finfo(dtype).min, "float32")  # exact in float32; then one cast
+    return paddle.where(bias < 0, lowest, paddle.zeros([], "float32")).astype(dtype)
+
+
+def plain_attention(q, k, v, scale: float, bias=None, dropout=None):
+    """softmax(q·kᵀ·scale + bias)·v as Paddle kernels, the softmax in float32 (upstream's expression)."""
     scores = paddle.matmul(q * scale, k, transpose_y=True)
     if scores.dtype != paddle.float32:  # softmax in float32, as upstream
         scores = scores.astype("float32")

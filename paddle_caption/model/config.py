@@ -17,7 +17,11 @@ IGNORE_INDEX = -100  # the label of a position the loss skips (the prompt contex
 
 # Keys that upstream config files carry but that do not change the function computed here
 # (runtime switches, provenance, fused-kernel flags). They are accepted and dropped; any other
-# unknown key is an error, so a typo never passes silently.
+# unknown key is an error, so a typo never passes silently. `dtype`/`torch_dtype`/`bf16`/... and
+# `recompute`/`use_recompute` are runtime settings here: the dtype a model is built and loaded in
+# (`from_config`/`from_pretrained(dtype=...)`, TrainConfig.dtype) and activation checkpointing
+# (`MgenVLForCausalLM.enable_recompute()`, TrainConfig.recompute), so a checkpoint saved with
+# recompute on does not silently turn it on for inference.
 IGNORED_UPSTREAM_KEYS = {
     "model_type", "architectures", "auto_map", "transformers_version", "paddlenlp_version",
     "torch_dtype", "dtype", "bf16", "fp16", "fp32", "onnx_safe", "softmax_in_fp32",

@@ -7,6 +7,7 @@ never a silent text-only pass: that was the contest baseline's bug.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import paddle
 
 from .config import IGNORE_INDEX, MgenVLConfig
 from .head import cross_entropy, linear_cross_entropy, project
+from .precision import check_compute_dtype, default_dtype, default_load_dtype, dtype_name
 from .qwen import QWenModel
 from .visual import VisionTower
 
@@ -66,19 +68,32 @@ class MgenVLForCausalLM(nn.Layer):
         normal(self.lm_head.weight)
 
     @classmethod
+    def from_config(cls, config: MgenVLConfig, dtype="float32", lazy: bool = False):
+        """Build in `dtype` ("float32" | "bfloat16" | "float16"; every parameter, see precision.py),
+        never in float32 first. `lazy`: under `paddle.LazyGuard` nothing is allocated or initialised
+        (the 7B config builds in a fraction of a second and a few MB) until a checkpoint fills it
+        (`load_into_model`); such a model has exact names, shapes and parameter counts."""
+        guard = paddle.LazyGuard() if lazy else contextlib.nullcontext()
+        with default_dtype(dtype), guard:
+            return cls(config)
+
+    @classmethod
     def from_pretrained(cls, path, allow_pickle: bool = False, dtype: str | None = None):
-        from .checkpoint import load_model_state
+        """Load a model directory shard by shard into a lazily built model of `dtype` (default: the
+        dtype the checkpoint is stored in where this device can compute in it, else float32 — a
+        bfloat16 checkpoint on a CPU loads as float32); a checkpoint stored in another dtype is cast
+        one tensor at a time. Strict: every key present, none extra, every shape equal."""
+        from .checkpoint import checkpoint_dtype, load_into_model
 
         config = MgenVLConfig.from_pretrained(path)
-        model = cls(config)
-        state = load_model_state(path, allow_pickle=allow_pickle)
-        model.load_weights(state, source=str(path))
-        if dtype:
-            model.to(dtype=dtype)
+        dtype = dtype_name(dtype) if dtype else default_load_dtype(checkpoint_dtype(path, allow_pickle))
+        model = cls.from_config(config, dtype=dtype, lazy=True)
+        load_into_model(model, path, allow_pickle=allow_pickle)
         model.eval()
         return model
 
     def save_pretrained(self, directory, max_shard_bytes: int = 2 << 30):
+        """config.json + safetensors weights in the model's own dtype, written shard by shard."""
         from .checkpoint import save_model_state
 
         directory = Path(directory)
@@ -87,10 +102,29 @@ class MgenVLForCausalLM(nn.Layer):
         self.config.save_pretrained(directory)
 
     def load_weights(self, state: dict, source: str = "checkpoint"):
-        """Strict by-name load: every key present, no extra key, every shape equal."""
-        from .checkpoint import assign_state
+        """Strict by-name load of an in-memory {name: tensor or array}: every key present, no extra
+        key, every shape equal; values are cast to each parameter's dtype."""
+        from .checkpoint import assign_parameter, check_state
 
-        assign_state(self.state_dict(), state, source)
+        own = self.state_dict()
+        check_state(own, state, source)
+        for key, target in own.items():
+            value = state[key]
+            if not isinstance(value, paddle.Tensor):
+                value = paddle.to_tensor(np.asarray(value))
+            assign_parameter(target, value)
+
+    @property
+    def dtype(self) -> str:
+        return dtype_name(self.lm_head.weight.dtype)
+
+    def enable_recompute(self, enabled: bool = True) -> "MgenVLForCausalLM":
+        """Activation checkpointing per decoder layer and per ViT layer (Paddle's `recompute`):
+        in training, a block whose input carries a gradient keeps only that input and reruns its
+        forward during backward. Values and gradients are unchanged (tests/test_recompute.py)."""
+        self.transformer.llm.recompute = bool(enabled)
+        self.visual.vit.transformer.recompute = bool(enabled)
+        return self
 
     # ---- the image-text interaction ------------------------------------------------------------
     def image_span_rows(self, input_ids_np: np.ndarray) -> np.ndarray:
@@ -145,6 +179,7 @@ class MgenVLForCausalLM(nn.Layer):
         kept for tests and the benchmark). `last_logits_only` (generation) runs the last layer's
         queries, its MLP and lm_head on the last position only.
         """
+        check_compute_dtype(self.lm_head.weight)
         embeds = self.embed(input_ids, images)
         llm = self.transformer.llm
         if labels is not None and loss_on == "supervised":

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import paddle
 
-from .attention import attention, rotary
+from .attention import MASK_VALUE, attention, rotary
 from .config import MgenVLConfig
+from .recompute import run_block, should_recompute
 
 nn = paddle.nn
 F = paddle.nn.functional
-
-MASK_VALUE = -3.4028234663852886e38  # finfo(float32).min, as PaddleMIX's mask (not -inf: no NaN rows)
 
 
 class RMSNorm(nn.Layer):
@@ -90,12 +89,13 @@ class AttentionInputs:
 
     cos: object  # [B, 1, T, rot] for all positions of this forward
     sin: object
-    bias: object  # additive mask [B or 1, 1, Q, past+T]
+    bias: object  # additive mask [B or 1, 1, Q, past+T], or None with causal=True
     logn: object = None  # [1, 1, T, 1] or None
     query_index: object = None  # [B, Q] positions (within this forward) the last layer must output
     q_cos: object = None
     q_sin: object = None
     q_logn: object = None
+    causal: bool = False  # the mask is plain causal over a square T x T (no cache, no left padding)
 
 
 class QWenAttention(nn.Layer):
@@ -127,7 +127,8 @@ class QWenAttention(nn.Layer):
         present = (k, v) if use_cache else None
         if logn is not None:
             q = q * logn
-        out = attention(q, k, v, 1.0 / math.sqrt(self.head_dim), shared.bias, self.attn_dropout)
+        out = attention(q, k, v, 1.0 / math.sqrt(self.head_dim), shared.bias, self.attn_dropout,
+                        causal=shared.causal)
         out = out.transpose([0, 2, 1, 3])
         return self.c_proj(out.reshape([0, 0, self.heads * self.head_dim])), present
 
@@ -162,6 +163,10 @@ class QWenBlock(nn.Layer):
         x = x + attn_out
         return x + self.mlp(self.ln_2(x)), present
 
+    def hidden_states(self, x, shared: AttentionInputs, restrict_queries=False):
+        """The block's output without a cache (training): what recompute checkpoints."""
+        return self(x, shared, None, False, restrict_queries)[0]
+
 
 class QWenModel(nn.Layer):
     """Embeddings are computed by the caller (so image features can be scattered in first)."""
@@ -175,6 +180,9 @@ class QWenModel(nn.Layer):
         self.ln_f = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_emb_base, cfg.seq_length,
                                       cfg.use_dynamic_ntk)
+        # Activation checkpointing per layer in training (recompute.py); a runtime switch, not part
+        # of the architecture: MgenVLForCausalLM.enable_recompute() / TrainConfig.recompute.
+        self.recompute = False
 
     def embed_tokens(self, input_ids):
         embeds = self.wte(input_ids)
@@ -204,8 +212,11 @@ class QWenModel(nn.Layer):
         alpha = self.rotary.ntk_alpha(total)
         cos, sin = self.rotary.gather(position_ids, alpha, inputs_embeds.dtype)
         logn = self._logn(past_len, total, inputs_embeds.dtype)
-        q_abs = paddle.arange(past_len, total, dtype="int64").unsqueeze(0)
-        every = AttentionInputs(cos, sin, attention_bias(q_abs, total, key_mask), logn)
+        if past_len == 0 and key_mask is None:  # plain causal: the kernels build (or fuse) the mask
+            every = AttentionInputs(cos, sin, None, logn, causal=True)
+        else:
+            q_abs = paddle.arange(past_len, total, dtype="int64").unsqueeze(0)
+            every = AttentionInputs(cos, sin, attention_bias(q_abs, total, key_mask), logn)
         last = every
         if output_index is not None:
             q_cos, q_sin = self.rotary.gather(
@@ -221,8 +232,11 @@ class QWenModel(nn.Layer):
         for i, block in enumerate(self.h):
             past = None if past_key_values is None else past_key_values[i]
             is_last = i == len(self.h) - 1
-            x, present = block(x, last if is_last else every, past, use_cache,
-                               restrict_queries=is_last and output_index is not None)
+            shared, restrict = (last if is_last else every), is_last and output_index is not None
+            if not use_cache and past is None and should_recompute(x, self.recompute and self.training):
+                x, present = run_block(block.hidden_states, x, shared, restrict, recompute=True), None
+            else:
+                x, present = block(x, shared, past, use_cache, restrict_queries=restrict)
             presents.append(present)
         return self.ln_f(x), (presents if use_cache else None)
 

@@ -13,6 +13,7 @@ import paddle
 from ..runtime import UserError
 from .attention import attention
 from .config import VisualConfig
+from .recompute import run_block
 
 nn = paddle.nn
 F = paddle.nn.functional
@@ -92,10 +93,11 @@ class VisualTransformer(nn.Layer):
         super().__init__()
         self.resblocks = nn.LayerList(
             [VisualBlock(cfg.width, cfg.heads, cfg.mlp_width) for _ in range(cfg.layers)])
+        self.recompute = False  # activation checkpointing per ViT layer in training (recompute.py)
 
     def forward(self, x):
         for block in self.resblocks:
-            x = block(x)
+            x = run_block(block, x, recompute=self.recompute and self.training)
         return x
 
 
@@ -178,9 +180,10 @@ class Resampler(nn.Layer):
         Here the Q and K blocks start as `scale` x a permutation that gives every head matching
         sin/cos pairs of both axes, and ln_q starts at zero, so a score starts as
         scale^2 * pos(query) . (pos(key) + content): local in 2-D. Only the initial values change:
-        names and shapes stay Qwen-VL's, and loaded checkpoints overwrite all of it.
+        names and shapes stay Qwen-VL's, and loaded checkpoints overwrite all of it — which is why a
+        lazily built model (nothing allocated yet, weights to come from a checkpoint) skips it.
         """
-        if scale <= 0:
+        if scale <= 0 or not self.attn.in_proj_weight._is_initialized():
             return
         dim, heads = self.query.shape[1], self.attn.heads
         quarter = dim // 4  # the table is [sin_h | cos_h | sin_w | cos_w], `quarter` frequencies each
@@ -191,11 +194,11 @@ class Resampler(nn.Layer):
                  for block in range(4) for f in range(h, quarter, heads)]
         perm = np.zeros((dim, dim), dtype=np.float32)
         perm[order, np.arange(dim)] = scale  # column j (head j // head_dim) reads table dim order[j]
-        weight = self.attn.in_proj_weight.numpy()
+        weight = self.attn.in_proj_weight.astype("float32").numpy()  # float32 whatever the model dtype
         weight[:, :dim] = perm
         weight[:, dim:2 * dim] = perm
-        self.attn.in_proj_weight.set_value(weight)
-        self.ln_q.weight.set_value(np.zeros([dim], dtype=np.float32))
+        self.attn.in_proj_weight.set_value(paddle.to_tensor(weight).astype(self.attn.in_proj_weight.dtype))
+        self.ln_q.weight.set_value(paddle.zeros([dim], dtype=self.ln_q.weight.dtype))
 
     def forward(self, x):  # [N, L, width] -> [N, n_queries, dim]
         key_pos = resize_pos_embed(self.pos_embed, self.grid)

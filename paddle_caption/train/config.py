@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from .. import resources
 from ..files import read_json_object
 from ..runtime import UserError
-from ..typed_config import field_types, from_mapping, parse_overrides
+from ..model.precision import DTYPES
+from ..typed_config import from_mapping, parse_overrides
+
+SHARDING = ("none", "stage1", "stage2")
 
 
 @dataclass
 class TrainConfig:
+    RENAMED_KEYS: ClassVar[dict] = {"precision": "dtype (float32 | bfloat16 | float16)"}
+
     # ---- model: a pretrained directory, or an architecture JSON trained from scratch ---------------
     model_name_or_path: str | None = None
     model_config: str | None = None
@@ -70,8 +76,10 @@ class TrainConfig:
     max_train_minutes: float = 0.0
     seed: int = 42  # data order and per-step RNG
 
-    # ---- precision and hardware -------------------------------------------------------------------
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on GPU; CPU always fp32)
+    # ---- precision, memory and hardware ------------------------------------------------------------
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the model's dtype (model/precision.py)
+    recompute: bool = False  # activation checkpointing per decoder and ViT layer (model/recompute.py)
+    sharding: str = "none"  # none | stage1 | stage2: optimizer state (stage2: + gradients) split across GPUs
     num_threads: int = 0  # CPU threads for Paddle (0 = all cores)
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------------------
@@ -99,7 +107,7 @@ class TrainConfig:
                             "model_config (architecture JSON, trained from scratch)")
         if not self.train_records:
             raise UserError("config: train_records is required")
-        choices = {"finetune_mode": ("full", "partial", "lora"), "precision": ("fp32", "bf16", "fp16"),
+        choices = {"finetune_mode": ("full", "partial", "lora"), "dtype": DTYPES, "sharding": SHARDING,
                    "lr_scheduler": ("cosine", "linear", "constant")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -138,7 +146,7 @@ class TrainConfig:
         """A config file (as given, else among the packaged configs) plus `--key value` overrides."""
         path = resources.find_file(path, "config file")
         data = read_json_object(path, "config")
-        data.update(parse_overrides(overrides or [], field_types(cls)))
+        data.update(parse_overrides(overrides or [], cls))
         return cls.from_dict(data, str(path)).validate()
 
 

@@ -46,17 +46,28 @@ def make_lora_config(targets: list[str], r: int, alpha: float, dropout: float, m
                       tensor_parallel_degree=1)
 
 
+def matching_linears(model, targets: list[str]) -> list:
+    """[(name, Linear)] that PaddleNLP's LoRAModel adapts: sublayers whose full name fully matches a
+    target regex. A target matching no sublayer at all is a UserError (a typo adapts nothing)."""
+    import re
+
+    import paddle
+
+    named = list(model.named_sublayers())
+    for pattern in targets:
+        if not any(re.fullmatch(pattern, name) for name, _ in named):
+            raise UserError(f"lora_target_modules pattern {pattern!r} matches no layer "
+                            f"(full regex match on names like {named[-1][0]!r})")
+    linear = paddle.nn.Linear
+    return [(name, layer) for name, layer in named
+            if isinstance(layer, linear) and any(re.fullmatch(p, name) for p in targets)]
+
+
 def apply_lora(model, targets: list[str], r: int, alpha: float, dropout: float):
     """Wrap `model` in a LoRAModel: adapters on every Linear whose name fully matches a target
     regex, everything else frozen. The base model stays reachable as `.model`."""
     _, LoRAModel = _quiet_peft()
-    names = [name for name, _ in model.named_sublayers()]
-    import re
-
-    for pattern in targets:
-        if not any(re.fullmatch(pattern, name) for name in names):
-            raise UserError(f"lora_target_modules pattern {pattern!r} matches no layer "
-                            f"(full regex match on names like {names[-1]!r})")
+    matching_linears(model, targets)
     wrapped = LoRAModel(_prepare_base(model), make_lora_config(targets, r, alpha, dropout))
     if not any(not p.stop_gradient for p in wrapped.parameters()):
         raise UserError("LoRA left no parameter to train")

@@ -13,9 +13,10 @@ from .config import resolve_path
 
 
 def initial_model(model_name_or_path: str | None, model_config: str | None, init_seed: int,
-                  allow_pickle: bool = False):
-    """(model, model directory or None): the pretrained model, or the architecture randomly
-    initialised from `init_seed` (bit for bit the same on every call)."""
+                  allow_pickle: bool = False, dtype: str | None = None):
+    """(model, model directory or None): the pretrained model (in `dtype`; None: as stored where the
+    device computes in it, else float32), or the architecture randomly initialised from
+    `init_seed` (bit for bit the same on every call)."""
     import paddle
 
     from ..model.config import MgenVLConfig
@@ -26,7 +27,7 @@ def initial_model(model_name_or_path: str | None, model_config: str | None, init
     if path is None or not Path(path).exists():
         raise UserError(f"{source}: no such model directory or model config file")
     if model_name_or_path:
-        return MgenVLForCausalLM.from_pretrained(path, allow_pickle=allow_pickle), Path(path)
+        return MgenVLForCausalLM.from_pretrained(path, allow_pickle=allow_pickle, dtype=dtype), Path(path)
     config = MgenVLConfig.from_pretrained(path)
     paddle.seed(init_seed)
     return MgenVLForCausalLM(config), None

@@ -66,8 +66,9 @@ class Trainer:
         from .model_init import initial_model, setup_trainable
 
         cfg = self.cfg
+        # float32 weights under O1 autocast, as before `dtype` existed
         model, self.model_dir = initial_model(cfg.model_name_or_path, cfg.model_config, cfg.init_seed,
-                                              cfg.allow_pickle)
+                                              cfg.allow_pickle, dtype="float32")
         model.config.ablate_images = cfg.ablate_images
         return setup_trainable(model, cfg, self.log)
 
@@ -243,14 +244,13 @@ class Trainer:
         import contextlib
 
         cfg, paddle = self.cfg, self.paddle
-        if cfg.precision == "fp32":
+        if cfg.dtype == "float32":
             return contextlib.nullcontext
         if not paddle.is_compiled_with_cuda():
-            self.log(f"precision {cfg.precision} requested, but this is a CPU run: training in float32 "
+            self.log(f"dtype {cfg.dtype} requested, but this is a CPU run: training in float32 "
                      "(Paddle has no bf16/fp16 training kernels on this CPU)")
             return contextlib.nullcontext
-        dtype = "bfloat16" if cfg.precision == "bf16" else "float16"
-        return lambda: paddle.amp.auto_cast(enable=True, dtype=dtype, level="O1")
+        return lambda: paddle.amp.auto_cast(enable=True, dtype=cfg.dtype, level="O1")
 
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, state: LoopState) -> dict:
