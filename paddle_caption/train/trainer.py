@@ -26,6 +26,7 @@ from ..files import atomic_write, write_json
 from ..runtime import UserError, configure
 from . import checkpoints as ckpt
 from .config import TrainConfig, resolve_path
+from .parallel import agree, check_replicas_agree, check_same_on_all_ranks, gradient_sync, wrap_for_training
 from .schedule import lr_at
 
 # Settings that do not change the trajectory: they may differ when a run resumes.
@@ -60,6 +61,8 @@ class Trainer:
         self.rank, self.world = rank_and_world()
         if self.world > 1:
             self.paddle.distributed.init_parallel_env()
+        # Rank 0 alone speaks and writes files (logs, checkpoints, evaluation, summary).
+        self.log = log if self.rank == 0 else (lambda *_, **__: None)
 
     # ---- set-up ----------------------------------------------------------------------------------
     def build_model(self):
@@ -84,12 +87,16 @@ class Trainer:
         if not records:
             raise UserError(f"{cfg.train_records}: no training records")
         self.train_set = CaptionDataset(records, self.tokenizer, self.template, size, cfg.max_length)
+        accum = cfg.gradient_accumulation_steps
         self.loader = make_dataloader(self.train_set, cfg.per_device_train_batch_size, shuffle=True,
                                       seed=cfg.seed, num_workers=cfg.num_workers,
-                                      group_by_length=cfg.group_by_length, rank=self.rank, world=self.world)
+                                      group_by_length=cfg.group_by_length, rank=self.rank, world=self.world,
+                                      accumulation=accum)
         self.sampler = self.loader.batch_sampler
         if self.sampler.batches_per_epoch == 0:
-            raise UserError("fewer training batches than processes: nothing to train on")
+            raise UserError(f"{self.sampler.base.batches_per_epoch} training batch(es) of "
+                            f"{cfg.per_device_train_batch_size}: fewer than one optimiser step needs "
+                            f"({self.world} rank(s) x gradient_accumulation_steps {accum})")
         self.val_set = None
         if cfg.val_records:
             val = _read_records(cfg.val_records)
@@ -139,13 +146,11 @@ class Trainer:
         if not resumed_from and self.rank == 0:
             write_json(self.output_dir / "train_config.json", cfg.to_dict())
 
-        train_model = paddle.DataParallel(model) if self.world > 1 else model
+        check_same_on_all_ranks(self.world, state.step, "the step to resume from")
+        train_module = wrap_for_training(model, self.world)
         model.train()
         accum = cfg.gradient_accumulation_steps
         per_epoch = self.sampler.batches_per_epoch // accum
-        if per_epoch == 0:
-            raise UserError(f"gradient_accumulation_steps ({accum}) exceeds the batches in an epoch "
-                            f"({self.sampler.batches_per_epoch})")
         total_steps = cfg.max_steps if cfg.max_steps > 0 else (
             math.ceil(cfg.num_train_epochs * per_epoch) if cfg.num_train_epochs > 0 else 10 ** 12)
         budget_s = cfg.max_train_minutes * 60 if cfg.max_train_minutes > 0 else math.inf
@@ -157,43 +162,56 @@ class Trainer:
 
         bar = self._progress_bar(total_steps if total_steps < 10 ** 12 else None, state.step)
         start = time.time() - state.elapsed_s
-        last_eval = last_save = state.elapsed_s
+        last_eval = last_save = state.elapsed_s  # rank 0's clock; only rank 0 decides with them
         step_times, window_loss, window_samples, window_t = [], [], 0, time.time()
-        micro, done = 0, False
+        micro, step_loss, done = 0, 0.0, state.step >= total_steps
         stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
-        if state.step >= total_steps:
-            done = True
         while not done:
             self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            if len(self.sampler) < accum:  # too few batches left for a full step: next epoch
+            if len(self.sampler) == 0:  # resumed at the end of an epoch (epochs hold whole steps)
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             step_start = time.time()
             for batch in self.loader:
-                if micro == 0:
-                    paddle.seed(cfg.seed * 1_000_003 + state.step)  # RNG is a function of the step
-                with amp():
-                    out = train_model(batch["input_ids"], images=batch["images"],
-                                      attention_mask=batch["attention_mask"], labels=batch["labels"])
-                (out.loss / accum).backward()
-                window_loss.append(float(out.loss))
+                # RNG is a function of (step, micro-batch of the step across all ranks): a step's
+                # dropout is the same whether its micro-batches run on one process or on several.
+                paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
+                with gradient_sync(train_module, sync=micro == accum - 1):
+                    with amp():
+                        loss = train_module(batch["input_ids"], images=batch["images"],
+                                            attention_mask=batch["attention_mask"], labels=batch["labels"])
+                    # each micro-batch's loss is the mean over its supervised tokens; DataParallel
+                    # averages over ranks, so a step is the mean of its world x accum micro-batches
+                    (loss / accum).backward()
+                step_loss += float(loss)
                 window_samples += int(batch["input_ids"].shape[0]) * self.world
                 micro += 1
                 state.batch_in_epoch += 1
                 if micro < accum:
                     continue
-                micro = 0
-                state.elapsed_s = time.time() - start
-                progress = max(state.step / total_steps, state.elapsed_s / budget_s)
-                lr = lr_at(cfg, progress)
+                # One decision for all ranks, made on rank 0's clock: the schedule's time progress,
+                # whether this is the last step (the next one would overrun the budget), and whether
+                # to evaluate / save after it. Ranks deciding alone could disagree and hang.
+                elapsed = time.time() - start
+                next_step = float(np.median(step_times[-20:] + [time.time() - step_start]))
+                step_after = state.step + 1
+                stop = 1.0 if step_after >= total_steps else 2.0 if elapsed + next_step > budget_s else 0.0
+                decided, summed = agree(self.world, [
+                    elapsed, stop,
+                    float(not stop and self._due(cfg.eval_steps, cfg.eval_minutes, step_after, elapsed, last_eval)),
+                    float(not stop and self._due(cfg.save_steps, cfg.save_minutes, step_after, elapsed, last_save)),
+                ], [step_loss])
+                state.elapsed_s, stop, eval_due, save_due = decided
+                lr = lr_at(cfg, max(state.step / total_steps, state.elapsed_s / budget_s))
                 optimizer.set_lr(lr)
                 optimizer.step()
                 optimizer.clear_grad()
-                state.step += 1
+                window_loss.append(summed[0] / (accum * self.world))
+                micro, step_loss = 0, 0.0
+                state.step = step_after
                 state.samples += cfg.per_device_train_batch_size * accum * self.world
                 step_times.append(time.time() - step_start)
                 step_start = time.time()
-                state.elapsed_s = time.time() - start
                 if state.step % cfg.logging_steps == 0 or state.step == 1:
                     rate = window_samples / max(1e-9, time.time() - window_t)
                     record = {"kind": "train", "step": state.step, "epoch": state.epoch,
@@ -203,23 +221,21 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
                     window_loss, window_samples, window_t = [], 0, time.time()
                 bar.update(1)
-                # stop when the next step would overrun the budget, so the budget holds exactly
-                next_step = float(np.median(step_times[-20:]))
-                if state.step >= total_steps:
+                if stop:
                     done = True
-                elif state.elapsed_s + next_step > budget_s:
-                    done, stop_reason = True, "time budget"
-                if not done and self._due(cfg.eval_steps, cfg.eval_minutes, state, last_eval):
-                    self.evaluate(state)
-                    last_eval = state.elapsed_s = time.time() - start
-                if not done and self._due(cfg.save_steps, cfg.save_minutes, state, last_save):
-                    self.save_checkpoint(state)
-                    last_save = state.elapsed_s = time.time() - start
-                if done:
+                    if stop == 2.0:
+                        stop_reason = "time budget"
                     break
+                if eval_due:
+                    self.evaluate(state)
+                    last_eval = time.time() - start
+                if save_due:
+                    self.save_checkpoint(state)
+                    last_save = time.time() - start
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         bar.close()
+        check_replicas_agree(self.world, self.named_trainable)
         state.elapsed_s = time.time() - start
         final = self.save_checkpoint(state, final=True)
         metrics = self.evaluate(state)
@@ -234,10 +250,11 @@ class Trainer:
                         f"CIDEr-D {metrics.get('CIDEr-D', float('nan')):.3f}" if metrics else ""))
         return summary
 
-    def _due(self, every_steps, every_minutes, state, last_elapsed) -> bool:
-        if every_steps and state.step % every_steps == 0:
+    @staticmethod
+    def _due(every_steps, every_minutes, step, elapsed, last_elapsed) -> bool:
+        if every_steps and step % every_steps == 0:
             return True
-        return bool(every_minutes) and state.elapsed_s - last_elapsed >= every_minutes * 60
+        return bool(every_minutes) and elapsed - last_elapsed >= every_minutes * 60
 
     def _amp_context(self):
         import contextlib
@@ -340,6 +357,11 @@ class Trainer:
 
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                     disable=not self.cfg.progress or self.rank != 0, file=sys.stderr)
+
+
+def _step_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The RNG seed of one micro-batch of one optimiser step."""
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
 
 
 def _read_records(path):
