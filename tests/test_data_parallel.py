@@ -194,3 +194,34 @@ def test_kill_and_resume_under_data_parallel_matches_uninterrupted_run(dp_run, c
         np.testing.assert_array_equal(reference[name], resumed[name], err_msg=name)
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
+
+
+# ------------------------------------------------------------------------- optimizer-state sharding
+def test_stage1_sharding_matches_data_parallel_and_resumes(dp_run, caption_data):
+    from paddle_caption.model.checkpoint import load_safetensors
+
+    tmp_path = dp_run["tmp"]
+    cfg = json.loads((tmp_path / "dp.json").read_text())
+    cfg.update(sharding="stage1", output_dir=str(tmp_path / "stage1"))
+    config = write_config(tmp_path / "stage1.json", **cfg)
+    run_launched(tmp_path, "stage1", "supervised_finetune.py", config)
+    run = tmp_path / "stage1"
+    reference, sharded = final_params(dp_run["dir"]), final_params(run)
+    for name in reference:
+        np.testing.assert_allclose(sharded[name], reference[name], rtol=0, atol=1e-5, err_msg=name)
+    # each rank saved the moments of its own share of the parameters, together all of them, once
+    shards = [set(load_safetensors(run / "final" / f"optimizer.rank{r}-of-2.safetensors")) for r in range(2)]
+    assert not (run / "final/optimizer.safetensors").exists()
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+    owners = {key.split("::")[0] for key in shards[0] | shards[1]}
+    assert owners == set(reference)
+    # resume from the step-4 checkpoint: the same final weights
+    first = sharded
+    import shutil
+
+    shutil.rmtree(run / "final")
+    run_launched(tmp_path, "stage1-resumed", "supervised_finetune.py", config, "--resume")
+    assert "resumed from" in (tmp_path / "stage1-resumed-logs/workerlog.0").read_text()
+    again = final_params(run)
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)

@@ -73,6 +73,11 @@ class TrainConfig:
     # ---- precision and hardware -------------------------------------------------------------------
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 autocast on GPU; CPU always fp32)
     num_threads: int = 0  # CPU threads for Paddle (0 = all cores)
+    # Optimizer-state sharding over the ranks of a launched run (ZeRO), Paddle's engines:
+    # "stage1" = fleet's DygraphShardingOptimizer (optimizer states; runs on CPU/gloo too),
+    # "stage2" = paddle.distributed.sharding.group_sharded_parallel level "os_g" (states and
+    # gradients; GPU/XPU only). "none" = plain data parallel. See train/parallel.py.
+    sharding: str = "none"
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------------------
     eval_steps: int = 0  # 0 = only at the end
@@ -100,6 +105,7 @@ class TrainConfig:
         if not self.train_records:
             raise UserError("config: train_records is required")
         choices = {"finetune_mode": ("full", "partial", "lora"), "precision": ("fp32", "bf16", "fp16"),
+                   "sharding": ("none", "stage1", "stage2"),
                    "lr_scheduler": ("cosine", "linear", "constant")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -1,9 +1,26 @@
-"""Data parallel for the trainer, with Paddle's own engine (`paddle.DataParallel`), and the few
-decisions all ranks must share.
+"""Data parallel and optimizer-state sharding for the trainer, with Paddle's own engines, and the
+few decisions all ranks must share.
 
 Launch: `python -m paddle.distributed.launch --nproc_per_node N supervised_finetune.py CONFIG`
 (`--gpus 0,1,...` on GPUs; gloo on CPU). Each rank trains on its share of every step's batches
-(`data.dataset.RankBatchSampler`); DataParallel averages the gradients over the ranks.
+(`data.dataset.RankBatchSampler`) and the gradients are averaged over the ranks:
+
+- `sharding: "none"`: `paddle.DataParallel` all-reduces gradients during the backward of a step's
+  last micro-batch (`no_sync` on the others). Every rank holds the whole optimizer state.
+- `sharding: "stage1"`: fleet's `DygraphShardingOptimizer` (`fleet.init` with `sharding_degree` =
+  ranks, `fleet.distributed_model` / `distributed_optimizer`). Each rank keeps the AdamW moments
+  (and master weights) of its share of the parameters only; at `optimizer.step()` gradients are
+  reduced to each parameter's owner, the owner updates it and broadcasts the new values. Nothing
+  is communicated on accumulation micro-steps. Runs on CPU/gloo (tested with 2 processes).
+- `sharding: "stage2"`: `paddle.distributed.sharding.group_sharded_parallel(level="os_g")` shards
+  gradients too. Paddle 3.3 supports it only on GPU/XPU: on CPU it stops with `AssertionError:
+  group_sharded_parallel only support gpu, xpu and custom_device now`, so the trainer refuses it
+  on CPU up front (`check_sharding`) and the path is not exercised by the CPU test suite. Its
+  GroupShardedStage2 reduces gradients in every backward (it has no `no_sync`), so with gradient
+  accumulation it communicates on every micro-step.
+
+With sharding, each rank's optimizer state is its own file in the checkpoint
+(`checkpoints.optimizer_shard_name`); a sharded run resumes with the same number of ranks.
 
 Why the model is wrapped in `LossOnly`: DataParallel finds the unused parameters of a step by
 walking the autograd graph back from the tensors its wrapped forward returns, and it looks for
@@ -44,10 +61,61 @@ class LossOnly(paddle.nn.Layer):
         return self.model(input_ids, images=images, attention_mask=attention_mask, labels=labels).loss
 
 
-def wrap_for_training(model, world: int):
-    """The layer a training step calls: the loss module, inside DataParallel when world > 1."""
+STAGE2_ON_CPU = ("sharding stage2 needs GPUs: Paddle's group_sharded_parallel refuses this device "
+                 "(AssertionError: group_sharded_parallel only support gpu, xpu and custom_device now); "
+                 "use sharding stage1, which runs on CPU too, or none")
+
+
+def is_sharded(world: int, sharding: str) -> bool:
+    return world > 1 and sharding != "none"
+
+
+def check_sharding(world: int, sharding: str) -> str | None:
+    """Refuse a sharding Paddle cannot run here; returns a note to log, if any."""
+    if sharding == "none":
+        return None
+    if world == 1:
+        return f"sharding {sharding} needs several processes (paddle.distributed.launch): training unsharded"
+    if sharding == "stage2" and paddle.get_device().split(":")[0] not in ("gpu", "xpu"):
+        raise UserError(STAGE2_ON_CPU)
+    return None
+
+
+def init_processes(world: int, sharding: str) -> None:
+    """Join the launched job's process group (fleet's hybrid topology for stage-1 sharding)."""
+    if world == 1:
+        return
+    if sharding == "stage1":
+        from paddle.distributed import fleet
+
+        strategy = fleet.DistributedStrategy()
+        strategy.hybrid_configs = {"dp_degree": 1, "mp_degree": 1, "pp_degree": 1, "sharding_degree": world}
+        fleet.init(is_collective=True, strategy=strategy)
+    else:
+        paddle.distributed.init_parallel_env()
+
+
+def wrap_for_training(model, optimizer, world: int, sharding: str = "none"):
+    """(the layer a training step calls, the optimizer to step): the loss module and the optimizer,
+    wrapped by the config's parallel engine when world > 1. Wrapping broadcasts rank 0's weights."""
     loss_module = LossOnly(model)
-    return paddle.DataParallel(loss_module) if world > 1 else loss_module
+    if world == 1:
+        return loss_module, optimizer
+    if sharding == "stage1":
+        from paddle.distributed import fleet
+
+        return fleet.distributed_model(loss_module), fleet.distributed_optimizer(optimizer)
+    if sharding == "stage2":
+        from paddle.distributed.sharding import group_sharded_parallel
+
+        module, optimizer, _ = group_sharded_parallel(loss_module, optimizer, level="os_g")
+        return module, optimizer
+    return paddle.DataParallel(loss_module), optimizer
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        paddle.distributed.barrier()
 
 
 def gradient_sync(train_module, sync: bool):

@@ -26,7 +26,8 @@ from ..files import atomic_write, write_json
 from ..runtime import UserError, configure
 from . import checkpoints as ckpt
 from .config import TrainConfig, resolve_path
-from .parallel import agree, check_replicas_agree, check_same_on_all_ranks, gradient_sync, wrap_for_training
+from .parallel import (agree, barrier, check_replicas_agree, check_same_on_all_ranks, check_sharding,
+                       gradient_sync, init_processes, is_sharded, wrap_for_training)
 from .schedule import lr_at
 
 # Settings that do not change the trajectory: they may differ when a run resumes.
@@ -59,10 +60,13 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.paddle = configure(cfg.num_threads or None)
         self.rank, self.world = rank_and_world()
-        if self.world > 1:
-            self.paddle.distributed.init_parallel_env()
+        note = check_sharding(self.world, cfg.sharding)
+        self.sharded = is_sharded(self.world, cfg.sharding)
+        init_processes(self.world, cfg.sharding)
         # Rank 0 alone speaks and writes files (logs, checkpoints, evaluation, summary).
         self.log = log if self.rank == 0 else (lambda *_, **__: None)
+        if note:
+            self.log(note)
 
     # ---- set-up ----------------------------------------------------------------------------------
     def build_model(self):
@@ -134,10 +138,13 @@ class Trainer:
         self.build_data(self.base_model.config)
         self.predictor = self.build_predictor()
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
-        optimizer = self.build_optimizer(model)
+        # The parallel engine wraps the model and optimizer before a resume loads into them (a
+        # sharded optimizer takes only its own share of the state); wrapping broadcasts rank 0's
+        # weights, which a resume then overwrites with the same checkpoint on every rank.
+        train_module, optimizer = wrap_for_training(model, self.build_optimizer(model), self.world,
+                                                    cfg.sharding)
         self.optimizer = optimizer
-        if self.rank == 0:
-            self.log(trainable_table(model))
+        self.log(trainable_table(model))
         amp = self._amp_context()
 
         state = LoopState(config_fingerprint=config_fingerprint(cfg))
@@ -147,7 +154,6 @@ class Trainer:
             write_json(self.output_dir / "train_config.json", cfg.to_dict())
 
         check_same_on_all_ranks(self.world, state.step, "the step to resume from")
-        train_module = wrap_for_training(model, self.world)
         model.train()
         accum = cfg.gradient_accumulation_steps
         per_epoch = self.sampler.batches_per_epoch // accum
@@ -285,14 +291,26 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, state: LoopState, final: bool = False) -> Path:
-        """Rank 0 writes the checkpoint (see checkpoints.py); every rank returns its path."""
+        """Rank 0 writes the checkpoint (see checkpoints.py); every rank returns its path. With a
+        sharded optimizer every rank first adds its share of the optimizer state (all ranks call
+        this at the same step: the decision to save is rank 0's, shared in `agree`)."""
         name = ckpt.FINAL_DIR if final else f"{ckpt.CHECKPOINT_PREFIX}{state.step:06d}"
+        if self.sharded:
+            from ..model.checkpoint import save_safetensors
+
+            if self.rank == 0:
+                ckpt.begin_checkpoint(self.output_dir, name)
+            barrier(self.world)
+            save_safetensors(ckpt.optimizer_state(self.optimizer, self.named_trainable),
+                             ckpt.temp_dir(self.output_dir, name) / ckpt.optimizer_shard_name(self.rank, self.world))
+            barrier(self.world)
         if self.rank != 0:
             return self.output_dir / name
         lora = self.model if self.cfg.finetune_mode == "lora" else None
         return ckpt.save_checkpoint(
             self.output_dir, name, trained=None if lora else dict(self.named_trainable), lora_model=lora,
-            optimizer_tensors=ckpt.optimizer_state(self.optimizer, self.named_trainable),
+            optimizer_tensors=None if self.sharded else ckpt.optimizer_state(self.optimizer, self.named_trainable),
+            begun=self.sharded,
             files={"model_config.json": self.base_model.config.to_dict(),
                    "prompt.json": {"system": self.template.system, "prompt": self.template.prompt},
                    "train_config.json": self.cfg.to_dict()},
@@ -310,8 +328,13 @@ class Trainer:
             raise UserError(f"{latest}: checkpoint of a different training config; use another "
                             "output_dir or delete the old run")
         ckpt.load_trained(latest, self.named_trainable, self.model if self.cfg.finetune_mode == "lora" else None)
-        ckpt.set_optimizer_state(self.optimizer, self.named_trainable,
-                                 load_safetensors(latest / ckpt.OPTIMIZER_STATE), latest / ckpt.OPTIMIZER_STATE)
+        optimizer_file = latest / (ckpt.optimizer_shard_name(self.rank, self.world) if self.sharded
+                                   else ckpt.OPTIMIZER_STATE)
+        if not optimizer_file.is_file():
+            raise UserError(f"{optimizer_file}: missing; a sharded run resumes with the number of "
+                            "processes that wrote its checkpoint")
+        ckpt.set_optimizer_state(self.optimizer, self.named_trainable, load_safetensors(optimizer_file),
+                                 optimizer_file)
         for key in asdict(state):
             if key in saved:
                 setattr(state, key, saved[key])

@@ -34,7 +34,7 @@ def main(model_json: str) -> int:
     config = MgenVLConfig.from_pretrained(model_json)
     paddle.seed(0)
     model = MgenVLForCausalLM(config)
-    module = wrap_for_training(model, dist.get_world_size())
+    module, _ = wrap_for_training(model, None, dist.get_world_size())
     n = config.visual.n_queries
     rng = np.random.default_rng(rank)  # each rank its own data
 
