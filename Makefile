@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo replicate test test-fast bench clean
+.PHONY: setup demo replicate compare-modes test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: setup
 replicate: setup
 	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
 
+# full / partial / LoRA on the embedded default, same data and budget (MINUTES per mode, run one
+# after another): writes checkpoints/compare_modes/results.md
+MINUTES ?= 10
+compare-modes: setup
+	$(PY) tools/compare_modes.py --config config/demo.json --out checkpoints/compare_modes --minutes $(MINUTES)
+
 test: setup
 	$(PY) -m pytest -q -ra tests
 
@@ -28,4 +34,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf checkpoints/demo checkpoints/replicate
+	rm -rf checkpoints/demo checkpoints/replicate checkpoints/compare_modes

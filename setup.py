@@ -32,6 +32,7 @@ setup(
             "paddle-caption-predict=paddle_caption.entry_points:predict",
             "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
             "paddle-caption-demo=paddle_caption.entry_points:demo",
+            "paddle-caption-compare-modes=paddle_caption.entry_points:compare_modes",
         ]
     },
 )

@@ -20,6 +20,7 @@ COMMANDS = {
     "predict": ("paddle_caption.predict.cli", "caption a test TSV for submission"),
     "evaluate": ("paddle_caption.eval.evaluate", "CIDEr-D, BLEU, ROUGE-L of results against references"),
     "demo": ("paddle_caption.demo.pipeline", "the whole workflow on the embedded default"),
+    "compare-modes": ("paddle_caption.demo.compare_modes", "full / partial / LoRA fine-tuning compared on the embedded default"),
 }
 
 
@@ -34,7 +35,7 @@ def dispatch(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m paddle_caption COMMAND [args]\n\ncommands:", file=sys.stderr)
         for name, (_, summary) in COMMANDS.items():
-            print(f"  {name:<10} {summary}", file=sys.stderr)
+            print(f"  {name:<13} {summary}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return run(argv[0], argv[1:])
 
@@ -55,3 +56,4 @@ merge = _console("merge")
 predict = _console("predict")
 evaluate = _console("evaluate")
 demo = _console("demo")
+compare_modes = _console("compare-modes")

@@ -26,8 +26,6 @@ from ..files import atomic_write, write_json
 from ..runtime import UserError, configure
 from . import checkpoints as ckpt
 from .config import TrainConfig, resolve_path
-from .parallel import (agree, barrier, check_replicas_agree, check_same_on_all_ranks, check_sharding,
-                       gradient_sync, init_processes, is_sharded, wrap_for_training)
 from .schedule import lr_at
 
 # Settings that do not change the trajectory: they may differ when a run resumes.
@@ -59,10 +57,13 @@ class Trainer:
         self.log = log
         self.output_dir = Path(cfg.output_dir)
         self.paddle = configure(cfg.num_threads or None)
+        from . import parallel  # imports paddle: only after configure() (see runtime.py)
+
+        self.parallel = parallel
         self.rank, self.world = rank_and_world()
-        note = check_sharding(self.world, cfg.sharding)
-        self.sharded = is_sharded(self.world, cfg.sharding)
-        init_processes(self.world, cfg.sharding)
+        note = parallel.check_sharding(self.world, cfg.sharding)
+        self.sharded = parallel.is_sharded(self.world, cfg.sharding)
+        parallel.init_processes(self.world, cfg.sharding)
         # Rank 0 alone speaks and writes files (logs, checkpoints, evaluation, summary).
         self.log = log if self.rank == 0 else (lambda *_, **__: None)
         if note:
@@ -141,8 +142,8 @@ class Trainer:
         # The parallel engine wraps the model and optimizer before a resume loads into them (a
         # sharded optimizer takes only its own share of the state); wrapping broadcasts rank 0's
         # weights, which a resume then overwrites with the same checkpoint on every rank.
-        train_module, optimizer = wrap_for_training(model, self.build_optimizer(model), self.world,
-                                                    cfg.sharding)
+        train_module, optimizer = self.parallel.wrap_for_training(
+            model, self.build_optimizer(model), self.world, cfg.sharding)
         self.optimizer = optimizer
         self.log(trainable_table(model))
         amp = self._amp_context()
@@ -153,7 +154,7 @@ class Trainer:
         if not resumed_from and self.rank == 0:
             write_json(self.output_dir / "train_config.json", cfg.to_dict())
 
-        check_same_on_all_ranks(self.world, state.step, "the step to resume from")
+        self.parallel.check_same_on_all_ranks(self.world, state.step, "the step to resume from")
         model.train()
         accum = cfg.gradient_accumulation_steps
         per_epoch = self.sampler.batches_per_epoch // accum
@@ -182,7 +183,7 @@ class Trainer:
                 # RNG is a function of (step, micro-batch of the step across all ranks): a step's
                 # dropout is the same whether its micro-batches run on one process or on several.
                 paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
-                with gradient_sync(train_module, sync=micro == accum - 1):
+                with self.parallel.gradient_sync(train_module, sync=micro == accum - 1):
                     with amp():
                         loss = train_module(batch["input_ids"], images=batch["images"],
                                             attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -202,7 +203,7 @@ class Trainer:
                 next_step = float(np.median(step_times[-20:] + [time.time() - step_start]))
                 step_after = state.step + 1
                 stop = 1.0 if step_after >= total_steps else 2.0 if elapsed + next_step > budget_s else 0.0
-                decided, summed = agree(self.world, [
+                decided, summed = self.parallel.agree(self.world, [
                     elapsed, stop,
                     float(not stop and self._due(cfg.eval_steps, cfg.eval_minutes, step_after, elapsed, last_eval)),
                     float(not stop and self._due(cfg.save_steps, cfg.save_minutes, step_after, elapsed, last_save)),
@@ -241,11 +242,12 @@ class Trainer:
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         bar.close()
-        check_replicas_agree(self.world, self.named_trainable)
+        self.parallel.check_replicas_agree(self.world, self.named_trainable)
         state.elapsed_s = time.time() - start
         final = self.save_checkpoint(state, final=True)
         metrics = self.evaluate(state)
         summary = {"steps": state.step, "samples": state.samples, "epochs": state.epoch,
+                   "trainable_parameters": sum(int(np.prod(p.shape)) for _, p in self.named_trainable),
                    "train_seconds": round(state.elapsed_s, 1), "stop_reason": stop_reason,
                    "final_checkpoint": str(final), "eval": metrics}
         if self.rank == 0:
@@ -300,10 +302,10 @@ class Trainer:
 
             if self.rank == 0:
                 ckpt.begin_checkpoint(self.output_dir, name)
-            barrier(self.world)
+            self.parallel.barrier(self.world)
             save_safetensors(ckpt.optimizer_state(self.optimizer, self.named_trainable),
                              ckpt.temp_dir(self.output_dir, name) / ckpt.optimizer_shard_name(self.rank, self.world))
-            barrier(self.world)
+            self.parallel.barrier(self.world)
         if self.rank != 0:
             return self.output_dir / name
         lora = self.model if self.cfg.finetune_mode == "lora" else None
