@@ -8,6 +8,19 @@ schedule still continues from the saved elapsed time.)
 
 The loop knows no dataset: evaluation (`evaluation.py`) captions through the same Predictor as
 `predict_batch.py` and computes the extra scores the config names.
+
+Several processes (`python -m paddle.distributed.launch --nproc_per_node N` or `--gpus ...`; see
+`parallel.py`): rank r trains on batches r, r+N, ... of each step's group (`RankBatchSampler`),
+gradients are all-reduced once per optimiser step (`no_sync` on accumulation micro-steps) and
+averaged, so N ranks x accumulation A train exactly like one process with accumulation N*A (tested
+to 1e-5). Rank 0 decides everything that depends on a clock (the learning rate on a wall-clock
+schedule, the last step, when to evaluate and save) and every rank follows (`parallel.agree`, one
+all-reduce a step). Rank 0 alone prints and writes files: log.jsonl, train_config.json, checkpoints,
+evaluation, train_summary.json (with sharding, each rank adds its optimizer-state share to the
+checkpoint rank 0 writes). At the end, the replicas' weights are checked identical. A resumed run
+checks that every rank resumed from the same step (output_dir must be shared across machines).
+Evaluation runs on rank 0 while the others wait in the next step's all-reduce, which Paddle allows
+for 30 minutes (its default collective timeout): keep an evaluation shorter than that.
 """
 from __future__ import annotations
 
@@ -218,7 +231,6 @@ class Trainer:
                 state.step = step_after
                 state.samples += cfg.per_device_train_batch_size * accum * self.world
                 step_times.append(time.time() - step_start)
-                step_start = time.time()
                 if state.step % cfg.logging_steps == 0 or state.step == 1:
                     rate = window_samples / max(1e-9, time.time() - window_t)
                     record = {"kind": "train", "step": state.step, "epoch": state.epoch,
@@ -239,6 +251,7 @@ class Trainer:
                 if save_due:
                     self.save_checkpoint(state)
                     last_save = time.time() - start
+                step_start = time.time()  # a step's time excludes evaluation and saving
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         bar.close()
