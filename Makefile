@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo replicate serve demo-model-exists test test-fast bench clean
+.PHONY: setup browser demo replicate compare-modes serve demo-model-exists test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -20,6 +20,12 @@ demo: setup
 
 replicate: setup
 	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
+
+# full / partial / LoRA on the embedded default, same data and budget (MINUTES per mode, run one
+# after another): writes checkpoints/compare_modes/results.md
+MINUTES ?= 10
+compare-modes: setup
+	$(PY) tools/compare_modes.py --config config/demo.json --out checkpoints/compare_modes --minutes $(MINUTES)
 
 # The caption service on the demo model (http://127.0.0.1:8000/); SERVE_ARGS passes more flags.
 DEMO_MODEL := checkpoints/demo/image/model
@@ -47,4 +53,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf checkpoints/demo checkpoints/replicate
+	rm -rf checkpoints/demo checkpoints/replicate checkpoints/compare_modes

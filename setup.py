@@ -38,6 +38,7 @@ setup(
             "paddle-caption-serve=paddle_caption.entry_points:serve",
             "paddle-caption-plan-memory=paddle_caption.entry_points:plan_memory",
             "paddle-caption-convert-checkpoint=paddle_caption.entry_points:convert_checkpoint",
+            "paddle-caption-compare-modes=paddle_caption.entry_points:compare_modes",
         ]
     },
 )

@@ -24,6 +24,7 @@ COMMANDS = {
     "plan-memory": ("paddle_caption.train.memory_plan", "GPU memory a training config needs, per GPU"),
     "convert-checkpoint": ("paddle_caption.model.convert_checkpoint",
                            "PaddleMIX / Hugging Face Qwen-VL weights -> a safetensors model directory"),
+    "compare-modes": ("paddle_caption.demo.compare_modes", "full / partial / LoRA fine-tuning compared on the embedded default"),
 }
 
 
@@ -38,7 +39,7 @@ def dispatch(argv=None) -> int:
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m paddle_caption COMMAND [args]\n\ncommands:", file=sys.stderr)
         for name, (_, summary) in COMMANDS.items():
-            print(f"  {name:<10} {summary}", file=sys.stderr)
+            print(f"  {name:<13} {summary}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return run(argv[0], argv[1:])
 
@@ -62,3 +63,4 @@ demo = _console("demo")
 serve = _console("serve")
 plan_memory = _console("plan-memory")
 convert_checkpoint = _console("convert-checkpoint")
+compare_modes = _console("compare-modes")

@@ -177,6 +177,18 @@ def test_rank_samplers_split_an_epoch_evenly():
     assert RankBatchSampler(base).epoch_batches(0) == base.epoch_batches(0)
 
 
+def test_rank_samplers_with_accumulation_hold_the_steps_of_one_process():
+    base = LengthGroupedBatchSampler(np.arange(29), batch_size=2, seed=4)  # 15 batches
+    single = RankBatchSampler(base, 0, 1, accumulation=4)  # one process, 4 micro-batches a step
+    assert single.batches_per_epoch == 12 and single.epoch_batches(0) == base.epoch_batches(0)[:12]
+    ranks = [RankBatchSampler(base, rank, 2, accumulation=2) for rank in range(2)]  # 2 ranks x 2
+    assert all(r.batches_per_epoch == 6 for r in ranks)
+    for step in range(3):
+        one = single.epoch_batches(0)[4 * step:4 * step + 4]
+        both = [b for r in ranks for b in r.epoch_batches(0)[2 * step:2 * step + 2]]
+        assert sorted(one) == sorted(both)  # the same micro-batches make up every optimiser step
+
+
 def test_dataloader_workers_match_single_process(tmp_path, tok, template):
     dataset = CaptionDataset(write_records(tmp_path, n=13), tok, template, IMAGE_SIZE, MAX_LENGTH)
     single = _run_epochs(make_dataloader(dataset, batch_size=3, shuffle=True, seed=5, num_workers=0))

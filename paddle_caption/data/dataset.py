@@ -190,12 +190,18 @@ class RankBatchSampler:
     """One rank's share of a LengthGroupedBatchSampler's epoch for data parallel: batches[rank::world].
 
     Every rank computes the same epoch order (a function of seed and epoch) and takes every
-    world-th batch; the tail that would leave ranks with unequal counts is dropped, so all ranks run
-    the same number of steps. With world 1 it is the whole epoch. Resumable like its base.
+    world-th batch. An optimiser step consumes `world * accumulation` consecutive batches of that
+    order (micro-step m of rank r takes batch m * world + r of the step's group), so the epoch is cut
+    to whole steps: the tail that would leave ranks with unequal counts, or a step without all its
+    micro-batches, is dropped. Hence one process with accumulation A * W trains on exactly the
+    batches, in exactly the groups, that W ranks with accumulation A do. With world 1 and
+    accumulation 1 it is the whole epoch. Resumable like its base.
     """
 
-    def __init__(self, base: LengthGroupedBatchSampler, rank: int = 0, world: int = 1):
+    def __init__(self, base: LengthGroupedBatchSampler, rank: int = 0, world: int = 1,
+                 accumulation: int = 1):
         self.base, self.rank, self.world = base, int(rank), int(world)
+        self.accumulation = int(accumulation)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -203,12 +209,14 @@ class RankBatchSampler:
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         batches = self.base.epoch_batches(epoch)
-        usable = len(batches) - len(batches) % self.world
+        per_step = self.world * self.accumulation
+        usable = len(batches) - len(batches) % per_step
         return batches[:usable][self.rank::self.world]
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.base.batches_per_epoch // self.world
+        per_step = self.world * self.accumulation
+        return self.base.batches_per_epoch // per_step * self.accumulation
 
     def __iter__(self):
         yield from self.epoch_batches(self.epoch)[self.skip:]
@@ -219,7 +227,8 @@ class RankBatchSampler:
 
 def make_dataloader(dataset: CaptionDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                     num_workers: int = 0, group_by_length: bool = True, drop_last: bool = False,
-                    rank: int = 0, world: int = 1, pad_id: int | None = None, prefetch_factor: int = 2):
+                    rank: int = 0, world: int = 1, accumulation: int = 1, pad_id: int | None = None,
+                    prefetch_factor: int = 2):
     """A paddle DataLoader over `dataset` whose `.batch_sampler` is this rank's `RankBatchSampler`.
 
     Call `loader.batch_sampler.set_epoch(e, skip_batches=k)` before iterating each epoch. Batches
@@ -231,11 +240,16 @@ def make_dataloader(dataset: CaptionDataset, batch_size: int, *, shuffle: bool =
                                      group_by_length=group_by_length, drop_last=drop_last)
     return paddle.io.DataLoader(
         dataset,
-        batch_sampler=RankBatchSampler(base, rank, world),
+        batch_sampler=RankBatchSampler(base, rank, world, accumulation),
         collate_fn=Collator(dataset.pad_id if pad_id is None else pad_id),
         num_workers=num_workers,
         prefetch_factor=prefetch_factor,
         persistent_workers=num_workers > 0,
-        use_shared_memory=True,
+        # Workers hand back numpy batches, and the tensors are made here. With shared memory, each
+        # forked worker builds Paddle tensors itself, and Paddle's memory-statistics lock (a
+        # pthread rwlock) can be copied in its locked state when the fork lands while another
+        # thread of this process holds it: the worker then blocks forever on its first free
+        # (seen as a hung test suite; the worker's feeder thread held the GIL, waiting on it).
+        use_shared_memory=False,
         return_list=True,
     )

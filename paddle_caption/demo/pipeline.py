@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -64,19 +65,45 @@ def _run(cmd: list[str], log_path: Path | None = None) -> None:
         raise UserError(f"stage failed: {' '.join(cmd[2:4])} …: {_last_line(output)}")
 
 
+def _reap(proc: subprocess.Popen):
+    """`proc.poll()` that also returns the finished child's resource usage (os.wait4), or None."""
+    if proc.returncode is not None:
+        return proc.returncode, None
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None, None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
+
+
 def _last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
 
 
 class Demo:
+    """The pipeline's stages over a set of training runs of one config (`runs`: run name -> extra
+    `--key value` training arguments; `labels`: run name -> its row name in tables). The demo
+    trains the image model and the no-image ablation side by side (`concurrent_runs` = 2);
+    `compare_modes.py` reuses every stage for full / partial / LoRA, one run at a time."""
+
+    name = "demo"
+    labels = RUNS
+    concurrent_runs = 2
+    resources_file = "train_resources.json"  # peak RSS of the training process, per run
+
     def __init__(self, opts: DemoOptions, log=print):
         self.opts, self.log = opts, log
         self.out = Path(opts.out)
         from ..train.config import TrainConfig
 
         self.train_config = TrainConfig.load(opts.config)  # checked before anything slow starts
-        self.runs = ["image", "no_image"] if opts.ablation else ["image"]
+        self.runs = {"image": ["--ablate_images", "false"]}
+        if opts.ablation:
+            self.runs["no_image"] = ["--ablate_images", "true"]
+
+    def label(self, run: str) -> str:
+        return self.labels.get(run, run)
 
     # ---- stages ----------------------------------------------------------------------------------
     def make_data(self):
@@ -108,63 +135,78 @@ class Demo:
                  f"{summary['rejected']} ({reasons}); ledger {self.out / 'train' / 'rejects.tsv'}")
 
     def train(self):
+        """Train every run that has no final checkpoint, `concurrent_runs` at a time, each as
+        `supervised_finetune.py` would (fresh process); keeps each training process's peak RSS."""
         from tqdm import tqdm
 
         cfg = self.train_config
         minutes = self.opts.minutes if self.opts.minutes is not None else cfg.max_train_minutes
-        procs = {}
-        for run in self.runs:
-            run_dir = self.out / run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if (run_dir / "final" / "trainer_state.json").is_file():
-                continue
-            cmd = [*_command("train"), str(self.opts.config),
-                   "--train_records", str(self.out / "train" / "records.jsonl"),
-                   "--val_records", str(self.out / "val" / "records.jsonl"),
-                   "--output_dir", str(run_dir), "--max_train_minutes", str(minutes),
-                   "--ablate_images", "true" if run == "no_image" else "false", "--progress", "false"]
-            if self.opts.max_steps:
-                cmd += ["--max_steps", str(self.opts.max_steps)]
-            log = open(run_dir / "train.log", "a", encoding="utf-8")
-            procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-        self.log(f"[3/6] training {' and '.join(RUNS[r] for r in self.runs)} concurrently, "
+        pending = [run for run in self.runs if not (self.out / run / "final" / "trainer_state.json").is_file()]
+        how = "concurrently" if self.concurrent_runs > 1 else "one after another"
+        self.log(f"[3/6] training {' and '.join(self.label(r) for r in self.runs)} {how}, "
                  f"{minutes:g} min budget each (logs: {self.out}/<run>/train.log)")
         total = int(minutes * 60) if minutes > 0 else None
         bar = tqdm(total=total, unit="s", dynamic_ncols=True, file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}")
+        active, failed = {}, []
         try:
-            while any(p.poll() is None for p, _ in procs.values()):
+            while pending or active:
+                while pending and len(active) < self.concurrent_runs:
+                    run = pending.pop(0)
+                    active[run] = self._start_training(run, minutes)
                 time.sleep(2)
-                latest = {run: _last_record(self.out / run / "log.jsonl", "train") for run in self.runs}
+                latest = {run: _last_record(self.out / run / "log.jsonl", "train") for run in active}
                 elapsed = max((r.get("elapsed_s", 0) for r in latest.values() if r), default=0)
                 bar.n = min(elapsed, total) if total else elapsed
                 bar.set_postfix_str("  ".join(f"{run} step {r['step']} loss {r['loss']:.3f}"
                                               for run, r in latest.items() if r))
+                for run, (proc, log) in list(active.items()):
+                    code, usage = _reap(proc)
+                    if code is None:
+                        continue
+                    log.close()
+                    del active[run]
+                    if usage is not None:  # ru_maxrss is in KiB on Linux
+                        with atomic_write(self.out / run / self.resources_file) as handle:
+                            json.dump({"peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}, handle)
+                    if code != 0:
+                        failed.append((run, code))
         except KeyboardInterrupt:
-            for proc, _ in procs.values():
+            for proc, _ in active.values():
                 proc.terminate()
             raise
         finally:
             bar.close()
-            for _, log in procs.values():
-                log.close()
-        for run, (proc, _) in procs.items():
-            if proc.returncode != 0:
-                tail = _last_line((self.out / run / "train.log").read_text(errors="replace"))
-                raise UserError(f"training {run} failed (exit {proc.returncode}): {tail}")
+        for run, code in failed:
+            tail = _last_line((self.out / run / "train.log").read_text(errors="replace"))
+            raise UserError(f"training {run} failed (exit {code}): {tail}")
         for run in self.runs:
             summary = json.loads((self.out / run / "train_summary.json").read_text())
-            self.log(f"      {RUNS[run]}: {summary['steps']} steps, {summary['samples']} samples in "
+            self.log(f"      {self.label(run)}: {summary['steps']} steps, {summary['samples']} samples in "
                      f"{summary['train_seconds'] / 60:.1f} min ({summary['stop_reason']})")
+
+    def _start_training(self, run: str, minutes: float):
+        run_dir = self.out / run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [*_command("train"), str(self.opts.config),
+               "--train_records", str(self.out / "train" / "records.jsonl"),
+               "--val_records", str(self.out / "val" / "records.jsonl"),
+               "--output_dir", str(run_dir), "--max_train_minutes", str(minutes), "--progress", "false",
+               *self.runs[run]]
+        if self.opts.max_steps:
+            cmd += ["--max_steps", str(self.opts.max_steps)]
+        log = open(run_dir / "train.log", "a", encoding="utf-8")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
 
     def merge(self):
         for run in self.runs:
             model_dir = self.out / run / "model"
             if (model_dir / "config.json").is_file():
                 continue
-            _run([*_command("merge"),
-                  "--model_name_or_path", str(self._base_model()),
-                  "--local_path", str(self.out / run / "final"), "--merge_model_path", str(model_dir)])
+            final = self.out / run / "final"
+            trained = ["--lora_path", str(final / "lora")] if (final / "lora").is_dir() else ["--local_path", str(final)]
+            _run([*_command("merge"), "--model_name_or_path", str(self._base_model()), *trained,
+                  "--merge_model_path", str(model_dir)])
         self.log("[4/6] merged trained parameters into full model directories: "
                  + ", ".join(str(self.out / run / "model") for run in self.runs))
 
@@ -204,7 +246,11 @@ class Demo:
         for run in self.runs:
             scores = evaluate_files(self.out / run / "results.txt", refs, fields=True)
             train = json.loads((self.out / run / "train_summary.json").read_text())
-            rows[run] = {"scores": scores, "train": {k: train[k] for k in ("steps", "samples", "train_seconds")},
+            resources = self.out / run / self.resources_file
+            rows[run] = {"label": self.label(run), "scores": scores,
+                         "train": {k: train.get(k) for k in ("steps", "samples", "train_seconds",
+                                                              "trainable_parameters")},
+                         "peak_rss_mb": json.loads(resources.read_text())["peak_rss_mb"] if resources.is_file() else None,
                          "predictions": read_results(self.out / run / "results.txt")}
         return rows
 
@@ -223,7 +269,7 @@ class Demo:
         for image_id in ids:
             self.log(f"  {image_id}\n    reference : {refs[image_id][0]}")
             for run in self.runs:
-                self.log(f"    {RUNS[run]:<10}: {rows[run]['predictions'][image_id]}")
+                self.log(f"    {self.label(run):<10}: {rows[run]['predictions'][image_id]}")
         grid_warning = self.write_grid(rows["image"]["predictions"], refs)
         curve = self.write_curve()
         result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.opts).items()},
@@ -266,9 +312,10 @@ class Demo:
         runs = {}
         for run in self.runs:
             path = self.out / run / "log.jsonl"
-            runs[RUNS[run]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return learning_curve_png(runs, self.out / "learning_curve.png",
-                                  title="tiny Mgen-VL on the synthetic ad world")
+            runs[self.label(run)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return learning_curve_png(runs, self.out / "learning_curve.png", title=self.curve_title)
+
+    curve_title = "tiny Mgen-VL on the synthetic ad world"
 
     def run(self) -> dict:
         t0 = time.time()
@@ -279,7 +326,7 @@ class Demo:
         self.merge()
         self.predict()
         result = self.report(self.evaluate())
-        self.log(f"demo finished in {(time.time() - t0) / 60:.1f} min")
+        self.log(f"{self.name} finished in {(time.time() - t0) / 60:.1f} min")
         return result
 
 
@@ -297,12 +344,17 @@ def results_table(rows: dict) -> str:
     header = ["model"] + [title for title, _, _ in COLUMNS] + ["steps", "train min"]
     lines = []
     for run, row in rows.items():
-        cells = [RUNS.get(run, run)]
+        cells = [row.get("label", RUNS.get(run, run))]
         for _, key, fmt in COLUMNS:
             value = _value(row["scores"], key)
             cells.append("n/a" if value is None else fmt.format(value))
         cells += [str(row["train"]["steps"]), f"{row['train']['train_seconds'] / 60:.1f}"]
         lines.append(cells)
+    return markdown_table(header, lines)
+
+
+def markdown_table(header: list[str], lines: list[list[str]]) -> str:
+    """A Markdown table with aligned columns."""
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(c) for c in lines])

@@ -4,7 +4,9 @@ A checkpoint directory holds only what trained — `local_params.safetensors` (t
 parameters under their structured names, e.g. `transformer.llm.h.16.attn.c_attn.weight`) or `lora/`
 (PaddleNLP's adapter layout) — plus `optimizer.safetensors`, `trainer_state.json` (the loop
 position), `model_config.json`, `prompt.json` and `train_config.json`. It is written to a temp
-directory and renamed, so a killed run leaves either a complete checkpoint or none.
+directory and renamed, so a killed run leaves either a complete checkpoint or none. Rank 0 writes
+it; under optimizer-state sharding every rank first writes its own share of the optimizer state
+into the temp directory (`optimizer.rank{r}-of-{n}.safetensors` instead of `optimizer.safetensors`).
 
 The optimiser state goes through Paddle's public `state_dict()` / `set_state_dict()`. Paddle keys it
 by parameter *object* names (`linear_15.w_0_moment1_0`), which depend on how many layers a process
@@ -96,25 +98,44 @@ def _longest_first(mapping: dict) -> dict:
     return dict(sorted(mapping.items(), key=lambda item: -len(item[0])))
 
 
+def optimizer_shard_name(rank: int, world: int) -> str:
+    """One rank's share of a sharded optimizer state."""
+    return f"optimizer.rank{rank}-of-{world}.safetensors"
+
+
 # ---- writing and reading a checkpoint ------------------------------------------------------------
+def temp_dir(output_dir: Path, name: str) -> Path:
+    return Path(output_dir) / f".{name}.tmp"
+
+
+def begin_checkpoint(output_dir: Path, name: str) -> Path:
+    """An empty temp directory for checkpoint `name` (files other ranks add go here first)."""
+    tmp = temp_dir(output_dir, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(output_dir: Path, name: str, *, trained: dict | None, lora_model=None,
-                    optimizer_tensors: dict, files: dict, state: dict, keep: int = 0) -> Path:
+                    optimizer_tensors: dict | None, files: dict, state: dict, keep: int = 0,
+                    begun: bool = False) -> Path:
     """Write checkpoint `name` in `output_dir` atomically (temp dir + rename) and keep only the
     `keep` newest numbered checkpoints (0 keeps all). `trained` is {structured name: tensor}
-    (partial/full runs) or None with `lora_model` (LoRA runs); `files` are JSON files to add."""
+    (partial/full runs) or None with `lora_model` (LoRA runs); `files` are JSON files to add.
+    `begun`: the temp directory was made by `begin_checkpoint` and already holds the optimizer
+    state's shards (then `optimizer_tensors` is None)."""
     from ..model.checkpoint import save_safetensors
 
     target = Path(output_dir) / name
-    tmp = Path(output_dir) / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir(output_dir, name) if begun else begin_checkpoint(output_dir, name)
     if lora_model is not None:
         from .lora import save_lora
 
         save_lora(lora_model, tmp / "lora")
     else:
         save_safetensors(trained, tmp / LOCAL_PARAMS)
-    save_safetensors(optimizer_tensors, tmp / OPTIMIZER_STATE)
+    if optimizer_tensors is not None:
+        save_safetensors(optimizer_tensors, tmp / OPTIMIZER_STATE)
     for file_name, data in files.items():
         write_json(tmp / file_name, data)
     write_json(tmp / STATE_FILE, state)

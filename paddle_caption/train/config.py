@@ -79,8 +79,12 @@ class TrainConfig:
     # ---- precision, memory and hardware ------------------------------------------------------------
     dtype: str = "float32"  # float32 | bfloat16 | float16: the model's dtype (model/precision.py)
     recompute: bool = False  # activation checkpointing per decoder and ViT layer (model/recompute.py)
-    sharding: str = "none"  # none | stage1 | stage2: optimizer state (stage2: + gradients) split across GPUs
     num_threads: int = 0  # CPU threads for Paddle (0 = all cores)
+    # Optimizer-state sharding over the ranks of a launched run (ZeRO), Paddle's engines:
+    # "stage1" = fleet's DygraphShardingOptimizer (optimizer states; runs on CPU/gloo too),
+    # "stage2" = paddle.distributed.sharding.group_sharded_parallel level "os_g" (states and
+    # gradients; GPU/XPU only). "none" = plain data parallel. See train/parallel.py.
+    sharding: str = "none"
 
     # ---- evaluation, logging, checkpoints -----------------------------------------------------------
     eval_steps: int = 0  # 0 = only at the end

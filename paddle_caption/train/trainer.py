@@ -8,6 +8,19 @@ schedule still continues from the saved elapsed time.)
 
 The loop knows no dataset: evaluation (`evaluation.py`) captions through the same Predictor as
 `predict_batch.py` and computes the extra scores the config names.
+
+Several processes (`python -m paddle.distributed.launch --nproc_per_node N` or `--gpus ...`; see
+`parallel.py`): rank r trains on batches r, r+N, ... of each step's group (`RankBatchSampler`),
+gradients are all-reduced once per optimiser step (`no_sync` on accumulation micro-steps) and
+averaged, so N ranks x accumulation A train exactly like one process with accumulation N*A (tested
+to 1e-5). Rank 0 decides everything that depends on a clock (the learning rate on a wall-clock
+schedule, the last step, when to evaluate and save) and every rank follows (`parallel.agree`, one
+all-reduce a step). Rank 0 alone prints and writes files: log.jsonl, train_config.json, checkpoints,
+evaluation, train_summary.json (with sharding, each rank adds its optimizer-state share to the
+checkpoint rank 0 writes). At the end, the replicas' weights are checked identical. A resumed run
+checks that every rank resumed from the same step (output_dir must be shared across machines).
+Evaluation runs on rank 0 while the others wait in the next step's all-reduce, which Paddle allows
+for 30 minutes (its default collective timeout): keep an evaluation shorter than that.
 """
 from __future__ import annotations
 
@@ -57,9 +70,17 @@ class Trainer:
         self.log = log
         self.output_dir = Path(cfg.output_dir)
         self.paddle = configure(cfg.num_threads or None)
+        from . import parallel  # imports paddle: only after configure() (see runtime.py)
+
+        self.parallel = parallel
         self.rank, self.world = rank_and_world()
-        if self.world > 1:
-            self.paddle.distributed.init_parallel_env()
+        note = parallel.check_sharding(self.world, cfg.sharding)
+        self.sharded = parallel.is_sharded(self.world, cfg.sharding)
+        parallel.init_processes(self.world, cfg.sharding)
+        # Rank 0 alone speaks and writes files (logs, checkpoints, evaluation, summary).
+        self.log = log if self.rank == 0 else (lambda *_, **__: None)
+        if note:
+            self.log(note)
 
     # ---- set-up ----------------------------------------------------------------------------------
     def build_model(self):
@@ -85,12 +106,16 @@ class Trainer:
         if not records:
             raise UserError(f"{cfg.train_records}: no training records")
         self.train_set = CaptionDataset(records, self.tokenizer, self.template, size, cfg.max_length)
+        accum = cfg.gradient_accumulation_steps
         self.loader = make_dataloader(self.train_set, cfg.per_device_train_batch_size, shuffle=True,
                                       seed=cfg.seed, num_workers=cfg.num_workers,
-                                      group_by_length=cfg.group_by_length, rank=self.rank, world=self.world)
+                                      group_by_length=cfg.group_by_length, rank=self.rank, world=self.world,
+                                      accumulation=accum)
         self.sampler = self.loader.batch_sampler
         if self.sampler.batches_per_epoch == 0:
-            raise UserError("fewer training batches than processes: nothing to train on")
+            raise UserError(f"{self.sampler.base.batches_per_epoch} training batch(es) of "
+                            f"{cfg.per_device_train_batch_size}: fewer than one optimiser step needs "
+                            f"({self.world} rank(s) x gradient_accumulation_steps {accum})")
         self.val_set = None
         if cfg.val_records:
             val = _read_records(cfg.val_records)
@@ -128,10 +153,13 @@ class Trainer:
         self.build_data(self.base_model.config)
         self.predictor = self.build_predictor()
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
-        optimizer = self.build_optimizer(model)
+        # The parallel engine wraps the model and optimizer before a resume loads into them (a
+        # sharded optimizer takes only its own share of the state); wrapping broadcasts rank 0's
+        # weights, which a resume then overwrites with the same checkpoint on every rank.
+        train_module, optimizer = self.parallel.wrap_for_training(
+            model, self.build_optimizer(model), self.world, cfg.sharding)
         self.optimizer = optimizer
-        if self.rank == 0:
-            self.log(trainable_table(model))
+        self.log(trainable_table(model))
         amp = self._amp_context()
 
         state = LoopState(config_fingerprint=config_fingerprint(cfg))
@@ -140,13 +168,10 @@ class Trainer:
         if not resumed_from and self.rank == 0:
             write_json(self.output_dir / "train_config.json", cfg.to_dict())
 
-        train_model = paddle.DataParallel(model) if self.world > 1 else model
+        self.parallel.check_same_on_all_ranks(self.world, state.step, "the step to resume from")
         model.train()
         accum = cfg.gradient_accumulation_steps
         per_epoch = self.sampler.batches_per_epoch // accum
-        if per_epoch == 0:
-            raise UserError(f"gradient_accumulation_steps ({accum}) exceeds the batches in an epoch "
-                            f"({self.sampler.batches_per_epoch})")
         total_steps = cfg.max_steps if cfg.max_steps > 0 else (
             math.ceil(cfg.num_train_epochs * per_epoch) if cfg.num_train_epochs > 0 else 10 ** 12)
         budget_s = cfg.max_train_minutes * 60 if cfg.max_train_minutes > 0 else math.inf
@@ -158,43 +183,55 @@ class Trainer:
 
         bar = self._progress_bar(total_steps if total_steps < 10 ** 12 else None, state.step)
         start = time.time() - state.elapsed_s
-        last_eval = last_save = state.elapsed_s
+        last_eval = last_save = state.elapsed_s  # rank 0's clock; only rank 0 decides with them
         step_times, window_loss, window_samples, window_t = [], [], 0, time.time()
-        micro, done = 0, False
+        micro, step_loss, done = 0, 0.0, state.step >= total_steps
         stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
-        if state.step >= total_steps:
-            done = True
         while not done:
             self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            if len(self.sampler) < accum:  # too few batches left for a full step: next epoch
+            if len(self.sampler) == 0:  # resumed at the end of an epoch (epochs hold whole steps)
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
             step_start = time.time()
             for batch in self.loader:
-                if micro == 0:
-                    paddle.seed(cfg.seed * 1_000_003 + state.step)  # RNG is a function of the step
-                with amp():
-                    out = train_model(batch["input_ids"], images=batch["images"],
-                                      attention_mask=batch["attention_mask"], labels=batch["labels"])
-                (out.loss / accum).backward()
-                window_loss.append(float(out.loss))
+                # RNG is a function of (step, micro-batch of the step across all ranks): a step's
+                # dropout is the same whether its micro-batches run on one process or on several.
+                paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
+                with self.parallel.gradient_sync(train_module, sync=micro == accum - 1):
+                    with amp():
+                        loss = train_module(batch["input_ids"], images=batch["images"],
+                                            attention_mask=batch["attention_mask"], labels=batch["labels"])
+                    # each micro-batch's loss is the mean over its supervised tokens; DataParallel
+                    # averages over ranks, so a step is the mean of its world x accum micro-batches
+                    (loss / accum).backward()
+                step_loss += float(loss)
                 window_samples += int(batch["input_ids"].shape[0]) * self.world
                 micro += 1
                 state.batch_in_epoch += 1
                 if micro < accum:
                     continue
-                micro = 0
-                state.elapsed_s = time.time() - start
-                progress = max(state.step / total_steps, state.elapsed_s / budget_s)
-                lr = lr_at(cfg, progress)
+                # One decision for all ranks, made on rank 0's clock: the schedule's time progress,
+                # whether this is the last step (the next one would overrun the budget), and whether
+                # to evaluate / save after it. Ranks deciding alone could disagree and hang.
+                elapsed = time.time() - start
+                next_step = float(np.median(step_times[-20:] + [time.time() - step_start]))
+                step_after = state.step + 1
+                stop = 1.0 if step_after >= total_steps else 2.0 if elapsed + next_step > budget_s else 0.0
+                decided, summed = self.parallel.agree(self.world, [
+                    elapsed, stop,
+                    float(not stop and self._due(cfg.eval_steps, cfg.eval_minutes, step_after, elapsed, last_eval)),
+                    float(not stop and self._due(cfg.save_steps, cfg.save_minutes, step_after, elapsed, last_save)),
+                ], [step_loss])
+                state.elapsed_s, stop, eval_due, save_due = decided
+                lr = lr_at(cfg, max(state.step / total_steps, state.elapsed_s / budget_s))
                 optimizer.set_lr(lr)
                 optimizer.step()
                 optimizer.clear_grad()
-                state.step += 1
+                window_loss.append(summed[0] / (accum * self.world))
+                micro, step_loss = 0, 0.0
+                state.step = step_after
                 state.samples += cfg.per_device_train_batch_size * accum * self.world
                 step_times.append(time.time() - step_start)
-                step_start = time.time()
-                state.elapsed_s = time.time() - start
                 if state.step % cfg.logging_steps == 0 or state.step == 1:
                     rate = window_samples / max(1e-9, time.time() - window_t)
                     record = {"kind": "train", "step": state.step, "epoch": state.epoch,
@@ -204,27 +241,27 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
                     window_loss, window_samples, window_t = [], 0, time.time()
                 bar.update(1)
-                # stop when the next step would overrun the budget, so the budget holds exactly
-                next_step = float(np.median(step_times[-20:]))
-                if state.step >= total_steps:
+                if stop:
                     done = True
-                elif state.elapsed_s + next_step > budget_s:
-                    done, stop_reason = True, "time budget"
-                if not done and self._due(cfg.eval_steps, cfg.eval_minutes, state, last_eval):
-                    self.evaluate(state)
-                    last_eval = state.elapsed_s = time.time() - start
-                if not done and self._due(cfg.save_steps, cfg.save_minutes, state, last_save):
-                    self.save_checkpoint(state)
-                    last_save = state.elapsed_s = time.time() - start
-                if done:
+                    if stop == 2.0:
+                        stop_reason = "time budget"
                     break
+                if eval_due:
+                    self.evaluate(state)
+                    last_eval = time.time() - start
+                if save_due:
+                    self.save_checkpoint(state)
+                    last_save = time.time() - start
+                step_start = time.time()  # a step's time excludes evaluation and saving
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         bar.close()
+        self.parallel.check_replicas_agree(self.world, self.named_trainable)
         state.elapsed_s = time.time() - start
         final = self.save_checkpoint(state, final=True)
         metrics = self.evaluate(state)
         summary = {"steps": state.step, "samples": state.samples, "epochs": state.epoch,
+                   "trainable_parameters": sum(int(np.prod(p.shape)) for _, p in self.named_trainable),
                    "train_seconds": round(state.elapsed_s, 1), "stop_reason": stop_reason,
                    "final_checkpoint": str(final), "eval": metrics}
         if self.rank == 0:
@@ -235,10 +272,11 @@ class Trainer:
                         f"CIDEr-D {metrics.get('CIDEr-D', float('nan')):.3f}" if metrics else ""))
         return summary
 
-    def _due(self, every_steps, every_minutes, state, last_elapsed) -> bool:
-        if every_steps and state.step % every_steps == 0:
+    @staticmethod
+    def _due(every_steps, every_minutes, step, elapsed, last_elapsed) -> bool:
+        if every_steps and step % every_steps == 0:
             return True
-        return bool(every_minutes) and state.elapsed_s - last_elapsed >= every_minutes * 60
+        return bool(every_minutes) and elapsed - last_elapsed >= every_minutes * 60
 
     def _amp_context(self):
         import contextlib
@@ -268,14 +306,26 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, state: LoopState, final: bool = False) -> Path:
-        """Rank 0 writes the checkpoint (see checkpoints.py); every rank returns its path."""
+        """Rank 0 writes the checkpoint (see checkpoints.py); every rank returns its path. With a
+        sharded optimizer every rank first adds its share of the optimizer state (all ranks call
+        this at the same step: the decision to save is rank 0's, shared in `agree`)."""
         name = ckpt.FINAL_DIR if final else f"{ckpt.CHECKPOINT_PREFIX}{state.step:06d}"
+        if self.sharded:
+            from ..model.checkpoint import save_safetensors
+
+            if self.rank == 0:
+                ckpt.begin_checkpoint(self.output_dir, name)
+            self.parallel.barrier(self.world)
+            save_safetensors(ckpt.optimizer_state(self.optimizer, self.named_trainable),
+                             ckpt.temp_dir(self.output_dir, name) / ckpt.optimizer_shard_name(self.rank, self.world))
+            self.parallel.barrier(self.world)
         if self.rank != 0:
             return self.output_dir / name
         lora = self.model if self.cfg.finetune_mode == "lora" else None
         return ckpt.save_checkpoint(
             self.output_dir, name, trained=None if lora else dict(self.named_trainable), lora_model=lora,
-            optimizer_tensors=ckpt.optimizer_state(self.optimizer, self.named_trainable),
+            optimizer_tensors=None if self.sharded else ckpt.optimizer_state(self.optimizer, self.named_trainable),
+            begun=self.sharded,
             files={"model_config.json": self.base_model.config.to_dict(),
                    "prompt.json": {"system": self.template.system, "prompt": self.template.prompt},
                    "train_config.json": self.cfg.to_dict()},
@@ -293,8 +343,13 @@ class Trainer:
             raise UserError(f"{latest}: checkpoint of a different training config; use another "
                             "output_dir or delete the old run")
         ckpt.load_trained(latest, self.named_trainable, self.model if self.cfg.finetune_mode == "lora" else None)
-        ckpt.set_optimizer_state(self.optimizer, self.named_trainable,
-                                 load_safetensors(latest / ckpt.OPTIMIZER_STATE), latest / ckpt.OPTIMIZER_STATE)
+        optimizer_file = latest / (ckpt.optimizer_shard_name(self.rank, self.world) if self.sharded
+                                   else ckpt.OPTIMIZER_STATE)
+        if not optimizer_file.is_file():
+            raise UserError(f"{optimizer_file}: missing; a sharded run resumes with the number of "
+                            "processes that wrote its checkpoint")
+        ckpt.set_optimizer_state(self.optimizer, self.named_trainable, load_safetensors(optimizer_file),
+                                 optimizer_file)
         for key in asdict(state):
             if key in saved:
                 setattr(state, key, saved[key])
@@ -340,6 +395,11 @@ class Trainer:
 
         return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                     disable=not self.cfg.progress or self.rank != 0, file=sys.stderr)
+
+
+def _step_seed(seed: int, step: int, micro_batch: int) -> int:
+    """The RNG seed of one micro-batch of one optimiser step."""
+    return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
 
 
 def _read_records(path):
