@@ -31,6 +31,7 @@ import numpy as np
 import paddle
 
 from .numpy_bridge import as_numpy, from_numpy, numpy_capable
+from .precision import float32_compute
 
 F = paddle.nn.functional
 
@@ -174,11 +175,12 @@ def sdpa_mask(bias, dtype):
 def plain_attention(q, k, v, scale: float, bias=None, dropout=None):
     """softmax(q·kᵀ·scale + bias)·v as Paddle kernels, the softmax in float32 (upstream's expression)."""
     scores = paddle.matmul(q * scale, k, transpose_y=True)
-    if scores.dtype != paddle.float32:  # softmax in float32, as upstream
-        scores = scores.astype("float32")
-    if bias is not None:
-        scores = scores + bias
-    probs = F.softmax(scores, axis=-1)
+    with float32_compute():  # softmax in float32, as upstream (also under O2 autocast)
+        if scores.dtype != paddle.float32:
+            scores = scores.astype("float32")
+        if bias is not None:
+            scores = scores + bias
+        probs = F.softmax(scores, axis=-1)
     if probs.dtype != q.dtype:
         probs = probs.astype(q.dtype)
     if dropout is not None:

@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 
 from .numpy_bridge import as_numpy, from_numpy, numpy_capable
+from .precision import float32_compute
 
 F = paddle.nn.functional
 
@@ -76,4 +77,5 @@ def project(hidden, linear):
 
 
 def cross_entropy(logits, targets):
-    return F.cross_entropy(logits.astype("float32"), targets.unsqueeze(-1), reduction="mean")
+    with float32_compute():  # the loss in float32, also under O2 autocast (precision.py)
+        return F.cross_entropy(logits.astype("float32"), targets.unsqueeze(-1), reduction="mean")

@@ -12,9 +12,15 @@ the trainer can still ask for with `decorate`. Numerically sensitive steps compu
 whatever the storage dtype, as upstream does: RMSNorm normalises in float32, the attention softmax
 runs in float32, the position-table interpolation and the loss are float32.
 
+Training in bfloat16/float16 is Paddle's O2 (train/mixed_precision.py): `paddle.amp.auto_cast(level=
+"O2")` runs every op in the low dtype except a short black list, which would also pull the model's
+float32 steps down. Those steps therefore leave autocast inside `float32_compute()`, as PaddleNLP's
+Llama does for its RMSNorm, attention softmax and loss (`paddle.amp.auto_cast(False)`).
+
 Paddle's CPU build stores bfloat16/float16 tensors but has no bfloat16 matmul (the kernel is "not
 registered"), so a low-precision forward on CPU is refused with one line naming the fix
-(`check_compute_dtype`) instead of a kernel traceback deep inside a layer.
+(`check_compute_dtype`) instead of a kernel traceback deep inside a layer; commands that take a
+dtype refuse it up front (`require_compute`), before anything heavy loads.
 """
 from __future__ import annotations
 
@@ -65,6 +71,25 @@ def default_load_dtype(stored) -> str:
     """The dtype a checkpoint stored in `stored` loads as when the caller names none: as stored
     where that can compute (a GPU), float32 on a CPU."""
     return dtype_name(stored) if can_compute(stored) else "float32"
+
+
+def require_compute(dtype, what: str) -> None:
+    """Refuse, in one line and before anything loads, a `dtype` this device cannot compute in
+    (`what` names the setting, e.g. "config dtype" or "--dtype")."""
+    name = dtype_name(dtype)
+    if not can_compute(name):
+        raise UserError(f"{what} {name}: Paddle's CPU build has no bfloat16/float16 matmul, so {name} "
+                        "needs a GPU; on CPU use float32")
+
+
+def float32_compute():
+    """A context for a step the model computes in float32 whatever its dtype: under O2 autocast it
+    leaves autocast (which would run the step in the low dtype), elsewhere it does nothing."""
+    import paddle
+
+    if paddle.amp.is_autocast_enabled():
+        return paddle.amp.auto_cast(False)
+    return contextlib.nullcontext()
 
 
 def check_compute_dtype(tensor) -> None:

@@ -14,6 +14,7 @@ import paddle
 
 from .attention import MASK_VALUE, attention, rotary
 from .config import MgenVLConfig
+from .precision import float32_compute
 from .recompute import run_block, should_recompute
 
 nn = paddle.nn
@@ -27,8 +28,9 @@ class RMSNorm(nn.Layer):
         self.weight = self.create_parameter([dim], default_initializer=nn.initializer.Constant(1.0))
 
     def forward(self, x):
-        x32 = x if x.dtype == paddle.float32 else x.astype("float32")
-        x32 = x32 * paddle.rsqrt((x32 * x32).mean(-1, keepdim=True) + self.eps)  # x*x: 2x faster than pow on CPU
+        with float32_compute():  # normalise in float32, also under O2 autocast (precision.py)
+            x32 = x if x.dtype == paddle.float32 else x.astype("float32")
+            x32 = x32 * paddle.rsqrt((x32 * x32).mean(-1, keepdim=True) + self.eps)  # x*x: 2x faster than pow on CPU
         return (x32 if self.weight.dtype == paddle.float32 else x32.astype(self.weight.dtype)) * self.weight
 
 
