@@ -30,7 +30,8 @@ def prepared(cfg, config, dtype="float32"):
     if cfg.finetune_mode == "lora":
         from paddle_caption.train.lora import apply_lora
 
-        model = apply_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        model = apply_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                           dtype=model.dtype)
     return model, MP.make_plan(config, cfg)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from paddle_caption.data.dataset import collate_batch
-from paddle_caption.runtime import UserError
+from paddle_caption.runtime import UserError, run_cli
 from paddle_caption.train.merge import merge
 
 from .conftest import micro_model_json
@@ -197,3 +197,109 @@ def test_lora_run_resumes_from_a_checkpoint_to_the_same_adapters(tmp_path, capti
     assert set(resumed) == set(reference)
     for key in reference:
         np.testing.assert_array_equal(resumed[key].numpy(), reference[key].numpy(), err_msg=key)
+
+
+# ------------------------------------------------------------------------------- the merged dtype
+def bf16_base(tmp_path) -> tuple[Path, dict]:
+    """A tiny bfloat16 base model directory and its tensors' bits."""
+    import paddle
+
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    paddle.seed(21)
+    model = MgenVLForCausalLM.from_config(MgenVLConfig.from_pretrained(micro_model_json(tmp_path)), dtype="bfloat16")
+    model.save_pretrained(tmp_path / "bf16_base")
+    return tmp_path / "bf16_base", {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def stored(path: Path) -> dict:
+    """{name: (dtype, bits)} exactly as a model directory stores them. (Paddle hands bfloat16 to numpy
+    as its raw uint16 bits, and `paddle.to_tensor` reads such an array back as bfloat16.)"""
+    from paddle_caption.model.checkpoint import load_model_state
+
+    return {k: (str(v.dtype), v.numpy().copy()) for k, v in load_model_state(path).items()}
+
+
+def test_a_bfloat16_base_merges_to_bfloat16_untouched_bits_kept(tmp_path, caption_data):
+    """Trained in float32 on a CPU from a bfloat16 base: the merge writes bfloat16 (the base's dtype)
+    with every untouched parameter's bits as in the base and the trained ones rounded; `--dtype
+    float32` keeps the trained values exactly. A from-scratch architecture merges to float32."""
+    import paddle
+
+    from paddle_caption.model.checkpoint import checkpoint_dtype, load_safetensors
+    from paddle_caption.train.merge import main
+
+    base, base_bits = bf16_base(tmp_path)
+    cfg = base_config(tmp_path, caption_data, model_config=None, model_name_or_path=str(base),
+                      finetune_mode="partial", trainable=["transformer.llm.h.0.mlp.*", "lm_head.*"], max_steps=2)
+    trainer, _ = train(cfg)
+    assert trainer.base_model.dtype == "float32"  # a bfloat16 checkpoint trains in float32 on a CPU
+    trained = {k: v for k, v in load_safetensors(tmp_path / "run/final/local_params.safetensors").items()}
+
+    merge(str(base), tmp_path / "m16", local_path=str(tmp_path / "run"), log=lambda *_: None)
+    assert checkpoint_dtype(tmp_path / "m16") == "bfloat16"
+    assert json.loads((tmp_path / "m16/merge_info.json").read_text())["dtype"] == "bfloat16"
+    merged = stored(tmp_path / "m16")
+    assert merged.keys() == base_bits.keys()
+    for name, (dtype, bits) in merged.items():
+        assert dtype == "paddle.bfloat16", name
+        want = trained[name].astype("bfloat16").numpy() if name in trained else base_bits[name]
+        np.testing.assert_array_equal(bits, want, err_msg=name)
+    assert any(not np.array_equal(merged[n][1], base_bits[n]) for n in trained)
+
+    assert run_cli(main, ["--model_name_or_path", str(base), "--local_path", str(tmp_path / "run"),
+                          "--merge_model_path", str(tmp_path / "m32"), "--dtype", "float32"]) == 0
+    merged = stored(tmp_path / "m32")
+    for name, (dtype, bits) in merged.items():
+        assert dtype == "paddle.float32", name
+        want = trained[name] if name in trained else paddle.to_tensor(base_bits[name]).astype("float32")
+        np.testing.assert_array_equal(bits, want.numpy(), err_msg=name)
+
+    scratch = base_config(tmp_path, caption_data, finetune_mode="partial", trainable=["lm_head.*"], max_steps=1,
+                          output_dir=str(tmp_path / "scratch"))
+    train(scratch)
+    merge(scratch["model_config"], tmp_path / "m_scratch", local_path=str(tmp_path / "scratch"), log=lambda *_: None)
+    assert checkpoint_dtype(tmp_path / "m_scratch") == "float32"
+
+
+def test_lora_merges_into_a_bfloat16_base_in_float32_arithmetic(tmp_path):
+    """bfloat16 adapters (as a bfloat16 LoRA run saves them) merge into a bfloat16 base on a CPU:
+    W + A·B·alpha/r in float32, stored as bfloat16; the other parameters keep their bits."""
+    import paddle
+
+    from paddle_caption.model.checkpoint import checkpoint_dtype, load_safetensors
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.train.lora import WEIGHTS_NAME, apply_lora, save_lora
+
+    base, base_bits = bf16_base(tmp_path)
+    targets = [r"transformer\.llm\.h\.\d+\.mlp\.w1", r"transformer\.llm\.h\.\d+\.attn\.c_attn"]
+    wrapped = apply_lora(MgenVLForCausalLM.from_pretrained(base, dtype="bfloat16"), targets, r=4, alpha=8.0,
+                         dropout=0.0, dtype="bfloat16")
+    rng = np.random.default_rng(3)
+    adapters = {}
+    for name, param in wrapped.named_parameters():
+        if "lora_" in name:
+            assert param.dtype == paddle.bfloat16
+            param.set_value(paddle.to_tensor(rng.normal(0, 0.5, param.shape).astype("float32")).astype("bfloat16"))
+            adapters[name.removeprefix("model.")] = param.astype("float32").numpy()
+    save_lora(wrapped, tmp_path / "lora")
+    assert {str(t.dtype) for t in load_safetensors(tmp_path / "lora" / WEIGHTS_NAME).values()} == {"paddle.bfloat16"}
+
+    out = merge(str(base), tmp_path / "merged", lora_path=str(tmp_path / "lora"), log=lambda *_: None)
+    assert checkpoint_dtype(out) == "bfloat16"
+    merged = stored(out)
+    assert merged.keys() == base_bits.keys()
+    adapted = {name[:-len(".lora_A")] for name in adapters if name.endswith(".lora_A")}
+    assert len(adapted) == 2
+    for name, (dtype, bits) in merged.items():
+        assert dtype == "paddle.bfloat16", name
+        layer = name.removesuffix(".weight")
+        if layer not in adapted:
+            np.testing.assert_array_equal(bits, base_bits[name], err_msg=name)
+            continue
+        w = paddle.to_tensor(base_bits[name]).astype("float32").numpy()
+        expected = w + adapters[f"{layer}.lora_A"] @ adapters[f"{layer}.lora_B"] * (8.0 / 4)
+        got = paddle.to_tensor(bits).astype("float32").numpy()
+        np.testing.assert_allclose(got, expected, rtol=2 ** -7, atol=1e-6, err_msg=name)  # one bfloat16 ulp
+        assert np.abs(got - w).max() > 0.1, name

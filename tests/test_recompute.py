@@ -91,3 +91,31 @@ def test_recompute_is_inert_outside_training():
         hook.remove()
     assert calls == {"decoder": 2 * 2, "vit": 2 * config.visual.layers}
     assert model.transformer.llm.recompute and model.enable_recompute(False).transformer.llm.recompute is False
+
+
+@pytest.mark.parametrize("mode", [dict(finetune_mode="full"), dict(finetune_mode="lora", lora_r=4, lora_alpha=8)],
+                         ids=["full", "lora"])
+def test_a_training_run_with_recompute_ends_with_the_same_weights(tmp_path, caption_data, mode):
+    """`recompute: true` in a config: the trainer turns it on (under LoRA on the wrapped base model)
+    and a short float32 run with dropout ends where the same run without recompute does."""
+    from paddle_caption.train.model_init import initial_model
+
+    from .conftest import micro_model_json
+    from .test_train import base_config, state_of, train
+
+    model_config = str(micro_model_json(tmp_path, num_hidden_layers=2, attn_dropout_prob=0.1))
+    ends = {}
+    for recompute in (False, True):
+        cfg = base_config(tmp_path, caption_data, model_config=model_config, max_steps=3, recompute=recompute,
+                          output_dir=str(tmp_path / f"run-{recompute}"), **mode)
+        trainer, _ = train(cfg)
+        assert trainer.base_model.transformer.llm.recompute is recompute
+        ends[recompute] = state_of(trainer.model)
+    assert ends[False].keys() == ends[True].keys()
+    for name, value in ends[False].items():
+        np.testing.assert_allclose(ends[True][name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # and the runs did train: equal end points are not both the start (lora_B starts at zero)
+    start = state_of(initial_model(None, model_config, 0)[0])
+    origins = {name: np.zeros_like(ends[True][name]) if name.endswith("lora_B") else start.get(name)
+               for name, _ in trainer.named_trainable}
+    assert [n for n, origin in origins.items() if origin is not None and not np.array_equal(ends[True][n], origin)]

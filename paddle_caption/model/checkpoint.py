@@ -98,12 +98,20 @@ class ShardWriter:
         return paths
 
 
-def save_model_state(state: dict, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[Path]:
+def save_model_state(state: dict, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     dtype: str | None = None) -> list[Path]:
     """Write {name: tensor} (names sorted) as one safetensors file or shards + index, in each
-    tensor's own dtype."""
+    tensor's own dtype, or with every floating tensor cast to `dtype` one at a time (a cast is a
+    storage conversion: it needs no arithmetic kernel, so bfloat16 works on a CPU too)."""
+    from .precision import dtype_name
+
+    target = dtype_name(dtype) if dtype else None
     writer = ShardWriter(directory, max_shard_bytes)
     for key in sorted(state):
-        writer.add(key, state[key])
+        tensor = state[key]
+        if target and tensor.is_floating_point() and str(tensor.dtype).replace("paddle.", "") != target:
+            tensor = tensor.astype(target)
+        writer.add(key, tensor)
     return writer.close()
 
 

@@ -12,11 +12,19 @@ The optimiser state goes through Paddle's public `state_dict()` / `set_state_dic
 by parameter *object* names (`linear_15.w_0_moment1_0`), which depend on how many layers a process
 built before; on disk the keys are structured names (`<parameter>::<accumulator>`), so a resumed or
 merged run finds its moments whatever it built first.
+
+bfloat16/float16 runs (mixed_precision.py) also keep a float32 master copy of every trainable
+parameter (`<parameter>::master_weights`). Paddle names a master copy `<object>_fp32_master_<k>` and
+its moments after it (`linear_15.w_0_fp32_master_0_moment1_0`); on disk they are stored under the
+parameter like a float32 run's (`<parameter>::moment1_0`), and on resume each master copy is made as
+Paddle makes it (a float32 cast of the parameter, on its device) holding the saved values, under the
+name its moments are then looked up by. The float16 loss scaler's state is `scaler.json`.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -28,8 +36,10 @@ FINAL_DIR = "final"
 LOCAL_PARAMS = "local_params.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
+SCALER_STATE = "scaler.json"  # float16 runs: the GradScaler's state (PaddleNLP: scaler.pdparams)
 MASTER_WEIGHTS = "master_weights"  # Paddle's sub-dict of float32 copies (multi_precision)
 _SEPARATOR = "::"
+_MASTER_PREFIX = re.compile(r"^fp32_master_\d+_")  # a master copy's accumulators: <object>_fp32_master_0_moment1_0
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -72,25 +82,60 @@ def optimizer_state(optimizer, named_params: list[tuple[str, object]]) -> dict:
         object_name = next((o for o in by_object if key.startswith(o + "_")), None)
         if object_name is None:
             raise UserError(f"optimizer state entry {key!r} belongs to no trainable parameter")
-        out[f"{by_object[object_name]}{_SEPARATOR}{key[len(object_name) + 1:]}"] = value
+        accumulator = _MASTER_PREFIX.sub("", key[len(object_name) + 1:])
+        out[f"{by_object[object_name]}{_SEPARATOR}{accumulator}"] = value
     return out
 
 
 def set_optimizer_state(optimizer, named_params: list[tuple[str, object]], state: dict, source) -> None:
     """The inverse of `optimizer_state`: translate structured keys back and `set_state_dict`."""
     by_name = dict(named_params)
-    translated, masters = {}, {}
+    entries = []
     for key, value in state.items():
         name, _, accumulator = key.partition(_SEPARATOR)
         if name not in by_name:
             raise UserError(f"{source}: optimizer state for {name!r}, which does not train in this run")
-        if accumulator == MASTER_WEIGHTS:
-            masters[by_name[name].name] = value
-        else:
-            translated[f"{by_name[name].name}_{accumulator}"] = value
+        entries.append((by_name[name], accumulator, value))
+    masters = {param.name: _master_copy(param, value) for param, accumulator, value in entries
+               if accumulator == MASTER_WEIGHTS}
+    translated = {}
+    for param, accumulator, value in entries:
+        if accumulator != MASTER_WEIGHTS:  # a master copy's moments are named after the copy
+            owner = masters[param.name].name if param.name in masters else param.name
+            translated[f"{owner}_{accumulator}"] = value
     if masters:
         translated[MASTER_WEIGHTS] = masters
     optimizer.set_state_dict(translated)
+
+
+def _master_copy(param, value):
+    """A float32 master copy of `param` holding `value`, made as Paddle's optimizer makes one
+    (`_create_master_weight`: a cast of the parameter, so on its device) and named as the first copy
+    Paddle makes of it, which its moments' names then follow."""
+    import paddle
+
+    copy = paddle.cast(param, "float32")
+    copy.set_value(value)
+    copy.name = f"{param.name}_fp32_master_0"
+    return copy
+
+
+# ---- the float16 loss scaler --------------------------------------------------------------------
+def scaler_state(scaler) -> dict:
+    """The GradScaler's state as JSON (the scale is a float32, exact as a JSON number)."""
+    state = dict(scaler.state_dict())
+    state["scale"] = [float(x) for x in state["scale"]]
+    return state
+
+
+def set_scaler_state(scaler, data: dict, source) -> None:
+    import numpy as np
+
+    try:
+        state = {**data, "scale": np.asarray(data["scale"], dtype=np.float32)}
+        scaler.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{source}: not a loss-scaler state ({err!r})") from None
 
 
 def _longest_first(mapping: dict) -> dict:

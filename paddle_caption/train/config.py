@@ -77,7 +77,9 @@ class TrainConfig:
     seed: int = 42  # data order and per-step RNG
 
     # ---- precision, memory and hardware ------------------------------------------------------------
-    dtype: str = "float32"  # float32 | bfloat16 | float16: the model's dtype (model/precision.py)
+    # float32 | bfloat16 | float16: the model's dtype (model/precision.py); bfloat16/float16 train with
+    # Paddle's O2 and float32 master weights (mixed_precision.py) and need a GPU
+    dtype: str = "float32"
     recompute: bool = False  # activation checkpointing per decoder and ViT layer (model/recompute.py)
     num_threads: int = 0  # CPU threads for Paddle (0 = all cores)
     # Optimizer-state sharding over the ranks of a launched run (ZeRO), Paddle's engines:

@@ -39,11 +39,13 @@ def _prepare_base(model):
     return model
 
 
-def make_lora_config(targets: list[str], r: int, alpha: float, dropout: float, merge: bool = False):
+def make_lora_config(targets: list[str], r: int, alpha: float, dropout: float, merge: bool = False,
+                     dtype: str = "float32"):
+    """PaddleNLP's LoRAConfig; `dtype` is the adapters' (PaddleNLP creates them in it)."""
     LoRAConfig, _ = _quiet_peft()
     return LoRAConfig(target_modules=list(targets), r=int(r), lora_alpha=alpha,
                       lora_dropout=float(dropout), merge_weights=merge,
-                      tensor_parallel_degree=1)
+                      tensor_parallel_degree=1, dtype=dtype)
 
 
 def matching_linears(model, targets: list[str]) -> list:
@@ -63,12 +65,13 @@ def matching_linears(model, targets: list[str]) -> list:
             if isinstance(layer, linear) and any(re.fullmatch(p, name) for p in targets)]
 
 
-def apply_lora(model, targets: list[str], r: int, alpha: float, dropout: float):
-    """Wrap `model` in a LoRAModel: adapters on every Linear whose name fully matches a target
-    regex, everything else frozen. The base model stays reachable as `.model`."""
+def apply_lora(model, targets: list[str], r: int, alpha: float, dropout: float, dtype: str = "float32"):
+    """Wrap `model` in a LoRAModel: adapters (in `dtype`, the model's: PaddleNLP's bfloat16 LoRA
+    recipe) on every Linear whose name fully matches a target regex, everything else frozen. The
+    base model stays reachable as `.model`."""
     _, LoRAModel = _quiet_peft()
     matching_linears(model, targets)
-    wrapped = LoRAModel(_prepare_base(model), make_lora_config(targets, r, alpha, dropout))
+    wrapped = LoRAModel(_prepare_base(model), make_lora_config(targets, r, alpha, dropout, dtype=dtype))
     if not any(not p.stop_gradient for p in wrapped.parameters()):
         raise UserError("LoRA left no parameter to train")
     return wrapped
@@ -130,24 +133,34 @@ def _assign(wrapped, state: dict, source) -> None:
 
 def merge_lora(model, directory: Path, allow_pickle: bool = False) -> tuple[dict, int]:
     """Merge a saved adapter into `model` (in place) and return the plain state dict, with no
-    `lora` keys left: W' = W + A·B·(alpha/r), computed by PaddleNLP's own LoRALinear.
-    Returns (state dict, number of adapted layers)."""
+    `lora` keys left: W' = W + A·B·scaling for every adapted Linear, PaddleNLP's LoRALinear formula
+    with its `scaling` (alpha/r, or rslora's / pissa's), computed in float32 and stored in W's dtype
+    (so a bfloat16 base merges on a CPU, which has no bfloat16 matmul; for a float32 base the result
+    is bit for bit PaddleNLP's own merge). Returns (state dict, number of adapted layers)."""
+    import paddle
+
     config_dict, state = read_lora_dir(directory, allow_pickle)
     LoRAConfig, LoRAModel = _quiet_peft()
+    from paddlenlp.peft.lora.lora_layers import LoRALinear
+
     known = set(LoRAConfig.__dataclass_fields__)
     lora_config = LoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "dtype"})
-    lora_config.merge_weights = True
+    lora_config.merge_weights = False  # merged below, in float32
     lora_config.tensor_parallel_degree = 1
     lora_config.lora_dropout = 0.0
+    lora_config.dtype = "float32"  # the adapters are read into float32 (exact from bfloat16/float16)
     try:
         wrapped = LoRAModel(_prepare_base(model), lora_config)
     except Exception as err:  # a target regex that finds layers of a different shape, etc.
         raise UserError(f"{directory}: adapter does not fit this model ({err})") from None
     _assign(wrapped, state, directory)
-    wrapped.eval()  # PaddleNLP's LoRALinear adds A·B·scaling into the weight when merge_weights
-    merged = {}
-    for key, tensor in wrapped.model.state_dict().items():
-        if "lora" in key:
-            continue
-        merged[key] = tensor
-    return merged, sum(1 for key in state if key.endswith("lora_A"))
+    adapted = [layer for layer in wrapped.model.sublayers() if hasattr(layer, "lora_A")]
+    with paddle.no_grad():
+        for layer in adapted:
+            if type(layer) is not LoRALinear:
+                raise UserError(f"{directory}: {type(layer).__name__} adapters cannot be merged here "
+                                "(plain LoRALinear only)")
+            delta = layer.lora_A @ layer.lora_B * layer.scaling
+            layer.weight.set_value((layer.weight.astype("float32") + delta).astype(layer.weight.dtype))
+    merged = {key: tensor for key, tensor in wrapped.model.state_dict().items() if "lora" not in key}
+    return merged, len(adapted)

@@ -8,10 +8,17 @@ and `predict_batch.py` load:
 
 BASE is a model directory (a real Qwen-VL / Mgen-VL checkpoint) or, for a model trained from
 scratch, the architecture JSON the run started from; the random initial weights are then rebuilt
-from the run's `init_seed`. CKPT is a checkpoint directory or a run's output_dir (its `final/`, else
-its newest complete checkpoint). Every key and shape is checked; a checkpoint of another
-architecture is refused naming the first mismatching key. OUT is written to a temp directory and
-renamed, so a killed merge never leaves a directory that looks complete.
+from the run's `init_seed` and `dtype`. CKPT is a checkpoint directory or a run's output_dir (its
+`final/`, else its newest complete checkpoint). Every key and shape is checked; a checkpoint of
+another architecture is refused naming the first mismatching key. OUT is written to a temp directory
+and renamed, so a killed merge never leaves a directory that looks complete.
+
+OUT is written in the base model's dtype (a bfloat16 base gives a bfloat16 model; a from-scratch
+architecture gives float32), or in `--dtype`. A base directory is loaded straight into that dtype
+and nothing computes in it, so a bfloat16 base merges on a CPU: trained parameters are cast into it
+(a float32 run merged into a bfloat16 base is rounded; `--dtype float32` keeps it exact), untouched
+ones keep their bits, and LoRA's A·B is computed in float32 and then cast. A from-scratch
+architecture is rebuilt in the run's dtype (its exact initial weights) and cast when written.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import shutil
 from pathlib import Path
 
 from ..files import read_json_object, write_json
+from ..model.precision import DTYPES
 from ..runtime import UserError, configure
 from .config import resolve_path
 
@@ -40,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allow_pickle", action="store_true",
                         help="also load pickle (.pdparams) weights; only for files you trust")
     parser.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors shard size")
+    parser.add_argument("--dtype", choices=DTYPES,
+                        help="dtype of the merged model (default: the base model's; float32 for a "
+                             "from-scratch architecture)")
     return parser.parse_args(argv)
 
 
@@ -67,18 +78,27 @@ def _read_json(path: Path) -> dict | None:
     return read_json_object(path, "file") if path.is_file() else None
 
 
-def build_base(base: str, ckpt: Path, allow_pickle: bool):
-    """The model the run started from; returns (model, base_dir or None)."""
+def base_directory(base: str) -> Path | None:
+    """BASE as a model directory, or None when it is an architecture JSON."""
+    path = resolve_path(base)
+    return path if path is not None and path.is_dir() else None
+
+
+def build_base(base: str, ckpt: Path, allow_pickle: bool, dtype: str):
+    """The model the run started from; returns (model, base_dir or None). A model directory loads
+    into `dtype` (a cast per tensor: nothing computes in it here); a from-scratch architecture is
+    rebuilt as the trainer built it, from the run's init_seed in the run's dtype."""
     from .model_init import initial_model
 
-    path = resolve_path(base)
-    if path is not None and path.is_dir():
-        return initial_model(str(path), None, 0, allow_pickle)
+    path = base_directory(base)
+    if path is not None:
+        return initial_model(str(path), None, 0, allow_pickle, dtype=dtype)
     train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json")
     if not train_config or "init_seed" not in train_config:
         raise UserError(f"{ckpt}: no train_config.json with init_seed, so the from-scratch initial "
                         f"weights of {base} cannot be rebuilt; pass a model directory instead")
-    return initial_model(None, base, int(train_config["init_seed"]))  # the trainer's init, bit for bit
+    # the trainer's init, bit for bit
+    return initial_model(None, base, int(train_config["init_seed"]), dtype=train_config.get("dtype", "float32"))
 
 
 def check_same_architecture(model, ckpt: Path) -> None:
@@ -107,15 +127,21 @@ def replace_local_params(model, ckpt: Path) -> int:
 
 
 def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | None = None,
-          allow_pickle: bool = False, max_shard_bytes: int = 2 << 30, log=print) -> Path:
-    from ..model.checkpoint import save_model_state
+          allow_pickle: bool = False, max_shard_bytes: int = 2 << 30, dtype: str | None = None,
+          log=print) -> Path:
+    """Write OUT (see the module docstring); `dtype` None: the base model's (float32 from scratch)."""
+    from ..model.checkpoint import checkpoint_dtype, save_model_state
+    from ..model.precision import dtype_name
 
     ckpt = resolve_checkpoint(Path(local_path or lora_path))
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MERGE_INFO).is_file())):
         raise UserError(f"--merge_model_path {out}: exists and is not an earlier merge output; "
                         "choose a new directory")
-    model, base_dir = build_base(base, ckpt, allow_pickle)
+    base_dir = base_directory(base)
+    out_dtype = dtype_name(dtype) if dtype else (
+        checkpoint_dtype(base_dir, allow_pickle) if base_dir is not None else "float32")
+    model, base_dir = build_base(base, ckpt, allow_pickle, out_dtype)
     check_same_architecture(model, ckpt)
     if lora_path:
         from .lora import merge_lora
@@ -132,7 +158,7 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model_state(state, tmp, max_shard_bytes=max_shard_bytes)
+    save_model_state(state, tmp, max_shard_bytes=max_shard_bytes, dtype=out_dtype)
     model.config.save_pretrained(tmp)
     if base_dir is not None:  # the base model's tokenizer files travel with it
         for name in TOKENIZER_FILES:
@@ -142,14 +168,14 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, tmp / name)
     step = (_read_json(ckpt / "trainer_state.json") or {}).get("step")
-    info = {"base": str(base), "checkpoint": str(ckpt), "mode": mode, "step": step,
+    info = {"base": str(base), "checkpoint": str(ckpt), "mode": mode, "step": step, "dtype": out_dtype,
             "tensors_written": len(state), ("layers_adapted" if mode == "lora" else "params_replaced"): replaced}
     write_json(tmp / MERGE_INFO, info)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     log(f"merged {mode} checkpoint {ckpt} (step {step}) into {base} -> {out} "
-        f"({len(state)} tensors)")
+        f"({len(state)} tensors, {out_dtype})")
     return out
 
 
@@ -158,5 +184,5 @@ def main(argv=None) -> int:
     configure()
     merge(args.model_name_or_path, Path(args.merge_model_path), local_path=args.local_path,
           lora_path=args.lora_path, allow_pickle=args.allow_pickle,
-          max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+          max_shard_bytes=int(args.max_shard_gb * (1 << 30)), dtype=args.dtype)
     return 0

@@ -16,7 +16,8 @@ def initial_model(model_name_or_path: str | None, model_config: str | None, init
                   allow_pickle: bool = False, dtype: str | None = None):
     """(model, model directory or None): the pretrained model (in `dtype`; None: as stored where the
     device computes in it, else float32), or the architecture randomly initialised from
-    `init_seed` (bit for bit the same on every call)."""
+    `init_seed`, built directly in `dtype` (None: float32) and bit for bit the same on every call
+    with the same seed and dtype."""
     import paddle
 
     from ..model.config import MgenVLConfig
@@ -30,17 +31,19 @@ def initial_model(model_name_or_path: str | None, model_config: str | None, init
         return MgenVLForCausalLM.from_pretrained(path, allow_pickle=allow_pickle, dtype=dtype), Path(path)
     config = MgenVLConfig.from_pretrained(path)
     paddle.seed(init_seed)
-    return MgenVLForCausalLM(config), None
+    return MgenVLForCausalLM.from_config(config, dtype=dtype or "float32"), None
 
 
 def setup_trainable(model, cfg, log=print):
-    """Freeze by the config's mode and globs (or wrap in LoRA); returns the model to train."""
+    """Freeze by the config's mode and globs (or wrap in LoRA, adapters in the model's dtype);
+    returns the model to train."""
     from .freeze import apply_freezing, apply_lr_scale
 
     if cfg.finetune_mode == "lora":
         from .lora import apply_lora
 
-        model = apply_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        model = apply_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                           dtype=model.dtype)
     elif cfg.finetune_mode == "full":
         apply_freezing(model, ["*"], cfg.frozen, "full")
     else:

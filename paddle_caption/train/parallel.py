@@ -113,6 +113,22 @@ def wrap_for_training(model, optimizer, world: int, sharding: str = "none"):
     return paddle.DataParallel(loss_module), optimizer
 
 
+def distributed_scaler(scaler, world: int, sharding: str = "none"):
+    """The float16 GradScaler as the parallel engine needs it (PaddleNLP's choices): under plain data
+    parallel every rank unscales the same all-reduced gradients and reaches the same overflow
+    decision alone; a sharded optimizer holds only its share, so fleet's `distributed_scaler`
+    (stage1) or `GroupShardedScaler` (stage2) all-reduces the overflow flag."""
+    if scaler is None or world == 1 or sharding == "none":
+        return scaler
+    if sharding == "stage1":
+        from paddle.distributed import fleet
+
+        return fleet.distributed_scaler(scaler)
+    from paddle.distributed.fleet.meta_parallel.sharding.group_sharded_utils import GroupShardedScaler
+
+    return GroupShardedScaler(scaler)
+
+
 def barrier(world: int) -> None:
     if world > 1:
         paddle.distributed.barrier()

@@ -21,6 +21,12 @@ checkpoint rank 0 writes). At the end, the replicas' weights are checked identic
 checks that every rank resumed from the same step (output_dir must be shared across machines).
 Evaluation runs on rank 0 while the others wait in the next step's all-reduce, which Paddle allows
 for 30 minutes (its default collective timeout): keep an evaluation shorter than that.
+
+Precision (`dtype`, see mixed_precision.py): the model is built in its dtype; bfloat16/float16 train
+with Paddle's O2 (float32 master weights in AdamW, O2 autocast, a GradScaler for float16 whose state
+is checkpointed). A low-precision config on a CPU stops at start, in one line. `recompute: true`
+checkpoints every decoder and ViT layer's activations (model/recompute.py; under LoRA, the wrapped
+base model's).
 """
 from __future__ import annotations
 
@@ -73,6 +79,9 @@ class Trainer:
         from . import parallel  # imports paddle: only after configure() (see runtime.py)
 
         self.parallel = parallel
+        from .mixed_precision import MixedPrecision
+
+        self.precision = MixedPrecision(cfg.dtype)
         self.rank, self.world = rank_and_world()
         note = parallel.check_sharding(self.world, cfg.sharding)
         self.sharded = parallel.is_sharded(self.world, cfg.sharding)
@@ -87,10 +96,11 @@ class Trainer:
         from .model_init import initial_model, setup_trainable
 
         cfg = self.cfg
-        # float32 weights under O1 autocast, as before `dtype` existed
         model, self.model_dir = initial_model(cfg.model_name_or_path, cfg.model_config, cfg.init_seed,
-                                              cfg.allow_pickle, dtype="float32")
+                                              cfg.allow_pickle, dtype=cfg.dtype)
         model.config.ablate_images = cfg.ablate_images
+        if cfg.recompute:
+            model.enable_recompute()  # the base model: a LoRA wrapper below keeps it as .model
         return setup_trainable(model, cfg, self.log)
 
     def build_data(self, model_config):
@@ -131,7 +141,8 @@ class Trainer:
             learning_rate=cfg.learning_rate, beta1=cfg.adam_beta1, beta2=cfg.adam_beta2,
             epsilon=cfg.adam_epsilon, parameters=params, weight_decay=cfg.weight_decay,
             apply_decay_param_fun=lambda name: name in decay,
-            grad_clip=paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None)
+            grad_clip=paddle.nn.ClipGradByGlobalNorm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None,
+            **self.precision.optimizer_options())
 
     def build_predictor(self):
         """The evaluation captioner: the Predictor every caption of the kit goes through."""
@@ -142,10 +153,13 @@ class Trainer:
                          GenerationConfig(max_new_tokens=self.cfg.eval_max_new_tokens))
 
     # ---- the loop --------------------------------------------------------------------------------
-    def train(self) -> dict:
+    def setup(self):
+        """Everything before the first step: model (in its dtype), data, evaluation captioner,
+        optimizer (O2-decorated for bfloat16/float16), loss scaler, parallel wrappers. Nothing here
+        computes, so it also runs on a CPU for a low-precision config (tests)."""
         from .freeze import trainable_table
 
-        cfg, paddle = self.cfg, self.paddle
+        cfg, precision = self.cfg, self.precision
         self._check_output_dir()
         model = self.build_model()
         self.model = model
@@ -153,14 +167,21 @@ class Trainer:
         self.build_data(self.base_model.config)
         self.predictor = self.build_predictor()
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
-        # The parallel engine wraps the model and optimizer before a resume loads into them (a
-        # sharded optimizer takes only its own share of the state); wrapping broadcasts rank 0's
-        # weights, which a resume then overwrites with the same checkpoint on every rank.
-        train_module, optimizer = self.parallel.wrap_for_training(
-            model, self.build_optimizer(model), self.world, cfg.sharding)
-        self.optimizer = optimizer
+        # O2 decoration precedes the parallel wrappers (PaddleNLP's order). The parallel engine wraps
+        # the model and optimizer before a resume loads into them (a sharded optimizer takes only
+        # its own share of the state); wrapping broadcasts rank 0's weights, which a resume then
+        # overwrites with the same checkpoint on every rank.
+        optimizer = precision.decorate(model, self.build_optimizer(model))
+        precision.scaler = self.parallel.distributed_scaler(precision.scaler, self.world, cfg.sharding)
+        self.train_module, self.optimizer = self.parallel.wrap_for_training(
+            model, optimizer, self.world, cfg.sharding)
         self.log(trainable_table(model))
-        amp = self._amp_context()
+
+    def train(self) -> dict:
+        cfg, paddle, precision = self.cfg, self.paddle, self.precision
+        precision.require_device()  # a bfloat16/float16 config on a CPU: one line, nothing loaded
+        self.setup()
+        model, train_module, optimizer = self.model, self.train_module, self.optimizer
 
         state = LoopState(config_fingerprint=config_fingerprint(cfg))
         resumed_from = self.maybe_resume(state)
@@ -198,12 +219,12 @@ class Trainer:
                 # dropout is the same whether its micro-batches run on one process or on several.
                 paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
                 with self.parallel.gradient_sync(train_module, sync=micro == accum - 1):
-                    with amp():
+                    with precision.autocast():
                         loss = train_module(batch["input_ids"], images=batch["images"],
                                             attention_mask=batch["attention_mask"], labels=batch["labels"])
                     # each micro-batch's loss is the mean over its supervised tokens; DataParallel
                     # averages over ranks, so a step is the mean of its world x accum micro-batches
-                    (loss / accum).backward()
+                    precision.backward(loss / accum)
                 step_loss += float(loss)
                 window_samples += int(batch["input_ids"].shape[0]) * self.world
                 micro += 1
@@ -225,7 +246,7 @@ class Trainer:
                 state.elapsed_s, stop, eval_due, save_due = decided
                 lr = lr_at(cfg, max(state.step / total_steps, state.elapsed_s / budget_s))
                 optimizer.set_lr(lr)
-                optimizer.step()
+                precision.step(optimizer)  # float16: unscaled first, skipped on overflow
                 optimizer.clear_grad()
                 window_loss.append(summed[0] / (accum * self.world))
                 micro, step_loss = 0, 0.0
@@ -237,6 +258,8 @@ class Trainer:
                     record = {"kind": "train", "step": state.step, "epoch": state.epoch,
                               "elapsed_s": round(state.elapsed_s, 3), "loss": float(np.mean(window_loss)),
                               "lr": lr, "samples_per_s": rate}
+                    if precision.loss_scale() is not None:
+                        record["loss_scale"] = precision.loss_scale()
                     self._log_record(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
                     window_loss, window_samples, window_t = [], 0, time.time()
@@ -278,18 +301,6 @@ class Trainer:
             return True
         return bool(every_minutes) and elapsed - last_elapsed >= every_minutes * 60
 
-    def _amp_context(self):
-        import contextlib
-
-        cfg, paddle = self.cfg, self.paddle
-        if cfg.dtype == "float32":
-            return contextlib.nullcontext
-        if not paddle.is_compiled_with_cuda():
-            self.log(f"dtype {cfg.dtype} requested, but this is a CPU run: training in float32 "
-                     "(Paddle has no bf16/fp16 training kernels on this CPU)")
-            return contextlib.nullcontext
-        return lambda: paddle.amp.auto_cast(enable=True, dtype=cfg.dtype, level="O1")
-
     # ---- evaluation ------------------------------------------------------------------------------
     def evaluate(self, state: LoopState) -> dict:
         """Validation loss and scored captions (rank 0, with validation records), logged."""
@@ -322,13 +333,15 @@ class Trainer:
         if self.rank != 0:
             return self.output_dir / name
         lora = self.model if self.cfg.finetune_mode == "lora" else None
+        files = {"model_config.json": self.base_model.config.to_dict(),
+                 "prompt.json": {"system": self.template.system, "prompt": self.template.prompt},
+                 "train_config.json": self.cfg.to_dict()}
+        if self._scaling():
+            files[ckpt.SCALER_STATE] = ckpt.scaler_state(self.precision.scaler)
         return ckpt.save_checkpoint(
             self.output_dir, name, trained=None if lora else dict(self.named_trainable), lora_model=lora,
             optimizer_tensors=None if self.sharded else ckpt.optimizer_state(self.optimizer, self.named_trainable),
-            begun=self.sharded,
-            files={"model_config.json": self.base_model.config.to_dict(),
-                   "prompt.json": {"system": self.template.system, "prompt": self.template.prompt},
-                   "train_config.json": self.cfg.to_dict()},
+            begun=self.sharded, files=files,
             state={**asdict(state), "complete": True, "final": final}, keep=self.cfg.save_total_limit)
 
     def maybe_resume(self, state: LoopState) -> str | None:
@@ -350,10 +363,19 @@ class Trainer:
                             "processes that wrote its checkpoint")
         ckpt.set_optimizer_state(self.optimizer, self.named_trainable, load_safetensors(optimizer_file),
                                  optimizer_file)
+        if self._scaling():
+            scaler_file = latest / ckpt.SCALER_STATE
+            if not scaler_file.is_file():
+                raise UserError(f"{scaler_file}: missing (a float16 run checkpoints its loss scaler)")
+            ckpt.set_scaler_state(self.precision.scaler, json.loads(scaler_file.read_text()), scaler_file)
         for key in asdict(state):
             if key in saved:
                 setattr(state, key, saved[key])
         return str(latest)
+
+    def _scaling(self) -> bool:
+        """Whether a loss scaler is at work (float16 on a GPU), so its state belongs in checkpoints."""
+        return self.precision.scaler is not None and self.precision.scaler.is_enable()
 
     # ---- files -----------------------------------------------------------------------------------
     def _check_output_dir(self):
