@@ -293,6 +293,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, model_dir):
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--rank", "2", "--world_size", "2"], "rank"),
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--top_p", "0"], "top_p"),
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--prompt_file", "nope.txt"], "nope.txt"),
+        ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--dtype", "bfloat16"], "--dtype bfloat16: "),
     ]
     for argv, message in cases:
         assert run_cli(cli.main, argv + ["--no_progress"]) == 2
@@ -308,3 +309,24 @@ def test_cli_writes_results_and_summary(tmp_path, capsys, model_dir, reference):
     assert run_cli(cli.main, argv) == 0
     assert read_results(out) == expected[:5]
     assert "5 images (0 resumed, 5 predicted, 0 rejected)" in capsys.readouterr().out
+
+
+def test_dtype_option_loads_a_bfloat16_model_directory(tmp_path, model_dir):
+    """A bfloat16 model directory loads as float32 on a CPU (its exact values), by default or by
+    `--dtype float32`, and predicts; `--dtype bfloat16` needs a GPU and is refused before anything
+    loads (here: before the missing directory is noticed)."""
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    MgenVLForCausalLM.from_pretrained(model_dir, dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    rounded = MgenVLForCausalLM.from_pretrained(tmp_path / "bf16", dtype="float32")
+    for dtype in (None, "float32"):
+        loaded = predictor_mod.load_predictor(tmp_path / "bf16", dtype=dtype)
+        assert loaded.model.dtype == "float32"
+        for key, value in rounded.state_dict().items():
+            np.testing.assert_array_equal(loaded.model.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+    with pytest.raises(UserError, match="--dtype bfloat16: .* needs a GPU; on CPU use float32"):
+        predictor_mod.load_predictor(tmp_path / "no_such_dir", dtype="bfloat16")
+
+    tsv = write_tsv(tmp_path / "test.tsv", good_rows(3))
+    summary = run.predict_file(tsv, tmp_path / "r.txt", tmp_path / "bf16", quiet(dtype="float32"))
+    assert summary["predicted"] == 3 and len(read_results(tmp_path / "r.txt")) == 3

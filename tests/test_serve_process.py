@@ -102,3 +102,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "max_batch_size" in capsys.readouterr().err
     assert run_cli(main, [str(tmp_path), "--default_max_tokens", "600"]) == 2
     assert "exceeds max_tokens_cap" in capsys.readouterr().err
+    assert run_cli(main, [str(tmp_path), "--dtype", "bfloat16"]) == 2  # refused before any load
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dtype bfloat16: " in err and "on CPU use float32" in err, err

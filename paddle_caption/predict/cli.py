@@ -4,6 +4,8 @@ TEST.tsv rows are `id \\t base64-image` (a third caption column is ignored). RES
 `id \\t caption` line per input id, in input order; unusable rows get an empty caption and a line in
 RESULTS.txt.rejects. The prompt is the one the model was trained with (MODEL_DIR/prompt.json), unless
 `--prompt_file`/`--system_file` replace a part. `--resume` keeps the results of an interrupted run.
+`--dtype` is the dtype the model computes in (default: the checkpoint's where this device computes in
+it, else float32; bfloat16/float16 need a GPU and are refused on a CPU in one line).
 
 Several GPUs/processes: under `python -m paddle.distributed.launch --gpus 0,1,2,3 predict_batch.py
 TEST.tsv RESULTS.txt MODEL_DIR`, or with `--rank R --world_size W` on each of W processes, each rank
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..model.precision import DTYPES
 from ..runtime import UserError, configure
 from .run import PredictOptions
 
@@ -38,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="this process's shard (default: PADDLE_TRAINER_ID or 0)")
     p.add_argument("--world_size", type=int, help="number of shards (default: PADDLE_TRAINERS_NUM or 1)")
     p.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
+    p.add_argument("--dtype", choices=DTYPES, help="the model's dtype (default: the checkpoint's where "
+                   "this device computes in it, else float32; bfloat16/float16 need a GPU)")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--min_side", type=int, default=PredictOptions.min_side,
                    help="reject images with a side below this (0: no limit)")
@@ -64,7 +69,7 @@ def main(argv=None) -> int:
     opts = PredictOptions(batch_size=args.batch_size, generation=gen, prompt_file=args.prompt_file,
                           system_file=args.system_file, resume=args.resume, rank=args.rank,
                           world_size=args.world_size, limit=args.limit, min_side=args.min_side,
-                          merge_timeout=args.merge_timeout, progress=not args.no_progress)
+                          merge_timeout=args.merge_timeout, progress=not args.no_progress, dtype=args.dtype)
     summary = predict_file(args.test_tsv, args.results, args.model_dir, opts)
     print(format_summary(summary))
     return 0

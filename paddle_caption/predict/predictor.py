@@ -78,17 +78,23 @@ class Predictor:
 
 
 def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: str | None = None,
-                   system_file: str | None = None) -> Predictor:
-    """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor."""
+                   system_file: str | None = None, dtype: str | None = None) -> Predictor:
+    """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor, in
+    `dtype` (None: as stored where this device computes in it, else float32 —
+    `precision.default_load_dtype`). A dtype this device cannot compute in (bfloat16/float16 on a
+    CPU) is refused in one line before anything loads."""
     from ..model.mgen_vl import MgenVLForCausalLM
+    from ..model.precision import require_compute
     from ..tokenizer import QWenVLTokenizer
 
+    if dtype is not None:
+        require_compute(dtype, "--dtype")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
     template = load_template(model_dir, prompt_file, system_file)  # prompt errors before the slow load
     try:
-        model = MgenVLForCausalLM.from_pretrained(model_dir)
+        model = MgenVLForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = QWenVLTokenizer.for_model(model.config, model_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_dir}: {err}") from None

@@ -40,6 +40,7 @@ class PredictOptions:
     max_pixels: int = 4096 * 4096  # bounds decode memory, as the converter
     progress: bool = True
     merge_timeout: float = 24 * 3600.0  # rank 0: seconds to wait for the other shards
+    dtype: str | None = None  # the model's dtype; None: as stored where the device computes in it, else float32
     poll_seconds: float = 2.0
 
     def validate(self) -> None:
@@ -67,7 +68,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     rows = read_test_rows(test_tsv, opts.limit)
     mine = shard_rows(rows, rank, world)
     fp = fingerprint(test_tsv, len(rows), {
-        "model": predictor.source, "template": asdict(predictor.template), "generation": asdict(gen),
+        "model": predictor.source, "dtype": predictor.model.dtype, "template": asdict(predictor.template),
+        "generation": asdict(gen),
         "limit": opts.limit, "world_size": world, "min_side": opts.min_side, "max_pixels": opts.max_pixels})
     results_path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(results_path, rank, world)
@@ -158,7 +160,7 @@ def predict_file(test_tsv: str | os.PathLike, results_path: str | os.PathLike, m
     opts.validate()
     rank_and_world(opts.rank, opts.world_size)  # fail on bad rank settings before the model load
     start = time.perf_counter()
-    predictor = load_predictor(model_dir, opts.generation, opts.prompt_file, opts.system_file)
+    predictor = load_predictor(model_dir, opts.generation, opts.prompt_file, opts.system_file, opts.dtype)
     load_seconds = time.perf_counter() - start
     summary = predict_tsv(predictor, test_tsv, results_path, opts)
     summary["load_seconds"] = round(load_seconds, 3)

@@ -5,7 +5,7 @@ Prometheus metrics and a web page — on one engine thread with dynamic and cont
     paddle-caption-serve checkpoints/demo/image/model [--host 127.0.0.1] [--port 8000] [--api_key KEY]
         [--max_batch_size 16] [--max_wait_ms 10] [--max_queue 256] [--request_timeout 120]
         [--max_body_mb 32] [--max_image_pixels 16777216] [--max_images_per_request 16]
-        [--max_tokens_cap 512] [--default_max_tokens 128] [--max_num_beams 8] ...
+        [--max_tokens_cap 512] [--default_max_tokens 128] [--max_num_beams 8] [--dtype bfloat16] ...
 
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0.
 """
@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..model.precision import DTYPES
 from ..runtime import UserError, configure, run_cli
 from .engine import EngineOptions
 from .service import ServiceLimits
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt_file", help="instruction text (default: MODEL_DIR/prompt.json's)")
     g.add_argument("--system_file", help="system message text (default: MODEL_DIR/prompt.json's)")
     g.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
+    g.add_argument("--dtype", choices=DTYPES, help="the model's dtype (default: the checkpoint's where this "
+                   "device computes in it, else float32; bfloat16/float16 need a GPU)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -75,14 +78,15 @@ def limits_from_args(args) -> tuple[ServiceLimits, EngineOptions]:
 
 
 def build_service(model_dir, limits: ServiceLimits | None = None, engine_options: EngineOptions | None = None,
-                  model_name: str | None = None, prompt_file: str | None = None, system_file: str | None = None):
+                  model_name: str | None = None, prompt_file: str | None = None, system_file: str | None = None,
+                  dtype: str | None = None):
     """Load MODEL_DIR -> (CaptionService, ServiceMetrics); the engine thread starts with the app."""
     from .engine import CaptionEngine
     from .metrics import ServiceMetrics
     from ..predict.predictor import load_predictor
     from .service import CaptionService
 
-    predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file)
+    predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file, dtype=dtype)
     metrics = ServiceMetrics()
     engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics)
     root = Path(model_dir).resolve()
@@ -102,7 +106,7 @@ def main(argv=None) -> int:
     from .app import create_app
 
     service, metrics = build_service(args.model_dir, limits, engine_options, args.served_model_name,
-                                     args.prompt_file, args.system_file)
+                                     args.prompt_file, args.system_file, args.dtype)
     app = create_app(service, metrics, api_key=api_key, stop_timeout=limits.request_timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=limits.request_timeout_s + 5, server_header=False)
