@@ -293,6 +293,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys, model_dir):
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--rank", "2", "--world_size", "2"], "rank"),
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--top_p", "0"], "top_p"),
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--prompt_file", "nope.txt"], "nope.txt"),
+        ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--speculative", "retrieval"], "no draft_datastore/"),
+        ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--speculative", "retrieval", "--draft_source",
+          str(tmp_path / "none.txt")], "none.txt: no such file"),
     ]
     for argv, message in cases:
         assert run_cli(cli.main, argv + ["--no_progress"]) == 2
@@ -308,3 +311,17 @@ def test_cli_writes_results_and_summary(tmp_path, capsys, model_dir, reference):
     assert run_cli(cli.main, argv) == 0
     assert read_results(out) == expected[:5]
     assert "5 images (0 resumed, 5 predicted, 0 rejected)" in capsys.readouterr().out
+
+
+def test_cli_speculative_retrieval_writes_the_same_results(tmp_path, capsys, model_dir, reference):
+    """Drafting from a captions file built on the fly: the same RESULTS.txt, and the summary
+    reports the drafting (acceptance itself is tested in test_speculative.py)."""
+    tsv, expected = reference
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(caption + "\n" for _, caption in expected), encoding="utf-8")
+    out = tmp_path / "results.txt"
+    argv = [str(tsv), str(out), str(model_dir), "--max_new_tokens", str(MAX_NEW), "--batch_size", "3",
+            "--no_progress", "--speculative", "retrieval", "--draft_source", str(captions)]
+    assert run_cli(cli.main, argv) == 0
+    assert read_results(out) == expected
+    assert "speculative decoding (retrieval): " in capsys.readouterr().out

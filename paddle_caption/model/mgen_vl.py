@@ -32,6 +32,9 @@ class CausalLMOutput:
     # loss_on="supervised": only the supervised positions, [N_supervised, V].
     logits: "paddle.Tensor | None" = None
     past_key_values: list | None = None
+    # Generation paths (`last_logits_only`, `logits_index`): the final (normed) hidden states of
+    # the positions whose logits are returned, in the same order (drafting heads read them).
+    hidden_states: "paddle.Tensor | None" = None
 
 
 class LanguageModel(nn.Layer):
@@ -169,7 +172,7 @@ class MgenVLForCausalLM(nn.Layer):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids, images=None, attention_mask=None, labels=None, position_ids=None,
                 past_key_values=None, use_cache=False, loss_on: str = "supervised",
-                last_logits_only: bool = False):
+                last_logits_only: bool = False, logits_index=None):
         """Returns CausalLMOutput(loss, logits, past_key_values).
 
         With labels, the loss is the mean next-token cross-entropy over supervised positions
@@ -177,7 +180,9 @@ class MgenVLForCausalLM(nn.Layer):
         lm_head only at those positions: on a ~400-token sample with a ~15-token answer that skips
         ~95% of the largest matrix product. `loss_on="all"` computes full logits first (same loss;
         kept for tests and the benchmark). `last_logits_only` (generation) runs the last layer's
-        queries, its MLP and lm_head on the last position only.
+        queries, its MLP and lm_head on the last position only. `logits_index` (speculative
+        decoding's verification) is an int array of flat positions (row * T + column) and returns
+        logits [len(logits_index), V] for those positions only: lm_head skips the rest.
         """
         check_compute_dtype(self.lm_head.weight)
         embeds = self.embed(input_ids, images)
@@ -199,8 +204,13 @@ class MgenVLForCausalLM(nn.Layer):
             last = paddle.full([batch, 1], length - 1, dtype="int64") if length > 1 else None
             hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
                                    output_index=last)
-            return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents)
+            return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents,
+                                  hidden_states=hidden[:, -1])
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
+        if labels is None and logits_index is not None:
+            rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]),
+                                 paddle.to_tensor(np.asarray(logits_index, dtype=np.int64)))
+            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents, hidden_states=rows)
         if labels is None:
             return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":

@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..runtime import UserError, configure, run_cli
 from .engine import EngineOptions
 from .service import ServiceLimits
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt_file", help="instruction text (default: MODEL_DIR/prompt.json's)")
     g.add_argument("--system_file", help="system message text (default: MODEL_DIR/prompt.json's)")
     g.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
+    g.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none",
+                   help="draft-and-verify greedy decoding (same captions, fewer steps), as predict_batch.py")
+    g.add_argument("--draft_source", help="captions file or datastore directory to draft from "
+                                          "(default: MODEL_DIR/draft_datastore)")
+    g.add_argument("--num_draft_tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="most tokens drafted per row and step")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -75,16 +81,18 @@ def limits_from_args(args) -> tuple[ServiceLimits, EngineOptions]:
 
 
 def build_service(model_dir, limits: ServiceLimits | None = None, engine_options: EngineOptions | None = None,
-                  model_name: str | None = None, prompt_file: str | None = None, system_file: str | None = None):
+                  model_name: str | None = None, prompt_file: str | None = None, system_file: str | None = None,
+                  speculative: str = "none", draft_source=None, num_draft_tokens: int | None = None):
     """Load MODEL_DIR -> (CaptionService, ServiceMetrics); the engine thread starts with the app."""
     from .engine import CaptionEngine
     from .metrics import ServiceMetrics
     from ..predict.predictor import load_predictor
     from .service import CaptionService
 
-    predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file)
+    predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file, speculative=speculative,
+                               draft_source=draft_source, num_draft_tokens=num_draft_tokens)
     metrics = ServiceMetrics()
-    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics)
+    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics, predictor.drafter)
     root = Path(model_dir).resolve()
     service = CaptionService(predictor, engine, limits, model_name or str(model_dir), str(root))
     return service, metrics
@@ -102,7 +110,8 @@ def main(argv=None) -> int:
     from .app import create_app
 
     service, metrics = build_service(args.model_dir, limits, engine_options, args.served_model_name,
-                                     args.prompt_file, args.system_file)
+                                     args.prompt_file, args.system_file, args.speculative, args.draft_source,
+                                     args.num_draft_tokens)
     app = create_app(service, metrics, api_key=api_key, stop_timeout=limits.request_timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=limits.request_timeout_s + 5, server_header=False)
