@@ -168,12 +168,12 @@ class CountingPredictor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def generate_ids(self, images, prompts=None, config=None):
+    def generate_ids(self, images, prompts=None, config=None, stats=None):
         if self.crash_after is not None and self.batches == self.crash_after:
             raise KeyboardInterrupt  # as a Ctrl-C or a kill would stop the run mid-way
         self.batches += 1
         self.images.extend(images)
-        return self.inner.generate_ids(images, prompts, config)
+        return self.inner.generate_ids(images, prompts, config, stats)
 
 
 def test_resume_after_crash_predicts_each_id_once(tmp_path, predictor, reference):

@@ -70,7 +70,7 @@ def test_save_load_round_trip_and_format_errors(tmp_path):
     store = build_store([[1, 2, 3], [1, 2, 4], [5]])
     store.save(tmp_path / "ds")
     again = DraftDatastore.load(tmp_path / "ds")
-    assert isinstance(again.tokens, np.memmap)  # mapped, not read
+    assert not again.tokens.flags.owndata and not again.suffix.flags.owndata  # mapped, not read
     assert again.depth == store.depth and again.info["captions"] == 3
     assert np.array_equal(again.tokens, store.tokens) and np.array_equal(again.suffix, store.suffix)
     meta = json.loads((tmp_path / "ds" / "datastore.json").read_text())
@@ -217,13 +217,13 @@ class ScriptedDrafter:
     token at position `wrong_at(step, row)` of the draft (None: no wrong token). Counts how many
     drafted tokens verification must accept."""
 
-    name, uses_hidden = "scripted", False
+    name = "scripted"
 
     def __init__(self, answers: dict, num_draft_tokens: int, wrong_at=lambda step, row: None, vocab: int = 900):
         self.answers, self.num_draft_tokens, self.wrong_at, self.vocab = answers, num_draft_tokens, wrong_at, vocab
         self.calls, self.expected_accepted = 0, 0
 
-    def propose(self, rows, hidden, limits):
+    def propose(self, rows, limits):
         drafts = []
         for row, limit in zip(rows, limits):
             done = len(row.tokens)

@@ -44,7 +44,7 @@ END = -2  # after the last caption, `depth` times: every read `tokens[p + d]` (d
 DEFAULT_DEPTH = 64
 SPECULATIVE_MODES = ("none", "retrieval")
 DEFAULT_DRAFT_TOKENS = 16
-DEFAULT_MIN_SHARE = 0.3
+DEFAULT_MIN_SHARE = 0.5
 _SAMPLE = 256  # ranges wider than this find their most frequent continuation from a sample
 _EXACT = 1024  # ranges up to this width are scanned whole
 
@@ -145,9 +145,9 @@ class DraftDatastore:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise UserError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                             f"expected {FORMAT!r}")
-        try:
-            tokens = np.load(directory / "tokens.npy", mmap_mode="r")
-            suffix = np.load(directory / "suffix_array.npy", mmap_mode="r")
+        try:  # mapped, not read; plain ndarray views index faster than np.memmap's Python __getitem__
+            tokens = np.load(directory / "tokens.npy", mmap_mode="r").view(np.ndarray)
+            suffix = np.load(directory / "suffix_array.npy", mmap_mode="r").view(np.ndarray)
         except (OSError, ValueError) as err:
             raise UserError(f"{directory}: cannot read the datastore arrays ({err})") from None
         depth = meta.pop("depth")
@@ -209,14 +209,15 @@ class _Match:
 class RetrievalDrafter:
     """Drafts each greedy row's next tokens from a `DraftDatastore` (see the module docstring).
 
-    `propose(rows, hidden, limits)` returns one int64 array per row (at most limits[i] tokens,
-    maybe none); a row's matching state lives on it (`row.draft_state`).
+    `propose(rows, limits)` (what `ContinuousBatch` calls, with its greedy rows) returns one int64
+    array per row (at most limits[i] tokens, maybe none); a row's matching state lives on it
+    (`row.draft_state`).
     """
 
     name = "retrieval"
-    uses_hidden = False  # propose() gets no hidden states
 
-    def __init__(self, store: DraftDatastore, num_draft_tokens: int = 8, stop_ids=(), min_share: float = 0.0):
+    def __init__(self, store: DraftDatastore, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS, stop_ids=(),
+                 min_share: float = DEFAULT_MIN_SHARE):
         if not 1 <= num_draft_tokens < store.depth:
             raise ValueError(f"num_draft_tokens must be in [1, {store.depth - 1}] for this datastore")
         if not 0.0 <= min_share <= 1.0:
@@ -228,7 +229,7 @@ class RetrievalDrafter:
         self.max_match = store.depth - self.num_draft_tokens
         self.resync_length = max(1, self.max_match // 2)
 
-    def propose(self, rows, hidden, limits) -> list[np.ndarray]:
+    def propose(self, rows, limits) -> list[np.ndarray]:
         return [self.draft(row, limit) for row, limit in zip(rows, limits)]
 
     def draft(self, row, limit: int) -> np.ndarray:

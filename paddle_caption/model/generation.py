@@ -11,8 +11,9 @@ keep rows); `ContinuousBatch` drives it for greedy/sampling rows that join and l
 boundaries with per-row settings (what the caption service's engine uses); `generate` is the
 one-call API on top of both.
 
-Speculative decoding (draft and verify): given a drafter (`drafting.RetrievalDrafter`, or
-`medusa.MedusaDrafter`), each step feeds every greedy row its greedy token followed by up to k
+Speculative decoding (draft and verify): given a drafter (`drafting.RetrievalDrafter`: any object
+with `propose(rows, limits)` and `num_draft_tokens`), each step feeds every greedy row its greedy
+token followed by up to k
 drafted tokens in one forward (`DecodeBatch.step_many`), which returns the logits after each of
 them. A row accepts drafted tokens while each equals the greedy choice of the logits before it,
 then takes the model's own choice after the last accepted one (the next step's token); the cache
@@ -120,11 +121,10 @@ class DecodeBatch:
         batch = DecodeBatch(model)          # empty
         new = batch.add(prompts, images)    # prefill new rows; they join the running rows at the end
         batch.logits                        # [rows, vocab] float32 next-token logits, one per row
-        batch.hidden                        # [rows, hidden] the final hidden states behind them
         batch.step(tokens)                  # feed one token per row; refreshes `logits`
         batch.step_many(tokens, lengths)    # feed several tokens per row in one forward -> the
                                             # logits after each of them
-        batch.rollback(kept)                # then forget all but the first kept[i] of row i's
+        batch.rollback(kept)                # then forget all but the first kept[i] tokens fed to row i
         batch.keep(rows)                    # keep/reorder rows: finished rows leave, beams reorder
 
     Layout: rows are right-aligned: every row's newest token sits in the last cache column; columns
@@ -153,7 +153,6 @@ class DecodeBatch:
         self.past = None  # per layer (k, v), each [rows, heads, width, head_dim]
         self.mask = None  # int64 [rows, width]: 1 = real token
         self.logits = np.zeros((0, 0), dtype=np.float32)
-        self.hidden = None  # paddle [rows, hidden]
         self._fed = None  # after step_many, until the next change: what rollback needs
 
     def __len__(self) -> int:
@@ -175,7 +174,7 @@ class DecodeBatch:
         first = len(self)
         self._fed = None
         if self.past is None:
-            self.past, self.mask, self.logits, self.hidden = out.past_key_values, mask, logits, out.hidden_states
+            self.past, self.mask, self.logits = out.past_key_values, mask, logits
         else:
             width = max(self.width, int(mask.shape[1]))
             self.past = [(paddle.concat([_pad_left(k_old, width), _pad_left(k_new, width)], axis=0),
@@ -183,7 +182,6 @@ class DecodeBatch:
                          for (k_old, v_old), (k_new, v_new) in zip(self.past, out.past_key_values)]
             self.mask = paddle.concat([_pad_left(self.mask, width), _pad_left(mask, width)], axis=0)
             self.logits = np.concatenate([self.logits, logits])
-            self.hidden = paddle.concat([self.hidden, out.hidden_states], axis=0)
         return np.arange(first, len(self))
 
     def step(self, tokens: np.ndarray) -> None:
@@ -193,7 +191,7 @@ class DecodeBatch:
     def step_many(self, tokens: np.ndarray, lengths=None) -> np.ndarray:
         """Feed row i the tokens tokens[i, :lengths[i]] (`tokens` [rows, m]; default: all m) in one
         forward; returns the logits after each fed token, [sum(lengths), vocab] float32, row by
-        row. `logits`/`hidden` become each row's after its last fed token; `rollback` may then
+        row. `logits` become each row's after its last fed token; `rollback` may then
         forget the tail of what a row was fed."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or len(tokens) != len(self):
@@ -209,17 +207,16 @@ class DecodeBatch:
             out = self.model(paddle.to_tensor(np.where(fed, tokens, self.pad_id)), attention_mask=self.mask,
                              past_key_values=self.past, use_cache=True, logits_index=flat)
         self.past = out.past_key_values
-        logits = as_numpy(out.logits.astype("float32"))  # [sum(lengths), vocab]; a view
-        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits, out.hidden_states)
+        logits = out.logits if out.logits.dtype == paddle.float32 else out.logits.astype("float32")
+        logits = as_numpy(logits)  # [sum(lengths), vocab]; a view
+        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits)
         self._select(lengths)
         return logits
 
     def _select(self, kept: np.ndarray) -> None:
-        """`logits`/`hidden` from the fed positions: row i's after its kept[i]-th fed token."""
-        _, _, starts, logits, hidden = self._fed
-        at = starts + kept - 1
-        self.logits = logits[at]  # a copy: callers may edit it (repetition penalty)
-        self.hidden = hidden if len(at) == len(logits) else paddle.gather(hidden, paddle.to_tensor(at))
+        """`logits` from the fed positions: row i's after its kept[i]-th fed token."""
+        _, _, starts, logits = self._fed
+        self.logits = logits[starts + kept - 1]  # a copy: callers may edit it (repetition penalty)
 
     def rollback(self, kept) -> None:
         """After `step_many`: keep only the first kept[i] (>= 1) tokens fed to row i, as if no more
@@ -294,7 +291,6 @@ class DecodeBatch:
         self._fed = None
         self.logits = self.logits[rows]
         index = paddle.to_tensor(rows)
-        self.hidden = paddle.gather(self.hidden, index)
         mask = paddle.gather(self.mask, index)
         used = np.flatnonzero(mask.numpy().any(axis=0))
         first = int(used[0]) if len(used) else 0  # columns before it are padding in every row
@@ -494,8 +490,7 @@ class ContinuousBatch:
         if room < 1 or not greedy:
             return None
         limits = [min(room, self.rows[i].config.max_new_tokens - len(self.rows[i].tokens)) for i in greedy]
-        hidden = paddle.gather(self.decoder.hidden, paddle.to_tensor(greedy)) if self.drafter.uses_hidden else None
-        proposed = self.drafter.propose([self.rows[i] for i in greedy], hidden, limits)
+        proposed = self.drafter.propose([self.rows[i] for i in greedy], limits)
         drafts = [np.zeros(0, dtype=np.int64)] * len(self.rows)
         for i, draft, limit in zip(greedy, proposed, limits):
             drafts[i] = np.asarray(draft, dtype=np.int64)[:limit]

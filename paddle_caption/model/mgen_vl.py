@@ -32,9 +32,6 @@ class CausalLMOutput:
     # loss_on="supervised": only the supervised positions, [N_supervised, V].
     logits: "paddle.Tensor | None" = None
     past_key_values: list | None = None
-    # Generation paths (`last_logits_only`, `logits_index`): the final (normed) hidden states of
-    # the positions whose logits are returned, in the same order (drafting heads read them).
-    hidden_states: "paddle.Tensor | None" = None
 
 
 class LanguageModel(nn.Layer):
@@ -204,13 +201,12 @@ class MgenVLForCausalLM(nn.Layer):
             last = paddle.full([batch, 1], length - 1, dtype="int64") if length > 1 else None
             hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
                                    output_index=last)
-            return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents,
-                                  hidden_states=hidden[:, -1])
+            return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents)
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
         if labels is None and logits_index is not None:
             rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]),
                                  paddle.to_tensor(np.asarray(logits_index, dtype=np.int64)))
-            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents, hidden_states=rows)
+            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents)
         if labels is None:
             return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":

@@ -159,7 +159,7 @@ def _caption_batch(predictor: Predictor, batch: list[TestRow], prompts: list[lis
         if config.do_sample:  # a fresh, reproducible random stream per batch
             config = replace(config, seed=config.seed + batch_no)
         token_ids = predictor.generate_ids([images[row.id] for row, _ in keep], [p for _, p in keep], config,
-                                           stats["speculation"])
+                                           stats=stats["speculation"])
         for (row, _), ids in zip(keep, token_ids):
             captions[row.id] = predictor.decode(ids)
             stats["tokens"] += len(ids)
