@@ -13,7 +13,8 @@ leave the batch. `--model DIR` benchmarks a trained model directory instead (loa
 predict_batch.py loads it), and `--speculative retrieval` adds speculative rows (drafting from
 DIR/draft_datastore or `--draft-source`): one-by-one and at each batch size, with their speed-up
 over plain greedy at the same batch size, over plain greedy with the prefill (the
-`max_new_tokens=1` run) taken out of both ("decode"), and the drafting statistics. Random weights
+`max_new_tokens=1` run) taken out of both ("decode"), by this process's CPU time (steadier than
+wall time on a shared machine, for one-thread runs), and the drafting statistics. Random weights
 accept no draft, so speculative rows need a trained model.
 
 For each thread count, in a fresh process (OMP_NUM_THREADS is read when paddle is imported):
@@ -39,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, best_of, cpu_model  # noqa: E402  (bench/ is on sys.path when run as a script)
+from common import ROOT, best_of, best_of_with_cpu, cpu_model  # noqa: E402  (bench/ is on sys.path as a script)
 
 from paddle_caption.model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES  # noqa: E402 (no paddle import)
 
@@ -107,29 +108,30 @@ def worker(args) -> dict:
                 "tokens_per_s": tokens / seconds, "ms_per_image": 1e3 * seconds / n,
                 "speedup": n / seconds / base, "outputs_equal": ids == reference, "tokens": tokens, **extra}
 
-    def speculative_row(mode, batch_size, fn, plain_seconds, prefill, reference, base):
-        seconds, (ids, stats) = best_of(args.repeats, fn)
-        return row(mode, batch_size, seconds, ids, reference, base,
-                   vs_plain_same_batch=plain_seconds / seconds,
-                   decode_vs_plain_same_batch=(plain_seconds - prefill) / max(seconds - prefill, 1e-9),
+    def speculative_row(mode, batch_size, fn, plain, prefill, reference, base):
+        """`plain`, `prefill`: (wall, cpu) seconds of plain greedy and of its prefill at this batch size."""
+        seconds, cpu, (ids, stats) = best_of_with_cpu(args.repeats, fn)
+        return row(mode, batch_size, seconds, ids, reference, base, cpu_seconds=cpu,
+                   vs_plain_same_batch=plain[0] / seconds, cpu_vs_plain_same_batch=plain[1] / cpu,
+                   decode_vs_plain_same_batch=(plain[0] - prefill[0]) / max(seconds - prefill[0], 1e-9),
                    speculation=stats.summary())
 
-    seconds, (reference, _) = best_of(args.repeats, one_by_one)
+    seconds, cpu, (reference, _) = best_of_with_cpu(args.repeats, one_by_one)
     base = n / seconds
-    results = [row("one-by-one", 1, seconds, reference, reference, base)]
+    results = [row("one-by-one", 1, seconds, reference, reference, base, cpu_seconds=cpu)]
     if drafter is not None:
-        prefill, _ = best_of(args.repeats, lambda: run(1, prefill_cfg))
-        results[0]["prefill_ms_per_image"] = 1e3 * prefill / n
-        results.append(speculative_row("one-by-one speculative", 1, lambda: one_by_one(True), seconds, prefill,
-                                       reference, base))
+        prefill = best_of_with_cpu(args.repeats, lambda: run(1, prefill_cfg))[:2]
+        results[0]["prefill_ms_per_image"] = 1e3 * prefill[0] / n
+        results.append(speculative_row("one-by-one speculative", 1, lambda: one_by_one(True), (seconds, cpu),
+                                       prefill, reference, base))
     for batch_size in args.batch_sizes:
-        seconds, (ids, _) = best_of(args.repeats, lambda: run(batch_size))
-        prefill, _ = best_of(args.repeats, lambda: run(batch_size, prefill_cfg))
-        results.append(row("batched", batch_size, seconds, ids, reference, base,
-                           prefill_ms_per_image=1e3 * prefill / n))
+        seconds, cpu, (ids, _) = best_of_with_cpu(args.repeats, lambda: run(batch_size))
+        prefill = best_of_with_cpu(args.repeats, lambda: run(batch_size, prefill_cfg))[:2]
+        results.append(row("batched", batch_size, seconds, ids, reference, base, cpu_seconds=cpu,
+                           prefill_ms_per_image=1e3 * prefill[0] / n))
         if drafter is not None:
             results.append(speculative_row("batched speculative", batch_size,
-                                           lambda: run(batch_size, speculative=True), seconds, prefill,
+                                           lambda: run(batch_size, speculative=True), (seconds, cpu), prefill,
                                            reference, base))
 
     with tempfile.TemporaryDirectory() as tmp:  # the whole file path, as predict_batch.py runs it
@@ -225,12 +227,13 @@ def main() -> int:
                   f"{'yes' if r['outputs_equal'] else 'NO'} |")
     spec = [(run["threads"], r) for run in runs for r in run["results"] if "speculation" in r]
     if spec:
-        print("\n| threads | mode | batch | vs plain, same batch | decode only | tokens per step | "
+        print("\n| threads | mode | batch | vs plain, same batch | by CPU time | decode only | tokens per step | "
               "accepted per verify step | acceptance |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|")
         for threads, r in spec:
             st = r["speculation"]
             print(f"| {threads} | {r['mode']} | {r['batch_size']} | {r['vs_plain_same_batch']:.2f}× | "
+                  f"{r['cpu_vs_plain_same_batch']:.2f}× | "
                   f"{r['decode_vs_plain_same_batch']:.2f}× | {st['tokens_per_step']:.2f} | "
                   f"{st['accepted_per_verify']:.2f} | {100 * st['acceptance_rate']:.1f}% |")
     print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s)")

@@ -45,8 +45,8 @@ DEFAULT_DEPTH = 64
 SPECULATIVE_MODES = ("none", "retrieval")
 DEFAULT_DRAFT_TOKENS = 16
 DEFAULT_MIN_SHARE = 0.5
-_SAMPLE = 256  # ranges wider than this find their most frequent continuation from a sample
 _EXACT = 1024  # ranges up to this width are scanned whole
+_SAMPLE = 256  # wider ones find their most frequent continuation among this many evenly spaced entries
 
 
 def suffix_array(tokens: np.ndarray, depth: int) -> np.ndarray:
@@ -150,7 +150,7 @@ class DraftDatastore:
             suffix = np.load(directory / "suffix_array.npy", mmap_mode="r").view(np.ndarray)
         except (OSError, ValueError) as err:
             raise UserError(f"{directory}: cannot read the datastore arrays ({err})") from None
-        depth = meta.pop("depth")
+        depth = meta.pop("depth", None)
         meta.pop("format")
         if (tokens.dtype != np.int32 or suffix.dtype != np.int32 or not isinstance(depth, int)
                 or len(tokens) != len(suffix) + depth + 1):
