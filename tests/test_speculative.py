@@ -214,13 +214,14 @@ def test_step_many_and_rollback_give_the_logits_of_one_token_steps(setup, kernel
 
 class ScriptedDrafter:
     """Drafts each row's known greedy continuation (rows are tagged with their index), with a wrong
-    token at position `wrong_at(step, row)` of the draft (None: no wrong token). Counts how many
-    drafted tokens verification must accept."""
+    token, `wrong(token)`, at position `wrong_at(step, row)` of the draft (None: no wrong token).
+    Counts how many drafted tokens verification must accept."""
 
     name = "scripted"
 
-    def __init__(self, answers: dict, num_draft_tokens: int, wrong_at=lambda step, row: None, vocab: int = 900):
-        self.answers, self.num_draft_tokens, self.wrong_at, self.vocab = answers, num_draft_tokens, wrong_at, vocab
+    def __init__(self, answers: dict, num_draft_tokens: int, wrong_at=lambda step, row: None,
+                 wrong=lambda token: (token + 1) % 900):
+        self.answers, self.num_draft_tokens, self.wrong_at, self.wrong = answers, num_draft_tokens, wrong_at, wrong
         self.calls, self.expected_accepted = 0, 0
 
     def propose(self, rows, limits):
@@ -230,7 +231,7 @@ class ScriptedDrafter:
             draft = list(self.answers[row.tag][done:done + min(limit, self.num_draft_tokens)])
             wrong = self.wrong_at(self.calls, row.tag)
             if wrong is not None and wrong < len(draft):
-                draft[wrong] = (draft[wrong] + 1) % self.vocab
+                draft[wrong] = self.wrong(draft[wrong])
                 self.expected_accepted += wrong
             else:
                 self.expected_accepted += len(draft)
@@ -266,6 +267,11 @@ def test_right_drafts_are_all_accepted_and_wrong_ones_rejected(setup, kernels):
     first_wrong = ScriptedDrafter(answers, 4, wrong_at=lambda step, row: 0)
     got, _, stats = run_batch(model, prompts, images, cfgs, first_wrong)
     assert got == want and stats.accepted == 0 and stats.drafted > 0
+
+    # ids the model has no embedding for (a datastore of another vocabulary) end a draft early
+    outside = ScriptedDrafter(answers, 4, wrong_at=lambda step, row: 2, wrong=lambda token: 10 ** 6)
+    got, _, stats = run_batch(model, prompts, images, cfgs, outside)
+    assert got == want and stats.drafted == stats.accepted == outside.expected_accepted > 0
 
     # a wrong token at a draft position that differs by row and step: exactly the tokens before it
     # are accepted, so rows keep different numbers of their fed tokens (holes in the cache)

@@ -492,8 +492,11 @@ class ContinuousBatch:
         limits = [min(room, self.rows[i].config.max_new_tokens - len(self.rows[i].tokens)) for i in greedy]
         proposed = self.drafter.propose([self.rows[i] for i in greedy], limits)
         drafts = [np.zeros(0, dtype=np.int64)] * len(self.rows)
+        vocab = self.decoder.model.config.vocab_size
         for i, draft, limit in zip(greedy, proposed, limits):
-            drafts[i] = np.asarray(draft, dtype=np.int64)[:limit]
+            draft = np.asarray(draft, dtype=np.int64)[:limit]
+            outside = np.flatnonzero((draft < 0) | (draft >= vocab))  # e.g. another vocabulary's datastore
+            drafts[i] = draft[:outside[0]] if len(outside) else draft
         return drafts if any(len(d) for d in drafts) else None
 
     def _verify(self, row: Row, draft: np.ndarray, logits: np.ndarray) -> int:

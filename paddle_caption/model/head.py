@@ -13,8 +13,10 @@ verification) OpenBLAS multiplies [rows, hidden] by the [hidden, vocab] weight 3
 multiplies a [vocab, hidden] copy by [hidden, rows] (it handles the wide output badly): inside
 `frozen_head(linear)` (generation; the weight cannot change there) or after `freeze_head(linear)`
 (a model loaded for inference only) `project` takes that route, in vocabulary blocks that stay in
-cache, with one transposed copy of the weight made on first use (8 ms for the real vocabulary at
-width 64; docs/benchmarks.md).
+cache, with one transposed copy of the weight made on first use (8-17 ms for the real vocabulary
+at width 64; `bench/head.py`, docs/benchmarks.md). The copy costs the output layer's size in
+memory again while it lives (39 MB for the tiny model, 2.5 GB for a float32 7B model on a CPU);
+on a GPU, or with Paddle's kernels, no copy is made.
 """
 from __future__ import annotations
 
