@@ -57,15 +57,15 @@ def chat_body(image: bytes, text: str | None = None, **kw) -> dict:
     return {"messages": [{"role": "user", "content": content}], **kw}
 
 
-def build(predictor, limits=None, engine_options=None, api_key=None, model_name="micro"):
-    """A fresh (service, metrics, app) over an already-loaded predictor."""
+def build(predictor, limits=None, engine_options=None, api_key=None, model_name="micro", drafter=None):
+    """A fresh (service, metrics, app) over an already-loaded predictor (`drafter`: speculative)."""
     from paddle_caption.serve.app import create_app
     from paddle_caption.serve.engine import CaptionEngine
     from paddle_caption.serve.metrics import ServiceMetrics
     from paddle_caption.serve.service import CaptionService
 
     metrics = ServiceMetrics()
-    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics)
+    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics, drafter)
     service = CaptionService(predictor, engine, limits, model_name)
     return service, metrics, create_app(service, metrics, api_key=api_key, stop_timeout=10)
 

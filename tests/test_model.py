@@ -205,6 +205,40 @@ def test_supervised_only_head_gives_the_full_loss_and_gradients(reference_io, ke
         np.testing.assert_allclose(sparse_grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_frozen_head_few_rows_route_equals_the_plain_product_and_is_dropped_after():
+    """generate() freezes lm_head: 2-32 rows go through a transposed copy of its weight (the fast
+    BLAS layout); the same logits, and the copy lives only as long as the freeze."""
+    from paddle_caption.model.head import FEW_ROWS, freeze_head, frozen_head, project
+
+    paddle.seed(4)
+    head = paddle.nn.Linear(48, 20000, bias_attr=False)
+    with paddle.no_grad():
+        for rows in (1, 2, 7, FEW_ROWS[1], FEW_ROWS[1] + 1):
+            hidden = paddle.randn([rows, 48])
+            want = head(hidden).numpy()
+            with frozen_head(head):
+                with frozen_head(head):  # nests
+                    got = project(hidden, head).numpy()
+                assert head._paddle_caption_frozen_weight is not None
+            assert head._paddle_caption_frozen_weight is None
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        freeze_head(head)
+        with frozen_head(head):
+            pass
+        assert head._paddle_caption_frozen_weight is not None  # a model loaded for inference keeps it
+
+
+def test_logits_index_returns_the_logits_of_those_positions_only(reference_model, reference_io, kernels):
+    inputs, _ = reference_io
+    ids, images = paddle.to_tensor(inputs["input_ids"]), paddle.to_tensor(inputs["images"])
+    index = np.array([0, 5, ids.shape[1] + 3, 2 * ids.shape[1] - 1])  # flat: row * T + column
+    with paddle.no_grad():
+        full = reference_model(ids, images=images)
+        some = reference_model(ids, images=images, logits_index=index)
+    flat = full.logits.numpy().reshape(-1, full.logits.shape[-1])
+    np.testing.assert_allclose(some.logits.numpy(), flat[index], rtol=1e-5, atol=1e-5)
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------
 def test_save_load_round_trip_is_exact(reference_model, reference_io, tmp_path):
     from paddle_caption import MgenVLForCausalLM

@@ -168,12 +168,12 @@ class CountingPredictor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def generate_ids(self, images, prompts=None, config=None):
+    def generate_ids(self, images, prompts=None, config=None, stats=None):
         if self.crash_after is not None and self.batches == self.crash_after:
             raise KeyboardInterrupt  # as a Ctrl-C or a kill would stop the run mid-way
         self.batches += 1
         self.images.extend(images)
-        return self.inner.generate_ids(images, prompts, config)
+        return self.inner.generate_ids(images, prompts, config, stats)
 
 
 def test_resume_after_crash_predicts_each_id_once(tmp_path, predictor, reference):
@@ -294,6 +294,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys, model_dir):
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--top_p", "0"], "top_p"),
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--prompt_file", "nope.txt"], "nope.txt"),
         ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--dtype", "bfloat16"], "--dtype bfloat16: "),
+        ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--speculative", "retrieval"], "no draft_datastore/"),
+        ([str(tsv), str(tmp_path / "r.txt"), str(model_dir), "--speculative", "retrieval", "--draft_source",
+          str(tmp_path / "none.txt")], "none.txt: no such file"),
     ]
     for argv, message in cases:
         assert run_cli(cli.main, argv + ["--no_progress"]) == 2
@@ -330,3 +333,17 @@ def test_dtype_option_loads_a_bfloat16_model_directory(tmp_path, model_dir):
     tsv = write_tsv(tmp_path / "test.tsv", good_rows(3))
     summary = run.predict_file(tsv, tmp_path / "r.txt", tmp_path / "bf16", quiet(dtype="float32"))
     assert summary["predicted"] == 3 and len(read_results(tmp_path / "r.txt")) == 3
+
+
+def test_cli_speculative_retrieval_writes_the_same_results(tmp_path, capsys, model_dir, reference):
+    """Drafting from a captions file built on the fly: the same RESULTS.txt, and the summary
+    reports the drafting (acceptance itself is tested in test_speculative.py)."""
+    tsv, expected = reference
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(caption + "\n" for _, caption in expected), encoding="utf-8")
+    out = tmp_path / "results.txt"
+    argv = [str(tsv), str(out), str(model_dir), "--max_new_tokens", str(MAX_NEW), "--batch_size", "3",
+            "--no_progress", "--speculative", "retrieval", "--draft_source", str(captions)]
+    assert run_cli(cli.main, argv) == 0
+    assert read_results(out) == expected
+    assert "speculative decoding (retrieval): " in capsys.readouterr().out

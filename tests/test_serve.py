@@ -521,6 +521,29 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     assert metric(text, "paddle_caption_decode_batch_size_bucket", le="1.0") == 12 - 3  # 3 steps of two rows
 
 
+def test_speculative_engine_answers_the_same_captions(predictor, images, alone):
+    """With a drafter (here drafting from the images' own greedy ids, so drafts get accepted), the
+    service's captions are the plain ones, alone and sharing batches, and /metrics counts drafts."""
+    from paddle_caption.data.images import decode_image
+    from paddle_caption.model.drafting import DraftDatastore, RetrievalDrafter
+    from paddle_caption.model.generation import GenerationConfig
+
+    tok = predictor.tokenizer
+    ids = [predictor.generate_ids([predictor.preprocess(decode_image(img))], config=GenerationConfig(max_new_tokens=NEW))[0]
+           for img in images]
+    drafter = RetrievalDrafter(DraftDatastore.build([i + [tok.im_end_id] for i in ids[:4]]), 4, stop_ids=tok.stop_ids)
+    _, metrics, app = build(predictor, drafter=drafter)
+    with AppClient(app) as c:
+        r = c.post("/v1/captions", json={"image": b64(images[0]), "max_new_tokens": NEW})
+        assert r.status_code == 200, r.text
+        assert r.json()[0]["caption"] == alone[0] and r.json()[0]["tokens"] == NEW
+        r = c.post("/v1/captions", json={"images": [b64(img) for img in images], "max_new_tokens": NEW})
+        assert [(i["caption"], i["tokens"]) for i in r.json()] == [(a, NEW) for a in alone]
+        text = c.get("/metrics").text
+    assert metric(text, "paddle_caption_draft_tokens_total", outcome="accepted") > 0
+    assert metric(text, "paddle_caption_generated_tokens_total") == NEW * (1 + len(images))
+
+
 def test_the_web_page_ships_as_package_data(tmp_path):
     """A non-editable install serves the page: setup.py's build copies every static file."""
     import subprocess

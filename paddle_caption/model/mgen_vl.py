@@ -169,7 +169,7 @@ class MgenVLForCausalLM(nn.Layer):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids, images=None, attention_mask=None, labels=None, position_ids=None,
                 past_key_values=None, use_cache=False, loss_on: str = "supervised",
-                last_logits_only: bool = False):
+                last_logits_only: bool = False, logits_index=None):
         """Returns CausalLMOutput(loss, logits, past_key_values).
 
         With labels, the loss is the mean next-token cross-entropy over supervised positions
@@ -177,7 +177,9 @@ class MgenVLForCausalLM(nn.Layer):
         lm_head only at those positions: on a ~400-token sample with a ~15-token answer that skips
         ~95% of the largest matrix product. `loss_on="all"` computes full logits first (same loss;
         kept for tests and the benchmark). `last_logits_only` (generation) runs the last layer's
-        queries, its MLP and lm_head on the last position only.
+        queries, its MLP and lm_head on the last position only. `logits_index` (speculative
+        decoding's verification) is an int array of flat positions (row * T + column) and returns
+        logits [len(logits_index), V] for those positions only: lm_head skips the rest.
         """
         check_compute_dtype(self.lm_head.weight)
         embeds = self.embed(input_ids, images)
@@ -201,6 +203,10 @@ class MgenVLForCausalLM(nn.Layer):
                                    output_index=last)
             return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents)
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
+        if labels is None and logits_index is not None:
+            rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]),
+                                 paddle.to_tensor(np.asarray(logits_index, dtype=np.int64)))
+            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents)
         if labels is None:
             return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":

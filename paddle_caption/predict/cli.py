@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure
 from .run import PredictOptions
@@ -35,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (batch k uses seed + k)")
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--length_penalty", type=float, default=1.0, help="beam search only")
+    p.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none",
+                   help="draft-and-verify greedy decoding, same captions in fewer forwards: 'retrieval' "
+                        "drafts from the training captions (MODEL_DIR/draft_datastore or --draft_source)")
+    p.add_argument("--draft_source", help="captions file (records.jsonl or one caption per line) or "
+                                          "datastore directory to draft from (default: MODEL_DIR/draft_datastore)")
+    p.add_argument("--num_draft_tokens", type=int, default=DEFAULT_DRAFT_TOKENS,
+                   help="most tokens drafted per row and step")
     p.add_argument("--prompt_file", help="instruction text (default: MODEL_DIR/prompt.json's)")
     p.add_argument("--system_file", help="system message text (default: MODEL_DIR/prompt.json's)")
     p.add_argument("--resume", action="store_true", help="keep the results of an interrupted run")
@@ -69,7 +77,9 @@ def main(argv=None) -> int:
     opts = PredictOptions(batch_size=args.batch_size, generation=gen, prompt_file=args.prompt_file,
                           system_file=args.system_file, resume=args.resume, rank=args.rank,
                           world_size=args.world_size, limit=args.limit, min_side=args.min_side,
-                          merge_timeout=args.merge_timeout, progress=not args.no_progress, dtype=args.dtype)
+                          merge_timeout=args.merge_timeout, progress=not args.no_progress, dtype=args.dtype,
+                          speculative=args.speculative, draft_source=args.draft_source,
+                          num_draft_tokens=args.num_draft_tokens)
     summary = predict_file(args.test_tsv, args.results, args.model_dir, opts)
     print(format_summary(summary))
     return 0

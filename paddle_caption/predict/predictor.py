@@ -4,7 +4,8 @@ Every caption the kit writes goes through it: `predict_batch.py`, evaluation dur
 demo and the caption service. Images are preprocessed float32 arrays [3, S, S] (`preprocess`);
 each image gets the model's single-image training prompt unless per-image prompt ids are given.
 A batch is encoded once, in the prefill of `model.generation.generate` (left padding, KV cache,
-finished rows leave the batch), so greedy output does not depend on the batch.
+finished rows leave the batch), so greedy output does not depend on the batch. With a `drafter`
+(`model.drafting.load_drafter`), greedy decoding is speculative: same tokens, fewer forwards.
 """
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ def clean_caption(text: str) -> str:
 
 class Predictor:
     def __init__(self, model, tokenizer, template: PromptTemplate, gen_config=None,
-                 source: str = "in-memory model"):
+                 source: str = "in-memory model", drafter=None):
         from ..model.generation import GenerationConfig
 
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.drafter = drafter  # None: plain decoding
         self.gen_config = self.complete(gen_config or GenerationConfig())
         self.prompt_ids = build_prompt_ids(tokenizer, template)
         self.image_size = int(model.config.visual.image_size)
@@ -53,8 +55,9 @@ class Predictor:
         return preprocess_image(img, self.image_size)
 
     def generate_ids(self, images: list[np.ndarray], prompts: list[list[int]] | None = None,
-                     config=None) -> list[list[int]]:
-        """New token ids per image (stop id excluded); the images are encoded once, as one batch."""
+                     config=None, stats=None) -> list[list[int]]:
+        """New token ids per image (stop id excluded); the images are encoded once, as one batch.
+        `stats` (a `SpeculationStats`) accumulates what drafting did."""
         import paddle
 
         from ..model.generation import generate
@@ -67,7 +70,7 @@ class Predictor:
         dtype = next(iter(self.model.parameters())).dtype
         pixels = paddle.to_tensor(np.stack(images)).astype(dtype)
         config = self.gen_config if config is None else self.complete(config)
-        return generate(self.model, [list(p) for p in prompts], pixels, config)
+        return generate(self.model, [list(p) for p in prompts], pixels, config, self.drafter, stats)
 
     def decode(self, ids: list[int]) -> str:
         return clean_caption(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -78,11 +81,17 @@ class Predictor:
 
 
 def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: str | None = None,
-                   system_file: str | None = None, dtype: str | None = None) -> Predictor:
-    """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor, in
-    `dtype` (None: as stored where this device computes in it, else float32 —
-    `precision.default_load_dtype`). A dtype this device cannot compute in (bfloat16/float16 on a
-    CPU) is refused in one line before anything loads."""
+                   system_file: str | None = None, dtype: str | None = None, speculative: str = "none",
+                   draft_source=None, num_draft_tokens: int | None = None, log=None) -> Predictor:
+    """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor.
+
+    `dtype`: None loads as stored where this device computes in it, else float32
+    (`precision.default_load_dtype`); a dtype this device cannot compute in (bfloat16/float16 on a
+    CPU) is refused in one line before anything loads. `speculative` "retrieval" drafts from
+    `draft_source` (a captions file or datastore directory; default MODEL_DIR/draft_datastore), see
+    `model.drafting.load_drafter`."""
+    from ..model.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
+    from ..model.head import freeze_head
     from ..model.mgen_vl import MgenVLForCausalLM
     from ..model.precision import require_compute
     from ..tokenizer import QWenVLTokenizer
@@ -98,7 +107,11 @@ def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: s
         tokenizer = QWenVLTokenizer.for_model(model.config, model_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_dir}: {err}") from None
-    return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir))
+    freeze_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
+    drafter = load_drafter(speculative, model_dir, tokenizer, draft_source,
+                           num_draft_tokens or DEFAULT_DRAFT_TOKENS, log=log)
+    return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir),
+                     drafter=drafter)
 
 
 def model_dir_signature(model_dir: Path) -> str:

@@ -38,6 +38,11 @@ class PredictOptions:
     limit: int | None = None  # only the first `limit` rows of the input
     min_side: int = 32  # smaller images are rejected (the converter's default rule); 0 disables
     max_pixels: int = 4096 * 4096  # bounds decode memory, as the converter
+    # Speculative greedy decoding (same captions, fewer forwards): "none" | "retrieval", drafting
+    # from draft_source (a captions file or datastore dir; default MODEL_DIR/draft_datastore).
+    speculative: str = "none"
+    draft_source: str | None = None
+    num_draft_tokens: int | None = None  # None: model.drafting.DEFAULT_DRAFT_TOKENS
     progress: bool = True
     merge_timeout: float = 24 * 3600.0  # rank 0: seconds to wait for the other shards
     dtype: str | None = None  # the model's dtype; None: as stored where the device computes in it, else float32
@@ -50,6 +55,12 @@ class PredictOptions:
             raise UserError(f"limit must be >= 1, got {self.limit}")
         if self.min_side < 0 or self.max_pixels < 1:
             raise UserError("need min_side >= 0 and max_pixels >= 1")
+        from ..model.drafting import SPECULATIVE_MODES
+
+        if self.speculative not in SPECULATIVE_MODES:
+            raise UserError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, not {self.speculative!r}")
+        if self.num_draft_tokens is not None and self.num_draft_tokens < 1:
+            raise UserError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
 
 
 def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path: str | os.PathLike,
@@ -59,6 +70,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     Returns a summary dict (see `format_summary`).
     """
     from tqdm import tqdm
+
+    from ..model.generation import SpeculationStats
 
     opts = opts or PredictOptions()
     opts.validate()
@@ -80,7 +93,7 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
                         f"settings; delete it or run without --resume")
     done = previous.results if previous is not None else {}
     todo = [row for row in mine if row.id not in done]
-    stats = {"predicted": 0, "tokens": 0}
+    stats = {"predicted": 0, "tokens": 0, "speculation": SpeculationStats()}
     start = time.perf_counter()
     writer = PartialWriter(partial, fp, previous)
     limits = {"max_pixels": opts.max_pixels, "min_side": opts.min_side}
@@ -122,6 +135,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
         "tokens_per_s": round(stats["tokens"] / seconds, 1) if seconds > 0 else 0.0,
         "results": None, "rejects": None, "fingerprint": fp,
     }
+    if predictor.drafter is not None:
+        summary["speculative"] = {"mode": predictor.drafter.name, **stats["speculation"].summary()}
     if rank != 0:
         return summary
     merged = dict(own)
@@ -145,7 +160,8 @@ def _caption_batch(predictor: Predictor, batch: list[TestRow], prompts: list[lis
         config = gen
         if config.do_sample:  # a fresh, reproducible random stream per batch
             config = replace(config, seed=config.seed + batch_no)
-        token_ids = predictor.generate_ids([images[row.id] for row, _ in keep], [p for _, p in keep], config)
+        token_ids = predictor.generate_ids([images[row.id] for row, _ in keep], [p for _, p in keep], config,
+                                           stats=stats["speculation"])
         for (row, _), ids in zip(keep, token_ids):
             captions[row.id] = predictor.decode(ids)
             stats["tokens"] += len(ids)
@@ -160,7 +176,9 @@ def predict_file(test_tsv: str | os.PathLike, results_path: str | os.PathLike, m
     opts.validate()
     rank_and_world(opts.rank, opts.world_size)  # fail on bad rank settings before the model load
     start = time.perf_counter()
-    predictor = load_predictor(model_dir, opts.generation, opts.prompt_file, opts.system_file, opts.dtype)
+    predictor = load_predictor(model_dir, opts.generation, opts.prompt_file, opts.system_file, opts.dtype,
+                               opts.speculative, opts.draft_source, opts.num_draft_tokens,
+                               log=print if opts.progress else None)
     load_seconds = time.perf_counter() - start
     summary = predict_tsv(predictor, test_tsv, results_path, opts)
     summary["load_seconds"] = round(load_seconds, 3)
@@ -172,6 +190,11 @@ def format_summary(summary: dict) -> str:
     text = (f"{head}{summary['images']} images ({summary['resumed']} resumed, {summary['predicted']} "
             f"predicted, {summary['rejected']} rejected) in {summary['seconds']:.1f} s: "
             f"{summary['images_per_s']:.2f} images/s, {summary['tokens_per_s']:.1f} tokens/s")
+    spec = summary.get("speculative")
+    if spec:
+        text += (f"\nspeculative decoding ({spec['mode']}): {spec['tokens_per_step']:.2f} tokens per decode step; "
+                 f"{spec['accepted']} of {spec['drafted']} drafted tokens accepted ({100 * spec['acceptance_rate']:.1f}%), "
+                 f"{spec['accepted_per_verify']:.2f} per verify step")
     if summary.get("results"):
         text += (f"\nwrote {summary['results']} ({summary['total_images']} ids) and "
                  f"{summary['rejects']} ({summary['total_rejected']} rejected)")

@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure, run_cli
 from .engine import EngineOptions
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
     g.add_argument("--dtype", choices=DTYPES, help="the model's dtype (default: the checkpoint's where this "
                    "device computes in it, else float32; bfloat16/float16 need a GPU)")
+    g.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none",
+                   help="draft-and-verify greedy decoding (same captions, fewer steps), as predict_batch.py")
+    g.add_argument("--draft_source", help="captions file or datastore directory to draft from "
+                                          "(default: MODEL_DIR/draft_datastore)")
+    g.add_argument("--num_draft_tokens", type=int, default=DEFAULT_DRAFT_TOKENS, help="most tokens drafted per row and step")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -79,16 +85,19 @@ def limits_from_args(args) -> tuple[ServiceLimits, EngineOptions]:
 
 def build_service(model_dir, limits: ServiceLimits | None = None, engine_options: EngineOptions | None = None,
                   model_name: str | None = None, prompt_file: str | None = None, system_file: str | None = None,
-                  dtype: str | None = None):
+                  dtype: str | None = None, speculative: str = "none", draft_source=None,
+                  num_draft_tokens: int | None = None):
     """Load MODEL_DIR -> (CaptionService, ServiceMetrics); the engine thread starts with the app."""
     from .engine import CaptionEngine
     from .metrics import ServiceMetrics
     from ..predict.predictor import load_predictor
     from .service import CaptionService
 
-    predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file, dtype=dtype)
+    predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file, dtype=dtype,
+                               speculative=speculative, draft_source=draft_source,
+                               num_draft_tokens=num_draft_tokens)
     metrics = ServiceMetrics()
-    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics)
+    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics, predictor.drafter)
     root = Path(model_dir).resolve()
     service = CaptionService(predictor, engine, limits, model_name or str(model_dir), str(root))
     return service, metrics
@@ -106,7 +115,8 @@ def main(argv=None) -> int:
     from .app import create_app
 
     service, metrics = build_service(args.model_dir, limits, engine_options, args.served_model_name,
-                                     args.prompt_file, args.system_file, args.dtype)
+                                     args.prompt_file, args.system_file, args.dtype, args.speculative,
+                                     args.draft_source, args.num_draft_tokens)
     app = create_app(service, metrics, api_key=api_key, stop_timeout=limits.request_timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=limits.request_timeout_s + 5, server_header=False)

@@ -11,7 +11,9 @@ sequences (refused with `QueueFull` past `max_queue`); the engine thread then lo
    max_new_tokens and greedy/sampling settings. Beam-search sequences run as a batch of their own
    through `generate` (beam search reorders cache rows every step, so it does not mix).
 2. One decode step for every running row; rows that stop or reach their max_new_tokens leave the
-   batch, and a job's future resolves when its last sequence is done.
+   batch, and a job's future resolves when its last sequence is done. With a drafter
+   (`--speculative retrieval`), a step verifies drafted tokens too and may add several tokens to a
+   greedy row: the same tokens, fewer steps (model/generation.py).
 3. Rows of jobs that were cancelled (client gone, timeout) are dropped at the step boundary, which
    frees their slots at once; their queued sequences are removed when the job is cancelled.
 
@@ -118,13 +120,14 @@ class CaptionEngine:
     """Owns `model` on one thread (see the module docstring); `pad_id` is the tokenizer's; `metrics`
     (optional) is a `ServiceMetrics` it reports into."""
 
-    def __init__(self, model, pad_id: int, options: EngineOptions | None = None, metrics=None):
-        from ..model.generation import ContinuousBatch
+    def __init__(self, model, pad_id: int, options: EngineOptions | None = None, metrics=None, drafter=None):
+        from ..model.generation import ContinuousBatch, SpeculationStats
 
         self.model, self.options, self.metrics = model, options or EngineOptions(), metrics
         self.options.validate()
         model.eval()
-        self._new_batch = lambda: ContinuousBatch(model, pad_id)
+        self.speculation = SpeculationStats()  # tokens generated, and what drafting did
+        self._new_batch = lambda: ContinuousBatch(model, pad_id, drafter, self.speculation)
         self._batch = self._new_batch()
         self._queue: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
@@ -280,6 +283,7 @@ class CaptionEngine:
         if not self._batch:
             return
         rows = len(self._batch)
+        before = (self.speculation.tokens, self.speculation.drafted, self.speculation.accepted)
         try:
             finished = self._batch.step()
         except Exception as err:  # noqa: BLE001
@@ -289,9 +293,13 @@ class CaptionEngine:
             self._fail(failed, err)
             return
         self._steps += 1
-        self._count_tokens(rows - sum(1 for row in finished if row.finish_reason == "stop"))
+        tokens, drafted, accepted = (now - then for now, then in zip(
+            (self.speculation.tokens, self.speculation.drafted, self.speculation.accepted), before))
+        self._count_tokens(tokens)
         if self.metrics is not None:
             self.metrics.on_step(rows)
+            if drafted:
+                self.metrics.on_drafts(drafted, accepted)
         for row in finished:
             self._finish(row.tag, row.tokens, row.finish_reason)
 

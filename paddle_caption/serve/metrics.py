@@ -11,7 +11,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 class ServiceMetrics:
     """Requests by status, queue depth, batch sizes, latency histograms, tokens/s.
 
-    The engine reports into it (`on_prefill`, `on_step`, `on_tokens`, `on_row_done`, `on_cancel`); the routes count requests.
+    The engine reports into it (`on_prefill`, `on_step`, `on_tokens`, `on_drafts`, `on_row_done`, `on_cancel`);
+    the routes count requests.
     Queue depth, running rows and tokens/s are read from the engine when /metrics is scraped.
     """
 
@@ -40,6 +41,8 @@ class ServiceMetrics:
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.cancelled = Counter(p + "cancelled_rows", "images dropped because their client went away or timed out",
                                  registry=r)
+        self.draft_tokens = Counter(p + "draft_tokens", "drafted tokens verified (--speculative), by outcome",
+                                    ["outcome"], registry=r)
 
     def watch(self, engine) -> None:
         """Read the engine's live numbers at scrape time."""
@@ -59,6 +62,10 @@ class ServiceMetrics:
 
     def on_tokens(self, n: int) -> None:
         self.tokens.inc(n)
+
+    def on_drafts(self, drafted: int, accepted: int) -> None:
+        self.draft_tokens.labels("accepted").inc(accepted)
+        self.draft_tokens.labels("rejected").inc(drafted - accepted)
 
     def on_row_done(self, seconds: float) -> None:
         self.row_latency.observe(seconds)

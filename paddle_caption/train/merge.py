@@ -19,6 +19,10 @@ and nothing computes in it, so a bfloat16 base merges on a CPU: trained paramete
 (a float32 run merged into a bfloat16 base is rounded; `--dtype float32` keeps it exact), untouched
 ones keep their bits, and LoRA's A·B is computed in float32 and then cast. A from-scratch
 architecture is rebuilt in the run's dtype (its exact initial weights) and cast when written.
+
+OUT also gets `draft_datastore/`, built from the run's training records (its train_config.json's
+`train_records`, when that file is readable): what `predict_batch.py --speculative retrieval`
+drafts from (`model/drafting.py`).
 """
 from __future__ import annotations
 
@@ -167,6 +171,7 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
     for name in ("prompt.json", "train_config.json"):
         if (ckpt / name).is_file():
             shutil.copy2(ckpt / name, tmp / name)
+    build_draft_datastore(tmp, model.config, base_dir, ckpt, log)
     step = (_read_json(ckpt / "trainer_state.json") or {}).get("step")
     info = {"base": str(base), "checkpoint": str(ckpt), "mode": mode, "step": step, "dtype": out_dtype,
             "tensors_written": len(state), ("layers_adapted" if mode == "lora" else "params_replaced"): replaced}
@@ -177,6 +182,25 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
     log(f"merged {mode} checkpoint {ckpt} (step {step}) into {base} -> {out} "
         f"({len(state)} tensors, {out_dtype})")
     return out
+
+
+def build_draft_datastore(out: Path, model_config, base_dir: Path | None, ckpt: Path, log=print) -> bool:
+    """OUT/draft_datastore from the run's training records; a note (not an error) when there are
+    none to read (e.g. a LoRA directory without its run, or records moved away)."""
+    from ..model.drafting import DATASTORE_DIR, DraftDatastore
+    from ..tokenizer import QWenVLTokenizer
+
+    train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json") or {}
+    records = resolve_path(train_config.get("train_records") or None)
+    if records is None or not records.is_file():
+        log(f"no draft datastore: the run's training records ({train_config.get('train_records')!r}) "
+            "are not readable here; predict_batch.py --draft_source builds one on the fly")
+        return False
+    tokenizer = QWenVLTokenizer.for_model(model_config, base_dir)
+    store = DraftDatastore.from_file(records, tokenizer)
+    store.save(out / DATASTORE_DIR)
+    log(f"draft datastore: {store.info['captions']} captions of {records} ({store.info['tokens']} tokens)")
+    return True
 
 
 def main(argv=None) -> int:
