@@ -32,6 +32,8 @@ setup(
             "paddle-caption-predict=paddle_caption.entry_points:predict",
             "paddle-caption-evaluate=paddle_caption.entry_points:evaluate",
             "paddle-caption-demo=paddle_caption.entry_points:demo",
+            "paddle-caption-curate=paddle_caption.entry_points:curate",
+            "paddle-caption-curate-demo=paddle_caption.entry_points:curate_demo",
         ]
     },
 )

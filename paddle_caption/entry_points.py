@@ -20,6 +20,8 @@ COMMANDS = {
     "predict": ("paddle_caption.predict.cli", "caption a test TSV for submission"),
     "evaluate": ("paddle_caption.eval.evaluate", "CIDEr-D, BLEU, ROUGE-L of results against references"),
     "demo": ("paddle_caption.demo.pipeline", "the whole workflow on the embedded default"),
+    "curate": ("paddle_caption.curate.cli", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
+    "curate-demo": ("paddle_caption.curate.demo", "raw noisy rows vs curated rows on the synthetic world"),
 }
 
 
@@ -55,3 +57,5 @@ merge = _console("merge")
 predict = _console("predict")
 evaluate = _console("evaluate")
 demo = _console("demo")
+curate = _console("curate")
+curate_demo = _console("curate-demo")
