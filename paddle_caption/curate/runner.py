@@ -25,7 +25,6 @@ import hashlib
 import json
 import time
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..data.images import decode_image

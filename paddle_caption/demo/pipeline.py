@@ -45,13 +45,13 @@ class DemoOptions:
     grid: int = 16  # test images drawn in the PNG
 
 
-def _command(name: str) -> list[str]:
+def command(name: str) -> list[str]:
     """A kit command run as a user would run it, in a fresh process (`python -m paddle_caption NAME`);
     the same code as the top-level scripts (`supervised_finetune.py`, `tools/convert_labels.py`, ...)."""
     return [sys.executable, "-m", "paddle_caption", name]
 
 
-def _run(cmd: list[str], log_path: Path | None = None) -> None:
+def run_command(cmd: list[str], log_path: Path | None = None) -> None:
     """Run a stage's command; on failure, raise with the tail of its output."""
     if log_path is None:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -69,6 +69,132 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+# ---- stages, shared with the curation demo (paddle_caption/curate/demo.py) ---------------------------
+def make_data(out: Path, counts: dict, seed: int, extra: list[str] | None = None) -> bool:
+    """The synthetic world in out/data (make-data with `extra` flags); False if it is already there.
+    Converted splits of an older dataset are invalidated: their records point at other bytes."""
+    data = out / "data"
+    stamp = data / "demo_data.json"
+    wanted = {**counts, "seed": seed, **({"extra": extra} if extra else {})}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return False
+    run_command([*command("make-data"), str(data), *(a for k, n in counts.items() for a in (f"--{k}", str(n))),
+                 "--seed", str(seed), "--quiet", *(extra or [])])
+    for stale in ("train", "val"):
+        (out / stale / "summary.json").unlink(missing_ok=True)
+    with atomic_write(stamp) as handle:
+        json.dump(wanted, handle)
+    return True
+
+
+def convert_split(tsv: Path, target: Path) -> None:
+    """convert_labels.py TSV -> target/records.jsonl, unless done."""
+    if not (target / "summary.json").is_file():
+        run_command([*command("convert"), str(tsv), str(target), "--quiet"])
+
+
+@dataclass
+class TrainRun:
+    run_dir: Path
+    train_records: Path
+    extra: list  # more `--key value` overrides
+
+
+def train_concurrently(config: Path, runs: dict, val_records: Path, minutes: float, max_steps: int | None,
+                       log=print, labels: dict | None = None) -> dict:
+    """Train every TrainRun at once (the config's threads each), under one progress bar; runs whose
+    final checkpoint exists are skipped. Returns {name: train_summary}."""
+    from tqdm import tqdm
+
+    labels = labels or {}
+    procs = {}
+    for name, run in runs.items():
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        if (run.run_dir / "final" / "trainer_state.json").is_file():
+            continue
+        cmd = [*command("train"), str(config), "--train_records", str(run.train_records),
+               "--val_records", str(val_records), "--output_dir", str(run.run_dir),
+               "--max_train_minutes", str(minutes), "--progress", "false", *run.extra]
+        if max_steps:
+            cmd += ["--max_steps", str(max_steps)]
+        handle = open(run.run_dir / "train.log", "a", encoding="utf-8")
+        procs[name] = (subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle)
+    total = int(minutes * 60) if minutes > 0 else None
+    bar = tqdm(total=total, unit="s", dynamic_ncols=True, file=sys.stderr,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}")
+    try:
+        while any(p.poll() is None for p, _ in procs.values()):
+            time.sleep(2)
+            latest = {name: _last_record(run.run_dir / "log.jsonl", "train") for name, run in runs.items()}
+            elapsed = max((r.get("elapsed_s", 0) for r in latest.values() if r), default=0)
+            bar.n = min(elapsed, total) if total else elapsed
+            bar.set_postfix_str("  ".join(f"{name} step {r['step']} loss {r['loss']:.3f}"
+                                          for name, r in latest.items() if r))
+    except KeyboardInterrupt:
+        for proc, _ in procs.values():
+            proc.terminate()
+        raise
+    finally:
+        bar.close()
+        for _, handle in procs.values():
+            handle.close()
+    for name, (proc, _) in procs.items():
+        if proc.returncode != 0:
+            tail = _last_line((runs[name].run_dir / "train.log").read_text(errors="replace"))
+            raise UserError(f"training {name} failed (exit {proc.returncode}): {tail}")
+    summaries = {}
+    for name, run in runs.items():
+        summaries[name] = summary = json.loads((run.run_dir / "train_summary.json").read_text())
+        log(f"      {labels.get(name, name)}: {summary['steps']} steps, {summary['samples']} samples in "
+            f"{summary['train_seconds'] / 60:.1f} min ({summary['stop_reason']})")
+    return summaries
+
+
+def merge_run(base_model: Path, run_dir: Path) -> Path:
+    """merge_local_params.py: run_dir/final into run_dir/model, unless done."""
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        run_command([*command("merge"), "--model_name_or_path", str(base_model),
+                     "--local_path", str(run_dir / "final"), "--merge_model_path", str(model_dir)])
+    return model_dir
+
+
+def predict_concurrently(test_tsv: Path, run_dirs: list[Path], batch_size: int, max_new_tokens: int) -> float:
+    """predict_batch.py with each run_dir/model into run_dir/results.txt, all at once, one thread
+    each; returns the wall seconds."""
+    procs = []
+    for run_dir in run_dirs:
+        results = run_dir / "results.txt"
+        if results.is_file():
+            continue
+        cmd = [*command("predict"), str(test_tsv), str(results), str(run_dir / "model"),
+               "--batch_size", str(batch_size), "--max_new_tokens", str(max_new_tokens), "--num_threads", "1",
+               "--resume"]
+        handle = open(run_dir / "predict.log", "w", encoding="utf-8")
+        procs.append((run_dir, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle))
+    t0 = time.time()
+    for run_dir, proc, handle in procs:
+        proc.wait()
+        handle.close()
+        if proc.returncode != 0:
+            tail = _last_line((run_dir / "predict.log").read_text(errors="replace"))
+            raise UserError(f"predict_batch {run_dir.name} failed (exit {proc.returncode}): {tail}")
+    return time.time() - t0
+
+
+def evaluate_runs(run_dirs: dict, refs: Path) -> dict:
+    """{name: {"scores", "train", "predictions"}} of each run_dir/results.txt against refs."""
+    from ..eval.evaluate import evaluate_files, read_results
+
+    rows = {}
+    for name, run_dir in run_dirs.items():
+        scores = evaluate_files(run_dir / "results.txt", refs, fields=True)
+        train = json.loads((run_dir / "train_summary.json").read_text())
+        rows[name] = {"scores": scores, "train": {k: train[k] for k in ("steps", "samples", "train_seconds")},
+                      "predictions": read_results(run_dir / "results.txt")}
+    return rows
+
+
 class Demo:
     def __init__(self, opts: DemoOptions, log=print):
         self.opts, self.log = opts, log
@@ -80,91 +206,32 @@ class Demo:
 
     # ---- stages ----------------------------------------------------------------------------------
     def make_data(self):
-        data = self.out / "data"
         o = self.opts
-        stamp = data / "demo_data.json"
-        wanted = {"train": o.n_train, "val": o.n_val, "test": o.n_test, "seed": o.data_seed}
-        if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-            self.log(f"[1/6] synthetic ad world: {data} exists, kept")
-            return
-        self.log(f"[1/6] synthetic ad world: {o.n_train} train / {o.n_val} val / {o.n_test} test images")
-        _run([*_command("make-data"), str(data), "--train", str(o.n_train),
-              "--val", str(o.n_val), "--test", str(o.n_test), "--seed", str(o.data_seed), "--quiet"])
-        for stale in ("train", "val"):  # records of an older dataset point at other bytes
-            (self.out / stale / "summary.json").unlink(missing_ok=True)
-        with atomic_write(stamp) as handle:
-            json.dump(wanted, handle)
+        made = make_data(self.out, {"train": o.n_train, "val": o.n_val, "test": o.n_test}, o.data_seed)
+        self.log(f"[1/6] synthetic ad world: {o.n_train} train / {o.n_val} val / {o.n_test} test images"
+                 + ("" if made else f": {self.out / 'data'} exists, kept"))
 
     def convert(self):
         for split in ("train", "val"):
-            target = self.out / split
-            if (target / "summary.json").is_file():
-                continue
-            _run([*_command("convert"), str(self.out / "data" / f"{split}.tsv"),
-                  str(target), "--quiet"])
+            convert_split(self.out / "data" / f"{split}.tsv", self.out / split)
         summary = json.loads((self.out / "train" / "summary.json").read_text())
         reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
         self.log(f"[2/6] convert_labels: kept {summary['kept']} training rows, rejected "
                  f"{summary['rejected']} ({reasons}); ledger {self.out / 'train' / 'rejects.tsv'}")
 
     def train(self):
-        from tqdm import tqdm
-
         cfg = self.train_config
         minutes = self.opts.minutes if self.opts.minutes is not None else cfg.max_train_minutes
-        procs = {}
-        for run in self.runs:
-            run_dir = self.out / run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if (run_dir / "final" / "trainer_state.json").is_file():
-                continue
-            cmd = [*_command("train"), str(self.opts.config),
-                   "--train_records", str(self.out / "train" / "records.jsonl"),
-                   "--val_records", str(self.out / "val" / "records.jsonl"),
-                   "--output_dir", str(run_dir), "--max_train_minutes", str(minutes),
-                   "--ablate_images", "true" if run == "no_image" else "false", "--progress", "false"]
-            if self.opts.max_steps:
-                cmd += ["--max_steps", str(self.opts.max_steps)]
-            log = open(run_dir / "train.log", "a", encoding="utf-8")
-            procs[run] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+        runs = {run: TrainRun(self.out / run, self.out / "train" / "records.jsonl",
+                              ["--ablate_images", "true" if run == "no_image" else "false"]) for run in self.runs}
         self.log(f"[3/6] training {' and '.join(RUNS[r] for r in self.runs)} concurrently, "
                  f"{minutes:g} min budget each (logs: {self.out}/<run>/train.log)")
-        total = int(minutes * 60) if minutes > 0 else None
-        bar = tqdm(total=total, unit="s", dynamic_ncols=True, file=sys.stderr,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}")
-        try:
-            while any(p.poll() is None for p, _ in procs.values()):
-                time.sleep(2)
-                latest = {run: _last_record(self.out / run / "log.jsonl", "train") for run in self.runs}
-                elapsed = max((r.get("elapsed_s", 0) for r in latest.values() if r), default=0)
-                bar.n = min(elapsed, total) if total else elapsed
-                bar.set_postfix_str("  ".join(f"{run} step {r['step']} loss {r['loss']:.3f}"
-                                              for run, r in latest.items() if r))
-        except KeyboardInterrupt:
-            for proc, _ in procs.values():
-                proc.terminate()
-            raise
-        finally:
-            bar.close()
-            for _, log in procs.values():
-                log.close()
-        for run, (proc, _) in procs.items():
-            if proc.returncode != 0:
-                tail = _last_line((self.out / run / "train.log").read_text(errors="replace"))
-                raise UserError(f"training {run} failed (exit {proc.returncode}): {tail}")
-        for run in self.runs:
-            summary = json.loads((self.out / run / "train_summary.json").read_text())
-            self.log(f"      {RUNS[run]}: {summary['steps']} steps, {summary['samples']} samples in "
-                     f"{summary['train_seconds'] / 60:.1f} min ({summary['stop_reason']})")
+        train_concurrently(self.opts.config, runs, self.out / "val" / "records.jsonl", minutes,
+                           self.opts.max_steps, self.log, labels=RUNS)
 
     def merge(self):
         for run in self.runs:
-            model_dir = self.out / run / "model"
-            if (model_dir / "config.json").is_file():
-                continue
-            _run([*_command("merge"),
-                  "--model_name_or_path", str(self._base_model()),
-                  "--local_path", str(self.out / run / "final"), "--merge_model_path", str(model_dir)])
+            merge_run(self._base_model(), self.out / run)
         self.log("[4/6] merged trained parameters into full model directories: "
                  + ", ".join(str(self.out / run / "model") for run in self.runs))
 
@@ -176,37 +243,13 @@ class Demo:
 
     def predict(self):
         """Both models caption the test split at once, one thread each, as in training."""
-        procs = []
-        for run in self.runs:
-            results = self.out / run / "results.txt"
-            if results.is_file():
-                continue
-            cmd = [*_command("predict"), str(self.out / "data" / "test.tsv"), str(results),
-                   str(self.out / run / "model"), "--batch_size", str(self.opts.batch_size),
-                   "--max_new_tokens", str(self.opts.max_new_tokens), "--num_threads", "1", "--resume"]
-            log = open(self.out / run / "predict.log", "w", encoding="utf-8")
-            procs.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        t0 = time.time()
-        for run, proc, log in procs:
-            proc.wait()
-            log.close()
-            if proc.returncode != 0:
-                tail = _last_line((self.out / run / "predict.log").read_text(errors="replace"))
-                raise UserError(f"predict_batch {run} failed (exit {proc.returncode}): {tail}")
-        self.log(f"[5/6] predict_batch.py on {self.opts.n_test} test images: {time.time() - t0:.0f} s "
+        seconds = predict_concurrently(self.out / "data" / "test.tsv", [self.out / run for run in self.runs],
+                                       self.opts.batch_size, self.opts.max_new_tokens)
+        self.log(f"[5/6] predict_batch.py on {self.opts.n_test} test images: {seconds:.0f} s "
                  f"(max_new_tokens {self.opts.max_new_tokens}, batch {self.opts.batch_size})")
 
     def evaluate(self) -> dict:
-        from ..eval.evaluate import evaluate_files, read_results
-
-        refs = self.out / "data" / "test_refs.tsv"
-        rows = {}
-        for run in self.runs:
-            scores = evaluate_files(self.out / run / "results.txt", refs, fields=True)
-            train = json.loads((self.out / run / "train_summary.json").read_text())
-            rows[run] = {"scores": scores, "train": {k: train[k] for k in ("steps", "samples", "train_seconds")},
-                         "predictions": read_results(self.out / run / "results.txt")}
-        return rows
+        return evaluate_runs({run: self.out / run for run in self.runs}, self.out / "data" / "test_refs.tsv")
 
     # ---- the report ------------------------------------------------------------------------------
     def report(self, rows: dict) -> dict:
@@ -293,11 +336,11 @@ def _value(scores: dict, key: str):
     return scores[key] if key in scores else scores.get("fields", {}).get(key)
 
 
-def results_table(rows: dict) -> str:
+def results_table(rows: dict, labels: dict | None = None) -> str:
     header = ["model"] + [title for title, _, _ in COLUMNS] + ["steps", "train min"]
     lines = []
     for run, row in rows.items():
-        cells = [RUNS.get(run, run)]
+        cells = [(labels or RUNS).get(run, run)]
         for _, key, fmt in COLUMNS:
             value = _value(row["scores"], key)
             cells.append("n/a" if value is None else fmt.format(value))

@@ -1,0 +1,329 @@
+"""`make curate-demo`: does curation raise the score? Raw noisy rows against curated rows.
+
+    python tools/run_curate_demo.py --out checkpoints/curate_demo
+
+1. the synthetic world with documented noise (docs/synthetic_ads.md, "Noise"): mismatched captions,
+   wrong style/colour words, truncated captions, near-duplicate images, an unlabeled pool; the
+   noisy rows are listed in data/train_noise.tsv, never in the training files;
+2. convert_labels.py as usual;
+3. a short seed model on the raw rows (the only data there is);
+4. curation (`tools/curate.py` on out/recipe.json, two processes): drop near-duplicate images,
+   score every row's image-text consistency with the seed model and drop the inconsistent ones,
+   pseudo-label the unlabeled pool (best of n candidates by consistency), repeat the best rows to
+   the raw row count;
+5. (a) the raw rows and (b) the curated rows trained at once, the same config and wall-clock budget,
+   one thread each, from the same initialisation;
+6. both merged, predict_batch.py on the clean test split, scored (CIDEr-D, field accuracy);
+7. results.md / results.json: the scores of (a) and (b), the compute curation took (seed training +
+   the curation run, in CPU-minutes), and the consistency filter's precision and recall on the rows
+   known to be noisy.
+
+Every stage is the user-facing command (the stages of `demo/pipeline.py`); a rerun skips what is done.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..demo.pipeline import (TrainRun, _last_line, command, convert_split, evaluate_runs, make_data, merge_run,
+                             predict_concurrently, results_table, train_concurrently)
+from ..files import atomic_write, write_json
+from ..runtime import UserError
+
+RUNS = {"raw": "(a) raw noisy rows", "curated": "(b) curated rows"}
+BARS = {"precision": 0.80, "recall": 0.80}
+FILTER_OP = "consistency_filter"
+
+
+@dataclass
+class CurateDemoOptions:
+    out: Path = Path("checkpoints/curate_demo")
+    config: Path = Path("config/demo.json")
+    n_train: int = 4000
+    n_val: int = 200
+    n_test: int = 200
+    n_unlabeled: int = 600
+    data_seed: int = 0
+    noise: dict = field(default_factory=lambda: {"mismatched": 0.15, "wrong-word": 0.10, "truncated": 0.05,
+                                                 "near-duplicates": 0.05})
+    seed_minutes: float = 4.0
+    seed_threads: int = 2
+    minutes: float | None = None  # (a)/(b) budget; default the config's
+    max_steps: int | None = None  # (a)/(b) and seed step cap (the slow test)
+    processes: int = 2  # curation processes (model stages are sharded)
+    consistency_min: object = field(default_factory=lambda: {"mean_std": -1.0})
+    num_candidates: int = 3
+    repeat_quota: int = 0  # 0: the raw row count
+    batch_size: int = 16
+    max_new_tokens: int = 64
+
+
+class CurateDemo:
+    def __init__(self, opts: CurateDemoOptions, log=print):
+        from ..train.config import TrainConfig, resolve_path
+
+        self.opts, self.log = opts, log
+        self.out = Path(opts.out)
+        self.train_config = TrainConfig.load(opts.config)
+        cfg = self.train_config
+        self.base_model = Path(resolve_path(cfg.model_name_or_path or cfg.model_config))
+        self.minutes = opts.minutes if opts.minutes is not None else cfg.max_train_minutes
+        self.compute = {}
+
+    # ---- stages ------------------------------------------------------------------------------------
+    def data(self):
+        o = self.opts
+        extra = [a for k, v in o.noise.items() for a in (f"--{k}", str(v))] + ["--unlabeled", str(o.n_unlabeled)]
+        made = make_data(self.out, {"train": o.n_train, "val": o.n_val, "test": o.n_test}, o.data_seed, extra)
+        for split in ("train", "val"):
+            convert_split(self.out / "data" / f"{split}.tsv", self.out / split)
+        noise = Counter(line.split("\t")[1] for line in (self.out / "data" / "train_noise.tsv").read_text(
+            encoding="utf-8").splitlines())
+        kept = json.loads((self.out / "train" / "summary.json").read_text())["kept"]
+        self.log(f"[1/6] synthetic world with noise{'' if made else ' (kept)'}: {o.n_train} train rows "
+                 f"({kept} after convert_labels), noisy: " + ", ".join(f"{k} {n}" for k, n in noise.items())
+                 + f"; {o.n_unlabeled} unlabeled images")
+
+    def seed(self) -> Path:
+        o = self.opts
+        run = TrainRun(self.out / "seed", self.out / "train" / "records.jsonl",
+                       ["--num_threads", str(o.seed_threads), "--eval_minutes", "0", "--eval_caption_samples", "0"])
+        self.log(f"[2/6] seed model: {o.seed_minutes:g} min on the raw rows, {o.seed_threads} threads")
+        summary = train_concurrently(o.config, {"seed": run}, self.out / "val" / "records.jsonl", o.seed_minutes,
+                                     o.max_steps, self.log)["seed"]
+        self.compute["seed_training_cpu_min"] = summary["train_seconds"] / 60 * o.seed_threads
+        return merge_run(self.base_model, self.out / "seed")
+
+    def recipe(self, seed_model: Path) -> Path:
+        o = self.opts
+        recipe = {
+            "_comment": "written by the curation demo (paddle_caption/curate/demo.py)",
+            "dataset": str(self.out / "train" / "records.jsonl"),
+            "export_dir": str(self.out / "curated_data"),
+            "model_dir": str(seed_model),
+            "batch_size": o.batch_size,
+            "num_threads": 1,
+            "process": [
+                {"image_near_dedup": {"hamming": 4, "hash_size": 16}},
+                {FILTER_OP: {"min": o.consistency_min}},
+                {"pseudo_label": {"unlabeled_tsv": str((self.out / "data" / "unlabeled.tsv").resolve()),
+                                  "num_candidates": o.num_candidates, "strategy": "beam",
+                                  "max_new_tokens": o.max_new_tokens, "min": o.consistency_min}},
+                {"repeat_top": {"quota": o.repeat_quota or self._raw_rows(), "top_percent": 50, "max_copies": 3}},
+            ],
+        }
+        path = self.out / "recipe.json"
+        write_json(path, recipe)
+        return path
+
+    def _raw_rows(self) -> int:
+        return json.loads((self.out / "train" / "summary.json").read_text())["kept_train"]
+
+    def curate(self, recipe: Path) -> dict:
+        """tools/curate.py RECIPE in `processes` processes, one thread each (ranks by flag, as under
+        paddle.distributed.launch)."""
+        summary_path = self.out / "curated_data" / "summary.json"
+        t0 = time.time()
+        if not summary_path.is_file():
+            world = self.opts.processes
+            procs = []
+            for rank in range(world):
+                handle = open(self.out / f"curate.rank{rank}.log", "w", encoding="utf-8")
+                cmd = [*command("curate"), str(recipe), "--rank", str(rank), "--world_size", str(world),
+                       "--num_threads", "1", "--no_progress"]
+                procs.append((rank, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle))
+            for rank, proc, handle in procs:
+                proc.wait()
+                handle.close()
+                if proc.returncode != 0:
+                    tail = _last_line((self.out / f"curate.rank{rank}.log").read_text(errors="replace"))
+                    raise UserError(f"curation rank {rank} failed (exit {proc.returncode}): {tail}")
+            self.compute["curation_wall_min"] = (time.time() - t0) / 60
+        summary = json.loads(summary_path.read_text())
+        self.compute.setdefault("curation_wall_min", summary["seconds"] / 60)
+        self.compute["curation_cpu_min"] = self.compute["curation_wall_min"] * self.opts.processes
+        for k, stage in enumerate(summary["stages"], 1):
+            reasons = ", ".join(f"{r} {n}" for r, n in stage["dropped_by_reason"].items())
+            self.log(f"      {k}. {stage['op']}: {stage['input']} in, kept {stage['kept']}"
+                     + (f" (+{stage['copies']} copies)" if stage["copies"] else "")
+                     + (f", dropped {reasons}" if reasons else ""))
+        out = summary["output"]
+        self.log(f"[3/6] curation: {summary['input_rows']} rows -> {out['rows']} ({out['synthetic']} synthetic) "
+                 f"in {self.compute['curation_wall_min']:.1f} min x {self.opts.processes} processes; "
+                 f"report {summary['report']['report']}")
+        return summary
+
+    def train_both(self):
+        runs = {"raw": TrainRun(self.out / "raw", self.out / "train" / "records.jsonl", []),
+                "curated": TrainRun(self.out / "curated", self.out / "curated_data" / "records.jsonl", [])}
+        self.log(f"[4/6] training (a) and (b) concurrently, {self.minutes:g} min budget each")
+        train_concurrently(self.opts.config, runs, self.out / "val" / "records.jsonl", self.minutes,
+                           self.opts.max_steps, self.log, labels=RUNS)
+        for name in runs:
+            merge_run(self.base_model, self.out / name)
+
+    def predict_and_score(self) -> dict:
+        seconds = predict_concurrently(self.out / "data" / "test.tsv", [self.out / n for n in RUNS],
+                                       self.opts.batch_size, self.opts.max_new_tokens)
+        self.log(f"[5/6] predict_batch.py on the {self.opts.n_test} clean test images: {seconds:.0f} s")
+        return evaluate_runs({name: self.out / name for name in RUNS}, self.out / "data" / "test_refs.tsv")
+
+    # ---- the report --------------------------------------------------------------------------------
+    def report(self, rows: dict, curation: dict) -> dict:
+        detection = filter_detection(self.out / "curated_data" / "ledger.jsonl",
+                                     self.out / "data" / "train_noise.tsv", self.out / "train" / "records.jsonl")
+        pseudo = pseudo_label_accuracy(self.out / "curated_data" / "records.jsonl",
+                                       self.out / "data" / "unlabeled_refs.tsv")
+        table = results_table(rows, RUNS)
+        a, b = rows["raw"]["scores"]["CIDEr-D"], rows["curated"]["scores"]["CIDEr-D"]
+        mismatch = detection["mismatched_caption"]
+        bar = {"precision": {"value": mismatch["precision"], "target": BARS["precision"]},
+               "recall": {"value": mismatch["recall"], "target": BARS["recall"]},
+               "cider_gain": {"value": b - a, "target": 0.0}}
+        for check in bar.values():
+            check["pass"] = check["value"] >= check["target"] if check is not bar["cider_gain"] else check["value"] > 0
+        compute = {k: round(v, 2) for k, v in self.compute.items()}
+        compute["total_cpu_min"] = round(self.compute.get("seed_training_cpu_min", 0)
+                                         + self.compute.get("curation_cpu_min", 0), 2)
+        lines = [table, "",
+                 f"Curation compute: seed model {compute.get('seed_training_cpu_min', 0):.1f} CPU-min, curation run "
+                 f"{compute.get('curation_cpu_min', 0):.1f} CPU-min ({compute.get('curation_wall_min', 0):.1f} min x "
+                 f"{self.opts.processes} processes); total {compute['total_cpu_min']:.1f} CPU-min, besides the "
+                 f"{self.minutes:g}-minute training budget each model gets.",
+                 "",
+                 f"Consistency filter on the {detection['scored']} scored rows: dropped {detection['dropped']}; "
+                 f"mismatched captions: precision {mismatch['precision']:.1%} (dropped rows that are mismatched), "
+                 f"recall {mismatch['recall']:.1%} ({mismatch['caught']}/{mismatch['total']}); any noise: precision "
+                 f"{detection['any_noise_precision']:.1%}.",
+                 "", "| noise kind | rows | dropped by the filter |", "|---|---|---|"]
+        lines += [f"| {kind} | {d['total']} | {d['caught']} ({d['recall']:.0%}) |"
+                  for kind, d in detection.items() if isinstance(d, dict)]
+        if pseudo:
+            lines += ["", f"Pseudo-labels kept: {pseudo['n']}; exact match with the hidden reference "
+                          f"{pseudo['exact']:.1%}, style {pseudo['style']:.1%}, background {pseudo['background']:.1%}."]
+        lines += ["", f"{'PASS' if bar['precision']['pass'] else 'MISS'}  precision on mismatched captions: "
+                      f"{mismatch['precision']:.1%} (bar 80%)",
+                  f"{'PASS' if bar['recall']['pass'] else 'MISS'}  recall on mismatched captions: "
+                  f"{mismatch['recall']:.1%} (bar 80%)",
+                  f"{'PASS' if bar['cider_gain']['pass'] else 'MISS'}  CIDEr-D (b) {b:.3f} vs (a) {a:.3f} "
+                  f"({b - a:+.3f}) with {compute['total_cpu_min']:.1f} CPU-min of curation"]
+        text = "\n".join(lines)
+        self.log("\n[6/6] clean test split\n" + text)
+        result = {"options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.opts).items()},
+                  "runs": {n: {"scores": rows[n]["scores"], "train": rows[n]["train"]} for n in RUNS},
+                  "compute": compute, "detection": detection, "pseudo_labels": pseudo, "bar": bar,
+                  "curation": {"input_rows": curation["input_rows"], "output": curation["output"],
+                               "stages": [{k: s[k] for k in ("op", "input", "kept", "copies", "dropped",
+                                                             "dropped_by_reason", "seconds")}
+                                          for s in curation["stages"]]}}
+        write_json(self.out / "results.json", result)
+        with atomic_write(self.out / "results.md") as handle:
+            handle.write(text + "\n")
+        self.log(f"\nwrote {self.out / 'results.md'}, {self.out / 'results.json'}")
+        return result
+
+    def run(self) -> dict:
+        t0 = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.data()
+        seed_model = self.seed()
+        curation = self.curate(self.recipe(seed_model))
+        self.train_both()
+        result = self.report(self.predict_and_score(), curation)
+        self.log(f"curation demo finished in {(time.time() - t0) / 60:.1f} min")
+        return result
+
+
+# ---- measures, pure functions of files (tested) ---------------------------------------------------
+def filter_detection(ledger: Path, noise_tsv: Path, records: Path, op: str = FILTER_OP) -> dict:
+    """How the consistency filter's drops match the known noise: per noise kind, rows and rows dropped;
+    precision on mismatched captions = dropped mismatched / dropped."""
+    kinds = {}
+    for line in noise_tsv.read_text(encoding="utf-8").splitlines():
+        row_id, kind, _ = line.split("\t", 2)
+        kinds[row_id] = kind
+    dropped_ids = [json.loads(line)["id"] for line in ledger.read_text(encoding="utf-8").splitlines()
+                   if json.loads(line)["op"] == op]
+    earlier = {json.loads(line)["id"] for line in ledger.read_text(encoding="utf-8").splitlines()
+               if json.loads(line)["op"] != op and json.loads(line)["stage"] < _stage_of(ledger, op)}
+    present = Counter()
+    for line in records.read_text(encoding="utf-8").splitlines():
+        row_id = json.loads(line)["id"]
+        if row_id not in earlier:
+            present[kinds.get(row_id, "clean")] += 1
+    caught = Counter(kinds.get(row_id, "clean") for row_id in dropped_ids)
+    out = {kind: {"total": present[kind], "caught": caught[kind],
+                  "recall": caught[kind] / present[kind] if present[kind] else 0.0}
+           for kind in sorted(present, key=lambda k: (k == "clean", k))}
+    n = len(dropped_ids)
+    mismatch = out.setdefault("mismatched_caption", {"total": 0, "caught": 0, "recall": 0.0})
+    mismatch["precision"] = caught["mismatched_caption"] / n if n else 0.0
+    return {**out, "dropped": n, "scored": sum(present.values()),
+            "any_noise_precision": (n - caught["clean"]) / n if n else 0.0}
+
+
+def _stage_of(ledger: Path, op: str) -> int:
+    for line in ledger.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry["op"] == op:
+            return entry["stage"]
+    return 10**9
+
+
+def pseudo_label_accuracy(records: Path, refs_tsv: Path) -> dict | None:
+    """Kept pseudo-labels against the pool's hidden references: exact match, style, background."""
+    from ..data.synthetic import parse_caption
+
+    if not refs_tsv.is_file():
+        return None
+    refs = dict(line.split("\t", 1) for line in refs_tsv.read_text(encoding="utf-8").splitlines())
+    n = exact = style = background = 0
+    seen = set()
+    for line in records.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if not record.get("synthetic") or record["id"] not in refs or record["id"] in seen:
+            continue
+        seen.add(record["id"])
+        n += 1
+        ref, got = parse_caption(refs[record["id"]]), parse_caption(record["caption"])
+        exact += record["caption"] == refs[record["id"]]
+        style += got is not None and got.style == ref.style
+        background += got is not None and got.background == ref.background
+    return {"n": n, "exact": exact / n, "style": style / n, "background": background / n} if n else None
+
+
+def main(argv=None) -> int:
+    d = CurateDemoOptions()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(d.out))
+    p.add_argument("--config", default=str(d.config), help="training config of (a), (b) and the seed model")
+    p.add_argument("--train", type=int, default=d.n_train)
+    p.add_argument("--val", type=int, default=d.n_val)
+    p.add_argument("--test", type=int, default=d.n_test)
+    p.add_argument("--unlabeled", type=int, default=d.n_unlabeled)
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--seed-minutes", type=float, default=d.seed_minutes)
+    p.add_argument("--minutes", type=float, help="training budget of (a) and (b) (default: the config's)")
+    p.add_argument("--max-steps", type=int, help="cap every training run at N steps (quick checks)")
+    p.add_argument("--processes", type=int, default=d.processes, help="curation processes")
+    p.add_argument("--candidates", type=int, default=d.num_candidates, help="pseudo-label candidates per image")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    args = p.parse_args(argv)
+    opts = CurateDemoOptions(out=Path(args.out), config=Path(args.config), n_train=args.train, n_val=args.val,
+                             n_test=args.test, n_unlabeled=args.unlabeled, data_seed=args.data_seed,
+                             seed_minutes=args.seed_minutes, minutes=args.minutes, max_steps=args.max_steps,
+                             processes=args.processes, num_candidates=args.candidates,
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    CurateDemo(opts).run()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
