@@ -1,8 +1,8 @@
 """Repeat the highest-scoring rows up to a quota (data-centric solutions repeated their best data
 3.76x; a 4x copy of a 60k set beat 200k raw rows).
 
-Every input row is kept once; the rows whose `stat` is at or above its (100 - top_percent)-th
-percentile get extra copies, spread evenly (the first rows in input order get one more when the
+Every input row is kept once; the rows whose `stat` is above its (100 - top_percent)-th
+percentile (every row with `top_percent` 100) get extra copies, spread evenly (the first rows in input order get one more when the
 extra count does not divide), each at most `max_copies` times in all, until the output has
 `quota` rows (or `times` x the input). Copies carry `copy: k` (k >= 1).
 """
@@ -48,21 +48,23 @@ class RepeatTop(Op):
         data = moments(values())
         if data.n == 0:
             raise UserError(f"repeat_top: no row has the statistic {p.stat!r}; compute it in an earlier op")
-        self.cut = exact_quantiles(values, [100 - p.top_percent], data)[0] if p.top_percent < 100 else data.low
-        top = sum(1 for v in values() if v >= self.cut)
+        self.cut = exact_quantiles(values, [100 - p.top_percent], data)[0] if p.top_percent < 100 else None
+        top = sum(1 for v in values() if self._is_top(v))
         quota = p.quota if p.quota > 0 else round(p.times * n)
         extra = max(0, min(quota - n, top * (p.max_copies - 1)))
         self.each, self.more = divmod(extra, top) if top else (0, 0)
         self.info = {"stat": p.stat, "threshold": self.cut, "input": n, "repeated_rows": top,
                      "quota": quota, "output": n + extra}
 
+    def _is_top(self, value) -> bool:
+        return value is not None and (self.cut is None or value > self.cut)
+
     def select(self, read):
         self.prepare(read)
         seen_top = 0
         for sample in read():
             yield sample, None
-            value = sample["stats"].get(self.params.stat)
-            if value is None or value < self.cut:
+            if not self._is_top(sample["stats"].get(self.params.stat)):
                 continue
             copies = self.each + (1 if seen_top < self.more else 0)
             seen_top += 1
