@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo replicate test test-fast bench clean
+.PHONY: setup demo replicate curate-demo test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -21,6 +21,9 @@ demo: setup
 replicate: setup
 	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
 
+curate-demo: setup
+	$(PY) tools/run_curate_demo.py --config config/demo.json --out checkpoints/curate_demo
+
 test: setup
 	$(PY) -m pytest -q -ra tests
 
@@ -28,4 +31,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf checkpoints/demo checkpoints/replicate
+	rm -rf checkpoints/demo checkpoints/replicate checkpoints/curate_demo

@@ -4,7 +4,8 @@
 Every input row is kept once; the rows whose `stat` is above its (100 - top_percent)-th
 percentile (every row with `top_percent` 100) get extra copies, spread evenly (the first rows in input order get one more when the
 extra count does not divide), each at most `max_copies` times in all, until the output has
-`quota` rows (or `times` x the input). Copies carry `copy: k` (k >= 1).
+`quota` rows (or `times` x the input). Copies carry `copy: k` (k >= 1). Synthetic rows (pseudo-labels)
+are not repeated unless `synthetic` is true: a model's own captions score high under that model.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class RepeatParams:
     times: float = 0.0  # output rows as a multiple of the input
     top_percent: float = 50.0
     max_copies: int = 4
+    synthetic: bool = False  # may model-written captions be repeated? (they score high under their own model)
 
     def validate(self, where):
         if (self.quota > 0) == (self.times > 0):
@@ -43,28 +45,31 @@ class RepeatTop(Op):
 
     def prepare(self, read):
         p = self.params
-        values = lambda: (s["stats"][p.stat] for s in read() if s["stats"].get(p.stat) is not None)  # noqa: E731
+        values = lambda: (s["stats"][p.stat] for s in read() if self._eligible(s))  # noqa: E731
         n = sum(1 for _ in read())
         data = moments(values())
         if data.n == 0:
             raise UserError(f"repeat_top: no row has the statistic {p.stat!r}; compute it in an earlier op")
         self.cut = exact_quantiles(values, [100 - p.top_percent], data)[0] if p.top_percent < 100 else None
-        top = sum(1 for v in values() if self._is_top(v))
+        top = sum(1 for s in read() if self._is_top(s))
         quota = p.quota if p.quota > 0 else round(p.times * n)
         extra = max(0, min(quota - n, top * (p.max_copies - 1)))
         self.each, self.more = divmod(extra, top) if top else (0, 0)
         self.info = {"stat": p.stat, "threshold": self.cut, "input": n, "repeated_rows": top,
                      "quota": quota, "output": n + extra}
 
-    def _is_top(self, value) -> bool:
-        return value is not None and (self.cut is None or value > self.cut)
+    def _eligible(self, sample) -> bool:
+        return sample["stats"].get(self.params.stat) is not None and (self.params.synthetic or not sample.get("synthetic"))
+
+    def _is_top(self, sample) -> bool:
+        return self._eligible(sample) and (self.cut is None or sample["stats"][self.params.stat] > self.cut)
 
     def select(self, read):
         self.prepare(read)
         seen_top = 0
         for sample in read():
             yield sample, None
-            if not self._is_top(sample["stats"].get(self.params.stat)):
+            if not self._is_top(sample):
                 continue
             copies = self.each + (1 if seen_top < self.more else 0)
             seen_top += 1
