@@ -6,7 +6,7 @@
    wrong style/colour words, truncated captions, near-duplicate images, an unlabeled pool; the
    noisy rows are listed in data/train_noise.tsv, never in the training files;
 2. convert_labels.py as usual;
-3. a short seed model on the raw rows (the only data there is);
+3. a short seed model on the raw rows (the only data there is), bounded by steps;
 4. curation (`tools/curate.py` on out/recipe.json, two processes): drop near-duplicate images,
    score every row's image-text consistency with the seed model and drop the inconsistent ones,
    pseudo-label the unlabeled pool (best of n candidates by consistency), repeat the best rows to
@@ -52,7 +52,11 @@ class CurateDemoOptions:
     data_seed: int = 0
     noise: dict = field(default_factory=lambda: {"mismatched": 0.15, "wrong-word": 0.10, "truncated": 0.05,
                                                  "near-duplicates": 0.05})
-    seed_minutes: float = 5.0
+    # The seed model is bounded by steps, not by the clock: how well it scores the data must not
+    # depend on the machine's load (a time-bounded 5-minute seed made 342 steps on a quiet machine
+    # and 141 on a loaded one). seed_minutes is only a safety cap.
+    seed_steps: int = 500
+    seed_minutes: float = 15.0
     seed_threads: int = 2
     minutes: float | None = None  # (a)/(b) budget; default the config's
     max_steps: int | None = None  # (a)/(b) and seed step cap (the slow test)
@@ -97,9 +101,11 @@ class CurateDemo:
         o = self.opts
         run = TrainRun(self.out / "seed", self.out / "train" / "records.jsonl",
                        ["--num_threads", str(o.seed_threads), "--eval_minutes", "0", "--eval_caption_samples", "0"])
-        self.log(f"[2/6] seed model: {o.seed_minutes:g} min on the raw rows, {o.seed_threads} threads")
+        steps = min(o.seed_steps, o.max_steps) if o.max_steps else o.seed_steps
+        self.log(f"[2/6] seed model: {steps} steps on the raw rows, {o.seed_threads} threads "
+                 f"(at most {o.seed_minutes:g} min)")
         summary = train_concurrently(o.config, {"seed": run}, self.out / "val" / "records.jsonl", o.seed_minutes,
-                                     o.max_steps, self.log)["seed"]
+                                     steps, self.log)["seed"]
         self.compute["seed_training_cpu_min"] = summary["train_seconds"] / 60 * o.seed_threads
         return merge_run(self.base_model, self.out / "seed")
 
@@ -311,7 +317,8 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=d.n_test)
     p.add_argument("--unlabeled", type=int, default=d.n_unlabeled)
     p.add_argument("--data-seed", type=int, default=d.data_seed)
-    p.add_argument("--seed-minutes", type=float, default=d.seed_minutes)
+    p.add_argument("--seed-steps", type=int, default=d.seed_steps, help="seed model training steps")
+    p.add_argument("--seed-minutes", type=float, default=d.seed_minutes, help="cap on the seed model's training time")
     p.add_argument("--minutes", type=float, help="training budget of (a) and (b) (default: the config's)")
     p.add_argument("--max-steps", type=int, help="cap every training run at N steps (quick checks)")
     p.add_argument("--processes", type=int, default=d.processes, help="curation processes")
@@ -321,7 +328,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     opts = CurateDemoOptions(out=Path(args.out), config=Path(args.config), n_train=args.train, n_val=args.val,
                              n_test=args.test, n_unlabeled=args.unlabeled, data_seed=args.data_seed,
-                             seed_minutes=args.seed_minutes, minutes=args.minutes, max_steps=args.max_steps,
+                             seed_steps=args.seed_steps, seed_minutes=args.seed_minutes, minutes=args.minutes, max_steps=args.max_steps,
                              processes=args.processes, num_candidates=args.candidates,
                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     CurateDemo(opts).run()
