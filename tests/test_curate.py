@@ -403,3 +403,63 @@ def test_consistency_sign_with_a_trained_model(tmp_path):
     mismatched = score_samples(predictor, [{"stats": {}} for _ in samples], rotated, images)
     assert matched.mean() > 0 > mismatched.mean()
     assert (matched > mismatched).mean() >= 0.65  # per image, well above chance
+
+
+def test_example_recipe_parses(tmp_path):
+    """The packaged example recipe: every op and parameter is known (paths aside)."""
+    data = json.loads((ROOT / "config" / "curate" / "example.json").read_text())
+    pool = tmp_path / "pool.tsv"
+    pool.write_text("")
+    ctx = OpContext(work_dir=tmp_path)
+    for i, entry in enumerate(data["process"]):
+        (name, params), = entry.items()
+        if "unlabeled_tsv" in params:
+            params = {**params, "unlabeled_tsv": str(pool)}
+        assert build_op({name: params}, ctx, f"process[{i}]").name == name
+
+
+@pytest.mark.slow
+def test_curate_demo_end_to_end_small(tmp_path):
+    """The curation demo's pipeline on a few rows and steps: every stage runs and reports; a rerun
+    finds everything done."""
+    out = tmp_path / "cdemo"
+    cmd = [sys.executable, "tools/run_curate_demo.py", "--out", str(out), "--train", "60", "--val", "8",
+           "--test", "8", "--unlabeled", "6", "--seed-steps", "4", "--max-steps", "4", "--minutes", "2",
+           "--max-new-tokens", "12", "--batch-size", "4"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["runs"]) == {"raw", "curated"}
+    assert {s["op"] for s in result["curation"]["stages"]} == {"image_near_dedup", "consistency_filter",
+                                                              "pseudo_label", "repeat_top"}
+    detection = result["detection"]
+    assert detection["scored"] == sum(d["total"] for d in detection.values() if isinstance(d, dict))
+    assert "precision" in detection["mismatched_caption"] and result["compute"]["total_cpu_min"] > 0
+    for name in ("results.md", "recipe.json", "curated_data/records.jsonl", "curated_data/ledger.jsonl",
+                 "curated_data/report.md", "curated_data/funnel.png", "raw/results.txt", "curated/results.txt"):
+        assert (out / name).is_file(), name
+    curated = [json.loads(line) for line in (out / "curated_data" / "records.jsonl").read_text().splitlines()]
+    assert any(r.get("synthetic") for r in curated)
+    assert "(b) curated rows" in done.stdout and "precision on mismatched captions" in done.stdout
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "(kept)" in again.stdout
+
+
+def test_filter_detection_counts_only_the_rows_the_filter_scored(tmp_path):
+    from paddle_caption.curate.demo import filter_detection
+
+    noise = tmp_path / "noise.tsv"
+    noise.write_text("m1\tmismatched_caption\tx\nm2\tmismatched_caption\tx\nm3\tmismatched_caption\tx\n"
+                     "w1\twrong_colour\tx\nd1\tnear_duplicate_image\tc1\n")
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"id": i}) + "\n" for i in ("c1", "c2", "c3", "m1", "m2", "m3", "w1", "d1")))
+    ledger_path = tmp_path / "ledger.jsonl"
+    ledger_path.write_text("".join(json.dumps(e) + "\n" for e in [
+        {"stage": 1, "op": "image_near_dedup", "id": "d1"},
+        {"stage": 2, "op": "consistency_filter", "id": "m1"}, {"stage": 2, "op": "consistency_filter", "id": "m2"},
+        {"stage": 2, "op": "consistency_filter", "id": "w1"}, {"stage": 2, "op": "consistency_filter", "id": "c2"}]))
+    got = filter_detection(ledger_path, noise, records)
+    assert got["scored"] == 7 and got["dropped"] == 4
+    assert got["mismatched_caption"] == {"total": 3, "caught": 2, "recall": 2 / 3, "precision": 0.5}
+    assert got["clean"]["caught"] == 1 and got["any_noise_precision"] == 0.75
+    assert "near_duplicate_image" not in got

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 
 from ..distributed import rank_and_world
-from ..runtime import configure
+from ..runtime import UserError, configure
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="curate.py", description=__doc__.split("\n\n")[0].strip("`"))
-    p.add_argument("recipe", help="recipe JSON: dataset, export_dir, model_dir, process: [{op: {params}}]")
+    p.add_argument("recipe", nargs="?", help="recipe JSON: dataset, export_dir, model_dir, process: [{op: {params}}]")
     p.add_argument("--export_dir", help="overrides the recipe's export_dir")
     p.add_argument("--dataset", help="overrides the recipe's dataset")
     p.add_argument("--model_dir", help="overrides the recipe's model_dir")
@@ -38,6 +38,8 @@ def main(argv=None) -> int:
         for name, cls in sorted(OPS.items()):
             print(f"{name:<28} {(cls.__doc__ or '').strip().splitlines()[0]}")
         return 0
+    if not args.recipe:
+        raise UserError("give a recipe (or --list_ops)")
     overrides = {k: getattr(args, k) for k in ("export_dir", "dataset", "model_dir", "batch_size", "num_threads")
                  if getattr(args, k) is not None}
     recipe = load_recipe(args.recipe, overrides)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -251,38 +250,25 @@ class CurateDemo:
 
 # ---- measures, pure functions of files (tested) ---------------------------------------------------
 def filter_detection(ledger: Path, noise_tsv: Path, records: Path, op: str = FILTER_OP) -> dict:
-    """How the consistency filter's drops match the known noise: per noise kind, rows and rows dropped;
-    precision on mismatched captions = dropped mismatched / dropped."""
-    kinds = {}
-    for line in noise_tsv.read_text(encoding="utf-8").splitlines():
-        row_id, kind, _ = line.split("\t", 2)
-        kinds[row_id] = kind
-    dropped_ids = [json.loads(line)["id"] for line in ledger.read_text(encoding="utf-8").splitlines()
-                   if json.loads(line)["op"] == op]
-    earlier = {json.loads(line)["id"] for line in ledger.read_text(encoding="utf-8").splitlines()
-               if json.loads(line)["op"] != op and json.loads(line)["stage"] < _stage_of(ledger, op)}
-    present = Counter()
-    for line in records.read_text(encoding="utf-8").splitlines():
-        row_id = json.loads(line)["id"]
-        if row_id not in earlier:
-            present[kinds.get(row_id, "clean")] += 1
-    caught = Counter(kinds.get(row_id, "clean") for row_id in dropped_ids)
+    """How the filter's drops match the known noise, among the rows it scored (the input records
+    less the rows earlier stages dropped): per noise kind, rows and rows dropped; precision on
+    mismatched captions = dropped mismatched rows / dropped rows."""
+    kinds = dict(line.split("\t")[:2] for line in noise_tsv.read_text(encoding="utf-8").splitlines())
+    entries = [json.loads(line) for line in ledger.read_text(encoding="utf-8").splitlines()]
+    stage = min((e["stage"] for e in entries if e["op"] == op), default=None)
+    before = {e["id"] for e in entries if stage is None or e["stage"] < stage}
+    dropped = [e["id"] for e in entries if e["op"] == op]
+    present = Counter(kinds.get(r["id"], "clean") for r in map(json.loads, records.read_text(encoding="utf-8").splitlines())
+                      if r["id"] not in before)
+    caught = Counter(kinds.get(row_id, "clean") for row_id in dropped)
     out = {kind: {"total": present[kind], "caught": caught[kind],
                   "recall": caught[kind] / present[kind] if present[kind] else 0.0}
            for kind in sorted(present, key=lambda k: (k == "clean", k))}
-    n = len(dropped_ids)
+    n = len(dropped)
     mismatch = out.setdefault("mismatched_caption", {"total": 0, "caught": 0, "recall": 0.0})
     mismatch["precision"] = caught["mismatched_caption"] / n if n else 0.0
     return {**out, "dropped": n, "scored": sum(present.values()),
             "any_noise_precision": (n - caught["clean"]) / n if n else 0.0}
-
-
-def _stage_of(ledger: Path, op: str) -> int:
-    for line in ledger.read_text(encoding="utf-8").splitlines():
-        entry = json.loads(line)
-        if entry["op"] == op:
-            return entry["stage"]
-    return 10**9
 
 
 def pseudo_label_accuracy(records: Path, refs_tsv: Path) -> dict | None:
@@ -334,6 +320,3 @@ def main(argv=None) -> int:
     CurateDemo(opts).run()
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

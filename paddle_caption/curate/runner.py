@@ -99,10 +99,11 @@ class CurationRun:
         return path
 
     def _fingerprint(self, k: int) -> str:
+        """What decides stage k: the dataset file, the recipe up to op k, the model directories' files."""
+        params = [next(iter(entry.values())) or {} for entry in self.entries[:k]]
         parts = {"dataset": _signature(Path(self.recipe.dataset)), "format": self.recipe.dataset_format,
                  "process": self.entries[:k], "seed": self.recipe.seed,
-                 "models": sorted({_model_signature(e[next(iter(e))]["model_dir"]) for e in self.entries[:k]
-                                   if "model_dir" in (e[next(iter(e))] or {})})}
+                 "models": sorted({_model_signature(p["model_dir"]) for p in params if "model_dir" in p})}
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def stage_dir(self, k: int) -> Path:

@@ -5,7 +5,7 @@ caption names exactly those fields, so a model trained on it can be scored field
 generator writes contest-format TSV splits; the training split also gets ~8% deliberately dirty rows
 so that the cleaning step has work to do.
 
-Noise (optional, off by default; docs/synthetic_ads.md, "Noise"): for data curation, a share of
+Noise (optional, off by default; the project copy of the spec, docs/synthetic_ads.md, "Noise"): for data curation, a share of
 the clean training rows can carry a caption of another image, a wrong style or colour word, a
 truncated caption, or a near-duplicate of an earlier row's image; and an unlabeled pool of images
 can be written. Which rows are noisy, and how, goes to `train_noise.tsv` (the ground truth for a
