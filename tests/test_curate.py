@@ -430,8 +430,9 @@ def test_curate_demo_end_to_end_small(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((out / "results.json").read_text())
     assert set(result["runs"]) == {"raw", "curated"}
-    assert {s["op"] for s in result["curation"]["stages"]} == {"image_near_dedup", "consistency_filter",
-                                                              "pseudo_label", "repeat_top"}
+    assert [s["op"] for s in result["curation"]["stages"]] == ["image_near_dedup", "caption_length_filter",
+                                                              "consistency_filter", "pseudo_label", "repeat_top"]
+    assert result["round1_detection"]["scored"] == result["detection"]["scored"]  # same rows, rescored
     detection = result["detection"]
     assert detection["scored"] == sum(d["total"] for d in detection.values() if isinstance(d, dict))
     assert "precision" in detection["mismatched_caption"] and result["compute"]["total_cpu_min"] > 0

@@ -114,7 +114,7 @@ def write_report(run, summary: dict) -> dict:
         ax.legend(fontsize=8)
         files["funnel"] = _save(plt, fig, out / "funnel.png")
 
-        before, after = _sizes(run.work / "00_input" / "samples.jsonl"), _sizes(out / "records.jsonl")
+        before, after = _sizes(run.input_dir() / "samples.jsonl"), _sizes(out / "records.jsonl")
         fig, axes = plt.subplots(2, 2, figsize=(11, 7))
         for ax, key, title in zip(axes.flat, ("chars", "words", "width", "height"),
                                   ("caption length (characters)", "caption length (jieba words)",

@@ -3,7 +3,7 @@
 EXPORT_DIR/work/ holds one directory per stage, named by its position, op and a fingerprint of
 everything that decides it (the dataset file, the recipe up to that op, the model directories):
 
-    00_input/samples.jsonl                     the dataset as samples
+    00_input_<fp>/samples.jsonl                the dataset as samples
     NN_<op>_<fp>/stats.jsonl                   the input with this op's statistics (compute_stats)
     NN_<op>_<fp>/kept.jsonl, dropped.jsonl     the decision (process / select)
     NN_<op>_<fp>/done.json                     counts, reasons, resolved thresholds, seconds
@@ -79,23 +79,25 @@ class CurationRun:
         return name in OPS and "model_dir" in field_types(OPS[name].Params)
 
     # ---- stages ------------------------------------------------------------------------------------
+    def input_dir(self) -> Path:
+        return self.work / f"00_input_{self._fingerprint(0)}"
+
     def input_stage(self) -> Path:
-        path = self.work / "00_input" / "samples.jsonl"
+        path = self.input_dir() / "samples.jsonl"
         done = path.with_name("done.json")
-        fp = self._fingerprint(0)
         if self.rank != 0:
             wait_for_file(done, MERGE_TIMEOUT, what="rank 0 to read the dataset")
             return path
-        if done.is_file() and json.loads(done.read_text()).get("fingerprint") == fp:
+        if done.is_file():
             return path
         if self.recipe.dataset_format == "data_juicer":
             from .formats import import_data_juicer
 
-            samples = import_data_juicer(self.recipe.dataset, self.work / "00_input")
+            samples = import_data_juicer(self.recipe.dataset, self.input_dir())
         else:
             samples = iter_record_samples(self.recipe.dataset)
         n = write_samples(path, samples)
-        write_json(done, {"fingerprint": fp, "rows": n})
+        write_json(done, {"fingerprint": self._fingerprint(0), "rows": n})
         return path
 
     def _fingerprint(self, k: int) -> str:
@@ -214,7 +216,7 @@ class CurationRun:
         stages = [json.loads((self.stage_dir(k) / "done.json").read_text()) for k in range(1, len(self.ops) + 1)]
         outputs = self.write_outputs(path)
         summary = {"recipe": asdict(self.recipe), "input_rows": json.loads(
-                       (self.work / "00_input" / "done.json").read_text())["rows"],
+                       (self.input_dir() / "done.json").read_text())["rows"],
                    "output": outputs, "stages": stages,
                    "seconds": round(time.perf_counter() - t0, 3),
                    "stage_seconds": round(sum(s["seconds"]["stats"] + s["seconds"]["decide"] for s in stages), 3)}
