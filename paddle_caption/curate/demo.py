@@ -4,19 +4,21 @@
 
 1. the synthetic world with documented noise (docs/synthetic_ads.md, "Noise"): mismatched captions,
    wrong style/colour words, truncated captions, near-duplicate images, an unlabeled pool; the
-   noisy rows are listed in data/train_noise.tsv, never in the training files;
-2. convert_labels.py as usual;
-3. a short seed model on the raw rows (the only data there is), bounded by steps;
-4. curation (`tools/curate.py` on out/recipe.json, two processes): drop near-duplicate images,
-   score every row's image-text consistency with the seed model and drop the inconsistent ones,
-   pseudo-label the unlabeled pool (best of n candidates by consistency), repeat the best rows to
-   the raw row count;
-5. (a) the raw rows and (b) the curated rows trained at once, the same config and wall-clock budget,
-   one thread each, from the same initialisation;
-6. both merged, predict_batch.py on the clean test split, scored (CIDEr-D, field accuracy);
-7. results.md / results.json: the scores of (a) and (b), the compute curation took (seed training +
-   the curation run, in CPU-minutes), and the consistency filter's precision and recall on the rows
-   known to be noisy.
+   noisy rows are listed in data/train_noise.tsv, never in the training files; convert_labels.py;
+2. a seed model on the raw rows (the only data there is), bounded by steps;
+3. round 1 (`tools/curate.py` on out/recipe_round1.json, two processes): drop near-duplicate images
+   and short (truncated) captions, score every row's image-text consistency with the seed model,
+   drop the inconsistent rows;
+4. the seed model fine-tuned briefly on round 1's rows: a scorer trained on cleaner data;
+5. round 2 (out/recipe_curated_data.json): the same filters with the refined model's scores, then
+   the unlabeled pool pseudo-labelled (best of n candidates by consistency), then the best rows
+   repeated back to the raw row count;
+6. (a) the raw rows and (b) the curated rows trained at once, the same config and wall-clock budget,
+   one thread each, from the same initialisation; both merged, predict_batch.py on the clean test
+   split, scored (CIDEr-D, field accuracy);
+7. results.md / results.json: the scores of (a) and (b), the compute curation took (wall and
+   CPU-minutes per phase), and the consistency filter's precision and recall on the rows known to
+   be noisy (round 1's too).
 
 Every stage is the user-facing command (the stages of `demo/pipeline.py`); a rerun skips what is done.
 """

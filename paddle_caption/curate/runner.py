@@ -124,7 +124,7 @@ class CurationRun:
                            models=self.models)
         stats_path = stage / "stats.jsonl"
         t0 = time.perf_counter()
-        if op.uses_model:
+        if op.uses_model and not stats_path.is_file():  # (a resumed run may find it merged already)
             total = sum(1 for _ in op.input_samples(iter_samples(source))) if self.progress else None
             compute_shard(op.input_samples(iter_samples(source)), op.compute_stats_batch, stage, self.rank,
                           self.world, self.recipe.batch_size, progress=self.progress, total=total,

@@ -1,7 +1,9 @@
 """What an operation is, and the registry recipes name operations from.
 
-The data-juicer split: `compute_stats(sample)` writes the operation's statistic into
-`sample["stats"]`; `process(sample)` decides from it alone (a drop reason, or None to keep). Between
+The data-juicer split (its `Filter.compute_stats_single` writes into the sample's `__dj__stats__`,
+`process_single` decides from them; a `Deduplicator` computes a hash, then keeps first occurrences):
+`compute_stats(sample)` writes the operation's statistic into `sample["stats"]`; `process(sample)`
+decides from it alone (a drop reason, or None to keep). Between
 the two, `prepare(read)` may compute what the decision needs from the whole stage (a percentile, a
 k-means model), reading the stats file again as often as it needs (`read()` streams it anew).
 Selections that are not one row at a time (deduplication keeps first occurrences, clustering keeps
