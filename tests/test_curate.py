@@ -425,14 +425,14 @@ def test_curate_demo_end_to_end_small(tmp_path):
     out = tmp_path / "cdemo"
     cmd = [sys.executable, "tools/run_curate_demo.py", "--out", str(out), "--train", "60", "--val", "8",
            "--test", "8", "--unlabeled", "6", "--seed-steps", "4", "--max-steps", "4", "--minutes", "2",
-           "--max-new-tokens", "12", "--batch-size", "4"]
+           "--max-new-tokens", "12", "--batch-size", "4", "--rounds", "2"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((out / "results.json").read_text())
     assert set(result["runs"]) == {"raw", "curated"}
     assert [s["op"] for s in result["curation"]["stages"]] == ["image_near_dedup", "caption_length_filter",
                                                               "consistency_filter", "pseudo_label", "repeat_top"]
-    assert result["round1_detection"]["scored"] == result["detection"]["scored"]  # same rows, rescored
+    assert result["round1_detection"]["scored"] == result["detection"]["scored"]  # the same rows, rescored
     detection = result["detection"]
     assert detection["scored"] == sum(d["total"] for d in detection.values() if isinstance(d, dict))
     assert "precision" in detection["mismatched_caption"] and result["compute"]["total_cpu_min"] > 0
