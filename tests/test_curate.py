@@ -436,7 +436,8 @@ def test_curate_demo_end_to_end_small(tmp_path):
     detection = result["detection"]
     assert detection["scored"] == sum(d["total"] for d in detection.values() if isinstance(d, dict))
     assert "precision" in detection["mismatched_caption"] and result["compute"]["total_cpu_min"] > 0
-    for name in ("results.md", "recipe.json", "curated_data/records.jsonl", "curated_data/ledger.jsonl",
+    for name in ("results.md", "recipe_curated_data.json", "recipe_round1.json", "curated_data/records.jsonl",
+                 "curated_data/ledger.jsonl",
                  "curated_data/report.md", "curated_data/funnel.png", "raw/results.txt", "curated/results.txt"):
         assert (out / name).is_file(), name
     curated = [json.loads(line) for line in (out / "curated_data" / "records.jsonl").read_text().splitlines()]
