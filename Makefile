@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo replicate compare-modes serve demo-model-exists test test-fast bench clean
+.PHONY: setup browser demo replicate compare-modes curate-demo serve demo-model-exists test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: setup
 
 replicate: setup
 	$(PY) tools/run_demo.py --config config/replicate.json --out checkpoints/replicate --train 16000
+
+curate-demo: setup
+	$(PY) tools/run_curate_demo.py --config config/demo.json --out checkpoints/curate_demo
 
 # full / partial / LoRA on the embedded default, same data and budget (MINUTES per mode, run one
 # after another): writes checkpoints/compare_modes/results.md
@@ -53,4 +56,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf checkpoints/demo checkpoints/replicate checkpoints/compare_modes
+	rm -rf checkpoints/demo checkpoints/replicate checkpoints/compare_modes checkpoints/curate_demo

@@ -39,6 +39,8 @@ setup(
             "paddle-caption-plan-memory=paddle_caption.entry_points:plan_memory",
             "paddle-caption-convert-checkpoint=paddle_caption.entry_points:convert_checkpoint",
             "paddle-caption-compare-modes=paddle_caption.entry_points:compare_modes",
+            "paddle-caption-curate=paddle_caption.entry_points:curate",
+            "paddle-caption-curate-demo=paddle_caption.entry_points:curate_demo",
         ]
     },
 )

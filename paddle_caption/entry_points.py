@@ -25,6 +25,8 @@ COMMANDS = {
     "convert-checkpoint": ("paddle_caption.model.convert_checkpoint",
                            "PaddleMIX / Hugging Face Qwen-VL weights -> a safetensors model directory"),
     "compare-modes": ("paddle_caption.demo.compare_modes", "full / partial / LoRA fine-tuning compared on the embedded default"),
+    "curate": ("paddle_caption.curate.cli", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
+    "curate-demo": ("paddle_caption.curate.demo", "raw noisy rows vs curated rows on the synthetic world"),
 }
 
 
@@ -64,3 +66,5 @@ serve = _console("serve")
 plan_memory = _console("plan-memory")
 convert_checkpoint = _console("convert-checkpoint")
 compare_modes = _console("compare-modes")
+curate = _console("curate")
+curate_demo = _console("curate-demo")

@@ -411,3 +411,30 @@ def test_read_image_bytes_works_after_fork_and_detects_stale_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(UserError, match="bad.jsonl:1"):
         load_records(tmp_path / "bad.jsonl")
+
+
+def test_muge_layout_one_record_per_reference(tmp_path):
+    """MUGE ECommerce-IC: IC_*.tsv (image_id, base64) + IC_*.jsonl captions -> one record per reference
+    (or a chosen number), the caption rules applied to each, records readable by the trainer."""
+    jpg, png = image_bytes(64, 48), image_bytes(40, 40, "PNG")
+    tsv = write_tsv(tmp_path / "IC_train.tsv", [b"im1\t" + b64(jpg), b"im2\t" + b64(png), b"im3\t" + b64(jpg),
+                                                b"im4\t" + b64(jpg[:100])])
+    captions = tmp_path / "IC_train.jsonl"
+    captions.write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in [
+        {"image_id": "im1", "text": [STYLE, "图片中间是一个红色的圆形。", "写实风格。一个圆形。"]},
+        {"image_id": "im2", "text": ["像素风格。图片中间是一个黄色的五角星。"]},
+        {"image_id": "im4", "text": [STYLE]}]) + "\n", encoding="utf-8")
+    summary = convert(tsv, tmp_path / "all", CleanConfig(captions=str(captions)), quiet())
+    records = load_records(tmp_path / "all" / "records.jsonl")
+    assert [(r["id"], r["caption"]) for r in records] == [("im1", STYLE), ("im1", "写实风格。一个圆形。"),
+                                                          ("im2", "像素风格。图片中间是一个黄色的五角星。")]
+    assert read_image_bytes(records[0]) == read_image_bytes(records[1]) == jpg
+    assert read_rejects(tmp_path / "all" / "rejects.tsv") == [(1, "im1", "no_style_phrase"), (3, "im3", "no_reference"),
+                                                              (4, "im4", "undecodable_image")]
+    assert summary["kept"] == 3
+    one = convert(tsv, tmp_path / "one", CleanConfig(captions=str(captions), references_per_image=1), quiet())
+    assert [r["caption"] for r in load_records(tmp_path / "one" / "records.jsonl")] == [STYLE, "像素风格。图片中间是一个黄色的五角星。"]
+    assert one["kept"] == 2
+    assert run_cli(conv.main, [str(tsv), str(tmp_path / "cli"), "--captions", str(captions),
+                               "--references-per-image", "2", "--quiet", "--workers", "1"]) == 0
+    assert len(load_records(tmp_path / "cli" / "records.jsonl")) == 3

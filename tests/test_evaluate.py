@@ -189,3 +189,16 @@ def test_tool_fails_with_one_line_and_nonzero_exit(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'bad.tsv'}:1: not valid UTF-8"]
     assert not (tmp_path / "results.scores.json").exists()
+
+
+def test_muge_jsonl_references(tmp_path):
+    """MUGE ECommerce-IC: `{"image_id", "text": [captions]}` lines, every caption a reference."""
+    results = write(tmp_path / "results.txt", [f"a\t{A_TEXT}", f"b\t{B_TEXT}"])
+    refs = write(tmp_path / "IC_valid.jsonl", [json.dumps({"image_id": "a", "text": [C_TEXT, A_TEXT]}, ensure_ascii=False),
+                                               json.dumps({"image_id": "b", "text": [B_TEXT, ""]}, ensure_ascii=False)])
+    assert read_references(refs) == {"a": [C_TEXT, A_TEXT], "b": [B_TEXT]}
+    tsv = write(tmp_path / "refs.tsv", [f"a\t{C_TEXT}", f"a\t{A_TEXT}", f"b\t{B_TEXT}"])
+    assert evaluate_files(results, refs, mode="char") == evaluate_files(results, tsv, mode="char")
+    bad = write(tmp_path / "IC_bad.jsonl", ['{"image_id": "a", "text": [1]}'])
+    with pytest.raises(UserError, match="IC_bad.jsonl:1"):
+        read_references(bad)

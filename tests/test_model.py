@@ -287,3 +287,45 @@ def test_unknown_format_and_unknown_config_key(tmp_path):
     with pytest.raises(UserError, match="unknown model config key 'hiden_size'"):
         MgenVLConfig.from_dict({"hiden_size": 3})
 
+
+
+def test_target_logprobs_numpy_and_paddle_paths_agree():
+    """Per-row target log-probabilities: the numpy CPU path equals Paddle's log-softmax path."""
+    from paddle_caption.model.head import linear_target_logprobs, paddle_target_logprobs, use_numpy_head
+
+    paddle.seed(11)
+    linear = paddle.nn.Linear(16, 300, bias_attr=False)
+    rows = paddle.randn([7, 16])
+    targets = np.array([0, 5, 299, 17, 17, 100, 3])
+    assert use_numpy_head(linear)
+    numpy_path = linear_target_logprobs(rows, linear, targets)
+    paddle_path = paddle_target_logprobs(rows, linear, targets)
+    np.testing.assert_allclose(numpy_path, paddle_path, rtol=0, atol=1e-5)
+    logits = rows.numpy() @ linear.weight.numpy()
+    expected = logits[np.arange(7), targets] - np.log(np.exp(logits).sum(axis=1))
+    np.testing.assert_allclose(numpy_path, expected, rtol=0, atol=1e-5)
+    assert np.all(numpy_path < 0)
+
+
+def test_sequence_logprobs_sum_to_the_loss(reference_io):
+    """Per-row sums of supervised log-probabilities agree with the training loss (its token mean),
+    and each row's numbers do not depend on the other rows of the batch."""
+    from paddle_caption import MgenVLForCausalLM
+
+    inputs, _ = reference_io
+    paddle.seed(4)
+    model = MgenVLForCausalLM(small_config())
+    model.eval()
+    labels = inputs["labels"].copy()
+    mask = np.ones_like(inputs["input_ids"])
+    answer = np.flatnonzero(labels[1] != -100)
+    labels[1, answer[-5:]] = -100
+    mask[1, answer[-5:]] = 0
+    ids, images = paddle.to_tensor(inputs["input_ids"]), paddle.to_tensor(inputs["images"])
+    sums, counts = model.sequence_logprobs(ids, images, paddle.to_tensor(mask), paddle.to_tensor(labels))
+    assert list(counts) == [int((labels[r, 1:] != -100).sum()) for r in range(len(labels))]
+    with paddle.no_grad():
+        loss = model(ids, images=images, attention_mask=paddle.to_tensor(mask), labels=paddle.to_tensor(labels)).loss
+    assert abs(-sums.sum() / counts.sum() - float(loss)) < 1e-5
+    alone, n = model.sequence_logprobs(ids[:1], images[:1], paddle.to_tensor(mask[:1]), paddle.to_tensor(labels[:1]))
+    assert n[0] == counts[0] and abs(alone[0] - sums[0]) < 1e-4

@@ -347,3 +347,30 @@ def test_cli_speculative_retrieval_writes_the_same_results(tmp_path, capsys, mod
     assert run_cli(cli.main, argv) == 0
     assert read_results(out) == expected
     assert "speculative decoding (retrieval): " in capsys.readouterr().out
+
+
+def test_num_return_sequences_gives_n_candidates_per_prompt():
+    """n best beams (the first is the usual beam-search result) or n samples, one prompt's after another."""
+    from paddle_caption.model.generation import GenerationConfig, generate
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    paddle.seed(2)
+    cfg = small_config()
+    model = MgenVLForCausalLM(cfg)
+    rng = np.random.default_rng(1)
+    span = [cfg.image_start_id] + [cfg.image_pad_id] * cfg.visual.n_queries + [cfg.image_end_id]
+    prompts = [list(rng.integers(0, 900, n)) + span for n in (3, 6)]
+    size = cfg.visual.image_size
+    images = paddle.to_tensor(rng.standard_normal((2, 3, size, size)).astype("float32"))
+    base = dict(max_new_tokens=5, pad_id=0, stop_ids=())
+    best = generate(model, prompts, images, GenerationConfig(num_beams=3, **base))
+    three = generate(model, prompts, images, GenerationConfig(num_beams=3, num_return_sequences=3, **base))
+    assert len(three) == 6 and three[0] == best[0] and three[3] == best[1]
+    assert len({tuple(x) for x in three[:3]}) == 3  # distinct hypotheses
+    sampled = generate(model, prompts, images, GenerationConfig(do_sample=True, num_return_sequences=4, seed=3, **base))
+    alone = generate(model, prompts[1:], images[1:], GenerationConfig(do_sample=True, num_return_sequences=4, seed=3, **base))
+    assert len(sampled) == 8 and all(len(x) == 5 for x in sampled)
+    assert len({tuple(x) for x in sampled[:4]}) > 1
+    assert len(alone) == 4
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        GenerationConfig(num_return_sequences=2).validate()

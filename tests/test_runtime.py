@@ -87,7 +87,9 @@ def test_installed_wheel_trains_merges_and_predicts_from_another_directory(tmp_p
     deps = next(p for p in sys.path if p.endswith("site-packages"))
     (Path(site) / "outer_deps.pth").write_text(deps + "\n")
     wheel = next(dist.glob("paddle_caption-*.whl"))
-    subprocess.run([str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+    # --ignore-installed: the outer environment's editable install (same version, visible through the
+    # .pth above) would otherwise count as "already satisfied" and the wheel would not be installed.
+    subprocess.run([str(vpy), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
                    check=True, capture_output=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     bin_dir = venv / "bin"

@@ -241,3 +241,66 @@ def test_cli_writes_and_reports(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # no temp files left behind
     assert run_cli(syn.main, [str(out), "--train", "-1"]) == 2
     assert "--train" in capsys.readouterr().err
+
+
+# ---- noise for data curation -----------------------------------------------------------------------
+NOISE = syn.NoiseConfig(mismatched=0.2, wrong_word=0.1, truncated=0.1, near_duplicate=0.1, unlabeled=5)
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("noisy")
+    summary = write_dataset(out, 60, 3, 3, seed=2, workers=1, progress=False, noise=NOISE)
+    return out, summary
+
+
+def test_noise_is_deterministic_and_reported_outside_the_training_file(noisy, tmp_path):
+    out, summary = noisy
+    write_dataset(tmp_path, 60, 3, 3, seed=2, workers=2, progress=False, noise=NOISE)
+    for name in FILES + ("train_noise.tsv", "unlabeled.tsv", "unlabeled_refs.tsv"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+    assert summary["noise"] == {"mismatched_caption": 12, "wrong_style": 3, "wrong_colour": 3,
+                                "truncated_caption": 6, "near_duplicate_image": 6}
+    truth = read_rows(out / "train_noise.tsv")
+    assert len(truth) == sum(summary["noise"].values()) == len({r[0] for r in truth})
+    train = {r[0]: r for r in read_rows(out / "train.tsv")}
+    assert all(len(r) == 3 for r in (train[t[0]] for t in truth))  # noise only on otherwise clean rows
+    assert "noise" not in (out / "train.tsv").read_text()
+    assert summary["train_clean"] == 60 - summary["train_dirty"] - len(truth)
+
+
+def test_each_noise_kind_is_what_it_says(noisy):
+    out, _ = noisy
+    train = {r[0]: r for r in read_rows(out / "train.tsv")}
+    for row_id, kind, detail in read_rows(out / "train_noise.tsv"):
+        caption = train[row_id][2]
+        if kind == "mismatched_caption":
+            assert caption != detail and parse_caption(caption) is not None and parse_caption(detail) is not None
+        elif kind in ("wrong_style", "wrong_colour"):
+            got, true = parse_caption(caption), parse_caption(detail)
+            assert got is not None and got.background == true.background
+            changed = (got.style != true.style, got.objects != true.objects)
+            assert changed == ((True, False) if kind == "wrong_style" else (False, True))
+        elif kind == "truncated_caption":
+            assert detail.startswith(caption) and 0.3 * len(detail) - 1 <= len(caption) <= 0.8 * len(detail)
+        else:  # near duplicate: the donor's caption, and an image a perceptual hash barely tells apart
+            import imagehash
+
+            donor = train[detail]
+            assert caption == donor[2]
+            a, b = decode_b64_image(train[row_id][1]), decode_b64_image(donor[1])
+            assert a.tobytes() != b.tobytes()
+            assert imagehash.phash(a, hash_size=16) - imagehash.phash(b, hash_size=16) <= 4
+
+
+def test_unlabeled_pool_has_images_and_hidden_references(noisy):
+    out, _ = noisy
+    pool, refs = read_rows(out / "unlabeled.tsv"), read_rows(out / "unlabeled_refs.tsv")
+    assert [len(r) for r in pool] == [2] * 5 and [r[0] for r in pool] == [r[0] for r in refs]
+    assert all(parse_caption(r[1]) is not None for r in refs)
+    assert pool[0][0] == "unlabeled_000001"
+
+
+def test_noise_shares_are_checked():
+    with pytest.raises(Exception, match="noise shares"):
+        syn.NoiseConfig(mismatched=0.8, truncated=0.2).validate()

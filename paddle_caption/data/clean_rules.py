@@ -37,6 +37,7 @@ REASONS = {
     "undecodable_image": "payload is not an image PIL can decode completely",
     "image_too_small": "image side shorter than --min-side",
     "duplicate_id": "id of an earlier kept row (the first one is kept)",
+    "no_reference": "image without a caption in --captions (MUGE layout)",
     "caption_length_outlier": "caption length outside mean +- K*std of kept captions (--ksigma)",
 }
 
@@ -55,6 +56,10 @@ class CleanConfig:
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     ksigma: float = 0.0  # 0 disables the caption-length outlier filter
     val_fraction: float = 0.0  # share of kept rows routed to val_records.jsonl
+    # MUGE ECommerce-IC layout: the TSV has `image_id \t base64` rows and the captions come from
+    # this IC_*.jsonl; every reference becomes a training record (at most references_per_image; 0: all).
+    captions: str = ""
+    references_per_image: int = 0
 
     def validate(self) -> None:
         if self.verify not in VERIFY_MODES:
@@ -74,6 +79,8 @@ class CleanConfig:
             raise UserError(f"ksigma must be >= 0, got {self.ksigma}")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.references_per_image < 0:
+            raise UserError(f"references_per_image must be >= 0, got {self.references_per_image}")
 
     def update_from_file(self, path: str | os.PathLike) -> "CleanConfig":
         """Set the fields a JSON file names (unknown keys and wrong types are errors)."""
@@ -91,17 +98,28 @@ def is_val(record_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
+def check_caption(caption: str, cfg: CleanConfig, style_re: re.Pattern) -> str | None:
+    """The caption rules: a reason, or None."""
+    if cfg.drop_empty_caption and not caption:
+        return "empty_caption"
+    if cfg.require_style and not style_re.search(caption):
+        return "no_style_phrase"
+    return None
+
+
 def check_row(data: bytes, cfg: CleanConfig, style_re: re.Pattern) -> tuple:
-    """(reason or None, id, caption, width, height) for one row's bytes."""
+    """(reason or None, id, caption, width, height) for one row's bytes. With `cfg.captions` (the
+    MUGE layout) the row is `image_id \\t base64` and only the image is checked here: its captions
+    are checked one by one by the converter (`check_caption`)."""
+    muge = bool(cfg.captions)
     try:
-        row = parse_row(data)
+        row = parse_row(data, test=muge)
     except RowError as err:
         return err.reason, err.row_id, "", 0, 0
-    caption = row.caption
-    if cfg.drop_empty_caption and not caption:
-        return "empty_caption", row.id, caption, 0, 0
-    if cfg.require_style and not style_re.search(caption):
-        return "no_style_phrase", row.id, caption, 0, 0
+    caption = row.caption or ""
+    reason = None if muge else check_caption(caption, cfg, style_re)
+    if reason:
+        return reason, row.id, caption, 0, 0
     try:
         width, height = probe_image(b64decode_strict(row.image_b64), max_pixels=cfg.max_pixels,
                                     min_side=cfg.min_side, verify=cfg.verify)

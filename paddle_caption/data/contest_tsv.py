@@ -11,6 +11,10 @@ without surrounding whitespace or a BOM (`normalize_id`). Every problem with a r
 reason code (the converter's ledger uses the same codes) and, for messages, a `file:line` place.
 
 Result and reference rows (`id \\t caption`, small files) are read as text with `iter_text_rows`.
+
+MUGE ECommerce-IC (the e-commerce captioning benchmark) splits a split in two files: `IC_*.tsv` with
+`image_id \\t base64` rows (the test layout above) and `IC_*.jsonl` with one
+`{"image_id": ..., "text": [caption, ...]}` object per image, read by `read_muge_captions`.
 """
 from __future__ import annotations
 
@@ -229,3 +233,32 @@ def iter_text_rows(path: str | os.PathLike, what: str = "file") -> Iterator[tupl
                 text = text.lstrip("\ufeff")
             if text.strip():
                 yield lineno, text.split("\t")
+
+
+# --------------------------------------------------------------------------------- MUGE captions
+def read_muge_captions(path: str | os.PathLike, what: str = "captions file") -> dict[str, list[str]]:
+    """{image id: [captions]} from a MUGE `IC_*.jsonl` (`{"image_id", "text": [...]}` per line;
+    `text` may also be one string). A malformed line, or an image id given twice, is a UserError
+    naming `path:line`. Captions are stripped; empty ones are kept (the cleaning rules decide)."""
+    import json
+
+    from ..runtime import UserError
+
+    captions: dict[str, list[str]] = {}
+    for lineno, cols in iter_text_rows(path, what):
+        line = "\t".join(cols)
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+        texts = item.get("text") if isinstance(item, dict) else None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not (isinstance(item, dict) and "image_id" in item and isinstance(texts, list)
+                and all(isinstance(t, str) for t in texts)):
+            raise UserError(f'{path}:{lineno}: expected {{"image_id": ..., "text": [captions]}}')
+        image_id = normalize_id(str(item["image_id"]))
+        if image_id in captions:
+            raise UserError(f"{path}:{lineno}: image id {image_id!r} appears twice")
+        captions[image_id] = [t.strip() for t in texts]
+    return captions

@@ -29,6 +29,13 @@ analyze's `LengthHistogram`; rows outside mean +- K * std (population std) are r
 
 Memory: besides the in-flight ranges, only the seen-id set grows (~100 B per id, ~100 MB for 1M
 ids; `--no-dedup` drops it).
+
+MUGE ECommerce-IC (`--captions IC_train.jsonl`): INPUT is then `IC_train.tsv` (`image_id \t base64`)
+and each image's references come from the jsonl, held by the main process (the jsonl is text: ~100 B
+per caption). The workers check the images; the main process checks each reference with the caption
+rules and writes one record per kept reference (at most `--references-per-image`), all pointing at
+the image's row and sharing its id (so a validation split keeps an image's references together).
+An image with no entry in the jsonl is rejected as `no_reference`.
 """
 from __future__ import annotations
 
@@ -51,8 +58,8 @@ from pathlib import Path
 
 from ..files import atomic_write, remove_stale_temps
 from ..runtime import UserError, cpu_count
-from .clean_rules import REASONS, CleanConfig, check_row, is_val
-from .contest_tsv import DEFAULT_MAX_ROW_BYTES, iter_lines
+from .clean_rules import REASONS, CleanConfig, check_caption, check_row, is_val
+from .contest_tsv import DEFAULT_MAX_ROW_BYTES, iter_lines, read_muge_captions
 from .images import VERIFY_MODES
 from .records import dump_record
 from .stats import STYLE_PATTERN, LengthHistogram
@@ -181,6 +188,12 @@ class Conversion:
         stat = self.src.stat()
         self.identity = {"version": STATE_VERSION, "input": str(self.src), "input_bytes": self.size,
                          "input_mtime_ns": stat.st_mtime_ns, "config": asdict(cfg)}
+        self.captions = None  # MUGE layout: {image id: [references]}
+        if cfg.captions:
+            self.captions = read_muge_captions(cfg.captions)
+            cap_stat = Path(cfg.captions).stat()
+            self.identity["captions"] = [str(Path(cfg.captions).resolve()), cap_stat.st_size, cap_stat.st_mtime_ns]
+            self.style_re = re.compile(cfg.style_pattern)
         # Progress, restored from a checkpoint on --resume.
         self.offset = 0
         self.lines = 0
@@ -277,13 +290,35 @@ class Conversion:
                     dups.append((index, rid, "duplicate_id"))
                     continue
                 self.seen.add(rid)
-            records.write(f"{self.lines + index}\t{line}\n".encode("utf-8"))
-            self.kept += 1
+            lines = [line] if self.captions is None else self._references(index, rid, line, dups)
+            for one in lines:
+                records.write(f"{self.lines + index}\t{one}\n".encode("utf-8"))
+                self.kept += 1
         for index, rid, reason in heapq.merge(result.rejects, dups):
             rejects.write(f"{self.lines + index}\t{rid}\t{reason}\n".encode("utf-8"))
             self.rejected[reason] += 1
         self.lines += result.lines
         self.offset = result.end
+
+    def _references(self, index: int, rid: str, line: str, rejects: list) -> list[str]:
+        """MUGE layout: the record lines of an image's references that pass the caption rules (at
+        most references_per_image); rejected references are added to `rejects`."""
+        refs = self.captions.get(rid)
+        if not refs:
+            rejects.append((index, rid, "no_reference"))
+            return []
+        record = json.loads(line)
+        wanted = self.cfg.references_per_image or len(refs)
+        out = []
+        for caption in refs:
+            if len(out) >= wanted:
+                break
+            reason = check_caption(caption, self.cfg, self.style_re)
+            if reason:
+                rejects.append((index, rid, reason))
+            else:
+                out.append(dump_record({**record, "caption": caption}))
+        return out
 
     def _main_pass(self) -> tuple[int, int]:
         from tqdm import tqdm
@@ -458,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reject captions whose length is outside mean +- K*std of kept captions (default: off)")
     rules.add_argument("--val-fraction", type=float, default=s,
                        help="route this share of kept rows (by sha1 of id) to val_records.jsonl (default 0)")
+    rules.add_argument("--captions", default=s,
+                       help="MUGE ECommerce-IC layout: INPUT is IC_*.tsv (image_id, base64) and the captions "
+                            "come from this IC_*.jsonl ({image_id, text: [captions]})")
+    rules.add_argument("--references-per-image", type=int, default=s,
+                       help="MUGE layout: training records per image, one per reference (default 0: all)")
     run = parser.add_argument_group("run")
     run.add_argument("--workers", type=int, default=0, help="processes (default: the core count)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT_DIR")

@@ -8,7 +8,9 @@ The contest TSV (`id \\t base64-image \\t caption`, one row per line) is ~100 GB
      "width": int, "height": int}
 
 and `read_image_bytes(record)` reads the row back with one positional read and base64-decodes its
-image column. The TSV must therefore stay where it was, unchanged; a moved or edited file is detected
+image column. The row may also be a two-column `id \t base64` row (an unlabeled pool, or MUGE's
+`IC_*.tsv`): the caption is the record's. Several records may point at one row (the references of a
+multi-caption image, repeats written by curation) and then share its id. The TSV must therefore stay where it was, unchanged; a moved or edited file is detected
 (the row read back must carry the record's id) rather than silently yielding the wrong image.
 """
 from __future__ import annotations
@@ -23,6 +25,9 @@ from .contest_tsv import RowError, parse_row, read_line_at
 from .images import b64decode_strict
 
 RECORD_KEYS = ("id", "caption", "tsv", "offset", "length", "width", "height")
+# Written after the contract keys when a record has them: a caption written by a model (curation's
+# pseudo-labels), and the curation score it was kept with.
+OPTIONAL_RECORD_KEYS = ("synthetic", "score")
 _KEY_TYPES = {"id": str, "caption": str, "tsv": str, "offset": int, "length": int, "width": int, "height": int}
 
 
@@ -33,7 +38,9 @@ class RecordError(ValueError):
 # --------------------------------------------------------------------------------- records I/O
 def dump_record(record: dict) -> str:
     """One records.jsonl line (without the newline), keys in contract order."""
-    return json.dumps({k: record[k] for k in RECORD_KEYS}, ensure_ascii=False)
+    out = {k: record[k] for k in RECORD_KEYS}
+    out.update({k: record[k] for k in OPTIONAL_RECORD_KEYS if record.get(k) not in (None, False)})
+    return json.dumps(out, ensure_ascii=False)
 
 
 def parse_record(line: str, where: str = "record") -> dict:
@@ -112,7 +119,7 @@ def read_image_bytes(record: dict) -> bytes:
     `images.ImageRejected` (also a ValueError) if its base64 is invalid.
     """
     try:
-        row = parse_row(read_row_bytes(record))
+        row = parse_row(read_row_bytes(record), test=True)
     except RowError:
         row = None
     if row is None or row.id != record["id"]:

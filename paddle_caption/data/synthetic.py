@@ -5,9 +5,15 @@ caption names exactly those fields, so a model trained on it can be scored field
 generator writes contest-format TSV splits; the training split also gets ~8% deliberately dirty rows
 so that the cleaning step has work to do.
 
-Determinism: each row draws from its own RNG seeded by (seed, split, index), and the dirty rows are
-planned up front from (seed, split), so the files are byte-identical for the same seed and counts
-whatever the number of worker processes.
+Noise (optional, off by default; the project copy of the spec, docs/synthetic_ads.md, "Noise"): for data curation, a share of
+the clean training rows can carry a caption of another image, a wrong style or colour word, a
+truncated caption, or a near-duplicate of an earlier row's image; and an unlabeled pool of images
+can be written. Which rows are noisy, and how, goes to `train_noise.tsv` (the ground truth for a
+filter's precision and recall), never into the training files.
+
+Determinism: each row draws from its own RNG seeded by (seed, split, index), and the dirty and noisy
+rows are planned up front from (seed, split), so the files are byte-identical for the same seed,
+counts and noise shares whatever the number of worker processes.
 """
 from __future__ import annotations
 
@@ -76,7 +82,13 @@ SUPERSAMPLE = 4  # object masks are drawn this many times larger, then box-avera
 
 DIRTY_FRACTION = 0.08
 DIRTY_KINDS = ["no_style", "empty_caption", "bad_image", "duplicate_id", "missing_column"]
-SPLITS = {"train": 0, "val": 1, "test": 2}  # split -> code mixed into the per-row seed
+SPLITS = {"train": 0, "val": 1, "test": 2, "unlabeled": 3}  # split -> code mixed into the per-row seed
+
+# Noise (docs/synthetic_ads.md, "Noise"): kinds in planning order.
+NOISE_KINDS = ["mismatched_caption", "wrong_style", "wrong_colour", "truncated_caption", "near_duplicate_image"]
+TRUNCATE_RANGE = (0.3, 0.8)  # a truncated caption keeps this share of its characters
+NEAR_DUPLICATE_SCALE = (0.96, 1.04)  # per side
+NEAR_DUPLICATE_QUALITY = (75, 85)  # re-encoded JPEG quality
 
 # ---------------------------------------------------------------------------------------------
 # Captions
@@ -356,11 +368,35 @@ def encode_jpeg(img: Image.Image) -> bytes:
 
 
 @dataclass
+class NoiseConfig:
+    """Shares of the clean training rows made noisy (0 = none), and the unlabeled pool's size."""
+
+    mismatched: float = 0.0  # caption of another training image
+    wrong_word: float = 0.0  # one style or colour word replaced (half each; line-art rows excluded)
+    truncated: float = 0.0  # caption cut short
+    near_duplicate: float = 0.0  # a slightly rescaled, re-encoded copy of an earlier clean row's image
+    unlabeled: int = 0  # images in unlabeled.tsv (id \t base64), references in unlabeled_refs.tsv
+
+    def validate(self) -> None:
+        shares = (self.mismatched, self.wrong_word, self.truncated, self.near_duplicate)
+        if min(shares) < 0 or sum(shares) > 0.9:
+            raise UserError(f"noise shares must be >= 0 and sum to at most 0.9, got {shares}")
+        if self.unlabeled < 0:
+            raise UserError(f"--unlabeled must be >= 0, got {self.unlabeled}")
+
+    @property
+    def any(self) -> bool:
+        return bool(self.mismatched or self.wrong_word or self.truncated or self.near_duplicate)
+
+
+@dataclass
 class SyntheticRow:
     id: str
     image_b64: str | None  # None: the column was dropped (a missing-column dirty row)
     caption: str | None  # the reference caption (also kept for test rows, for test_refs.tsv)
     dirty: str | None = None  # one of DIRTY_KINDS, or None for a clean row
+    noise: str | None = None  # one of NOISE_KINDS, or None
+    noise_detail: str = ""  # the true caption, or the row the caption / image came from
 
     def line(self) -> str:
         """Contest row `id \\t base64 \\t caption`; a dropped column is simply absent."""
@@ -383,6 +419,83 @@ def plan_dirty_rows(seed: int, n: int) -> dict[int, str]:
     positions = np.sort(rng.choice(np.arange(1, n), size=count, replace=False))
     kinds = rng.permutation(np.arange(count) % len(DIRTY_KINDS))
     return {int(i): DIRTY_KINDS[k] for i, k in zip(positions, kinds)}
+
+
+def row_fields(seed: int, split: str, index: int) -> CaptionFields:
+    """The fields of a row (its RNG's first draws), without rendering it."""
+    return sample_fields(np.random.default_rng([seed, SPLITS[split], index]))
+
+
+def plan_noise_rows(seed: int, n: int, dirty: dict[int, str], cfg: NoiseConfig) -> dict[int, tuple[str, int]]:
+    """Which clean training rows are noisy: {index: (kind, donor index)}; the donor is the row whose
+    caption (mismatched) or image (near duplicate) the noisy row takes, else -1.
+
+    Counts are round(share * n); rows are drawn among the clean rows (row 0 excluded), wrong-word
+    rows among those not in line art (whose captions name no colour), donors among the rows that
+    stay clean, a mismatched donor always with a different caption.
+    """
+    if not cfg.any:
+        return {}
+    rng = np.random.default_rng([seed, SPLITS["train"], 2 << 20])
+    fields = {i: row_fields(seed, "train", i) for i in range(n) if i not in dirty}
+    free = [i for i in range(1, n) if i not in dirty]
+    order = list(rng.permutation(free))
+    plan: dict[int, tuple[str, int]] = {}
+    wanted = {"mismatched_caption": cfg.mismatched, "wrong_style": cfg.wrong_word / 2,
+              "wrong_colour": cfg.wrong_word / 2, "truncated_caption": cfg.truncated,
+              "near_duplicate_image": cfg.near_duplicate}
+    for kind in NOISE_KINDS:
+        count = int(n * wanted[kind] + 0.5)
+        pool = [i for i in order if i not in plan
+                and not (kind in ("wrong_style", "wrong_colour") and fields[i].style == LINE_ART)]
+        for i in pool[:count]:
+            plan[int(i)] = (kind, -1)
+    clean = [i for i in range(n) if i not in dirty and i not in plan]
+    if not clean:
+        raise UserError("noise shares leave no clean training row to take captions or images from")
+    for i, (kind, _) in sorted(plan.items()):
+        if kind == "near_duplicate_image":
+            earlier = [j for j in clean if j < i] or clean
+            plan[i] = (kind, int(earlier[rng.integers(len(earlier))]))
+        elif kind == "mismatched_caption":
+            own = format_caption(fields[i])
+            others = [j for j in clean if format_caption(fields[j]) != own]
+            plan[i] = (kind, int(others[rng.integers(len(others))]) if others else -1)
+    return plan
+
+
+def _make_noisy(row: SyntheticRow, fields: CaptionFields, rng: np.random.Generator, seed: int, donor: int) -> None:
+    """Give a rendered clean row the noise its plan names; `noise_detail` records the truth."""
+    kind = row.noise
+    if kind == "mismatched_caption":
+        row.noise_detail = row.caption
+        row.caption = format_caption(row_fields(seed, "train", donor))
+    elif kind == "wrong_style":
+        row.noise_detail = row.caption
+        others = [s for s in STYLES if s not in (fields.style, LINE_ART)]
+        row.caption = format_caption(CaptionFields(others[rng.integers(len(others))], fields.background,
+                                                   fields.objects))
+    elif kind == "wrong_colour":
+        row.noise_detail = row.caption
+        k = int(rng.integers(len(fields.objects)))
+        colour, shape = fields.objects[k]
+        others = [c for c in COLOURS if c != colour]
+        objects = list(fields.objects)
+        objects[k] = (others[rng.integers(len(others))], shape)
+        row.caption = format_caption(CaptionFields(fields.style, fields.background, objects))
+    elif kind == "truncated_caption":
+        row.noise_detail = row.caption
+        row.caption = row.caption[: max(1, int(len(row.caption) * rng.uniform(*TRUNCATE_RANGE)))]
+    elif kind == "near_duplicate_image":
+        donor_rng = np.random.default_rng([seed, SPLITS["train"], donor])
+        donor_fields = sample_fields(donor_rng)
+        img = render_ad(donor_fields, donor_rng)
+        size = tuple(max(MIN_SIDE // 2, round(v * rng.uniform(*NEAR_DUPLICATE_SCALE))) for v in img.size)
+        buf = io.BytesIO()
+        img.resize(size, Image.BICUBIC).save(buf, format="JPEG", quality=int(rng.integers(*NEAR_DUPLICATE_QUALITY)))
+        row.image_b64 = base64.b64encode(buf.getvalue()).decode("ascii")
+        row.caption = format_caption(donor_fields)
+        row.noise_detail = row_id("train", donor)
 
 
 def _make_dirty(row: SyntheticRow, jpeg: bytes, rng: np.random.Generator) -> None:
@@ -412,17 +525,20 @@ def _make_dirty(row: SyntheticRow, jpeg: bytes, rng: np.random.Generator) -> Non
             row.image_b64 = None
 
 
-def _render_rows(job: tuple[str, int, list[tuple[int, str, str | None]]]) -> list[SyntheticRow]:
-    """Worker: render the rows (index, id, dirty kind) of one chunk of a split."""
+def _render_rows(job: tuple[str, int, list[tuple]]) -> list[SyntheticRow]:
+    """Worker: render the rows (index, id, dirty kind, (noise kind, donor) or None) of one chunk."""
     split, seed, items = job
     rows = []
-    for index, rid, dirty in items:
+    for index, rid, dirty, noise in items:
         rng = np.random.default_rng([seed, SPLITS[split], index])
         fields = sample_fields(rng)
         jpeg = encode_jpeg(render_ad(fields, rng))
         row = SyntheticRow(rid, base64.b64encode(jpeg).decode("ascii"), format_caption(fields), dirty)
         if dirty:
             _make_dirty(row, jpeg, rng)
+        elif noise:
+            row.noise = noise[0]
+            _make_noisy(row, fields, np.random.default_rng([seed, SPLITS[split], index, 7]), seed, noise[1])
         rows.append(row)
     return rows
 
@@ -432,8 +548,9 @@ def _pool(workers: int):
     return mp.get_context("fork" if "fork" in methods else methods[0]).Pool(workers)
 
 
-def generate_split(split: str, n: int, seed: int, *, workers: int = 1, pool=None) -> Iterator[SyntheticRow]:
-    """Yield the `n` rows of `split` in order; dirty rows only in "train".
+def generate_split(split: str, n: int, seed: int, *, workers: int = 1, pool=None,
+                   noise: NoiseConfig | None = None) -> Iterator[SyntheticRow]:
+    """Yield the `n` rows of `split` in order; dirty and noisy rows only in "train".
 
     Rows are rendered in chunks by `pool` (or by a pool of `workers` processes made here); the result
     does not depend on either.
@@ -441,11 +558,12 @@ def generate_split(split: str, n: int, seed: int, *, workers: int = 1, pool=None
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
     dirty = plan_dirty_rows(seed, n) if split == "train" else {}
+    noisy = plan_noise_rows(seed, n, dirty, noise) if split == "train" and noise is not None else {}
     ids: list[str] = []
     for i in range(n):
         # A duplicated-id row reuses the id of the row just before it.
         ids.append(ids[i - 1] if dirty.get(i) == "duplicate_id" else row_id(split, i))
-    items = [(i, ids[i], dirty.get(i)) for i in range(n)]
+    items = [(i, ids[i], dirty.get(i), noisy.get(i)) for i in range(n)]
     chunk = max(1, min(32, math.ceil(n / 8)))  # small enough to keep two workers busy on small splits
     jobs = [(split, seed, items[i:i + chunk]) for i in range(0, n, chunk)]
 
@@ -465,8 +583,12 @@ def generate_split(split: str, n: int, seed: int, *, workers: int = 1, pool=None
 
 
 def write_dataset(out_dir: str | Path, n_train: int, n_val: int, n_test: int, seed: int,
-                  workers: int | None = None, progress: bool = True) -> dict:
-    """Write train.tsv, val.tsv, test.tsv and test_refs.tsv (each atomically); return a summary."""
+                  workers: int | None = None, progress: bool = True, noise: NoiseConfig | None = None) -> dict:
+    """Write train.tsv, val.tsv, test.tsv and test_refs.tsv (each atomically); return a summary.
+
+    With `noise`, also train_noise.tsv (`id \t kind \t truth` of every noisy training row) and, if
+    it asks for an unlabeled pool, unlabeled.tsv and unlabeled_refs.tsv.
+    """
     from contextlib import ExitStack
 
     from tqdm import tqdm
@@ -482,24 +604,35 @@ def write_dataset(out_dir: str | Path, n_train: int, n_val: int, n_test: int, se
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a directory")
-    files = {name: out_dir / f"{name}.tsv" for name in ("train", "val", "test", "test_refs")}
+    names = ["train", "val", "test", "test_refs"]
+    if noise is not None:
+        noise.validate()
+        names.append("train_noise")
+        if noise.unlabeled:
+            names += ["unlabeled", "unlabeled_refs"]
+    files = {name: out_dir / f"{name}.tsv" for name in names}
+    n_unlabeled = noise.unlabeled if noise is not None else 0
 
     start = time.perf_counter()
     dirty_counts = Counter({kind: 0 for kind in DIRTY_KINDS})
-    total = n_train + n_val + n_test
+    noise_counts = Counter({kind: 0 for kind in NOISE_KINDS}) if noise is not None else Counter()
+    total = n_train + n_val + n_test + n_unlabeled
     pool = _pool(workers) if workers > 1 and total > 1 else None
     try:
         with ExitStack() as stack, tqdm(total=total, desc="synthetic ads", unit="img", disable=not progress) as bar:
             out = {name: stack.enter_context(atomic_write(path)) for name, path in files.items()}
-            for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-                for row in generate_split(split, n, seed, pool=pool):
-                    if split == "test":
-                        out["test"].write(f"{row.id}\t{row.image_b64}\n")
-                        out["test_refs"].write(f"{row.id}\t{row.caption}\n")
+            for split, n in (("train", n_train), ("val", n_val), ("test", n_test), ("unlabeled", n_unlabeled)):
+                for row in generate_split(split, n, seed, pool=pool, noise=noise):
+                    if split in ("test", "unlabeled"):
+                        out[split].write(f"{row.id}\t{row.image_b64}\n")
+                        out[f"{split}_refs"].write(f"{row.id}\t{row.caption}\n")
                     else:
                         out[split].write(row.line() + "\n")
                     if row.dirty:
                         dirty_counts[row.dirty] += 1
+                    if row.noise:
+                        noise_counts[row.noise] += 1
+                        out["train_noise"].write(f"{row.id}\t{row.noise}\t{row.noise_detail}\n")
                     bar.update(1)
     except OSError as err:
         raise UserError(f"cannot write {err.filename or out_dir}: {err.strerror or err}") from None
@@ -508,7 +641,7 @@ def write_dataset(out_dir: str | Path, n_train: int, n_val: int, n_test: int, se
             pool.terminate()
             pool.join()
     n_dirty = sum(dirty_counts.values())
-    return {
+    summary = {
         "out_dir": str(out_dir),
         "files": {name: str(path) for name, path in files.items()},
         "seed": seed,
@@ -519,6 +652,11 @@ def write_dataset(out_dir: str | Path, n_train: int, n_val: int, n_test: int, se
         "workers": workers,
         "seconds": round(time.perf_counter() - start, 2),
     }
+    if noise is not None:
+        summary["counts"]["unlabeled"] = n_unlabeled
+        summary["noise"] = dict(noise_counts)
+        summary["train_clean"] -= sum(noise_counts.values())
+    return summary
 
 
 def main(argv=None) -> int:
@@ -532,14 +670,29 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="processes to render with (default: the core count); output does not depend on it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    noise = parser.add_argument_group("noise for data curation (docs/synthetic_ads.md; off by default)")
+    noise.add_argument("--mismatched", type=float, default=0.0, help="share of training rows with another image's caption")
+    noise.add_argument("--wrong-word", type=float, default=0.0, help="share with a wrong style or colour word")
+    noise.add_argument("--truncated", type=float, default=0.0, help="share with a truncated caption")
+    noise.add_argument("--near-duplicates", type=float, default=0.0,
+                       help="share whose image is a near-identical copy of an earlier row's")
+    noise.add_argument("--unlabeled", type=int, default=0, help="images in an unlabeled pool (unlabeled.tsv)")
     args = parser.parse_args(argv)
+    cfg = NoiseConfig(args.mismatched, args.wrong_word, args.truncated, args.near_duplicates, args.unlabeled)
     summary = write_dataset(args.out_dir, args.train, args.val, args.test, args.seed,
-                            workers=args.workers, progress=not args.quiet)
+                            workers=args.workers, progress=not args.quiet,
+                            noise=cfg if cfg.any or cfg.unlabeled else None)
     files, counts = summary["files"], summary["counts"]
     dirty = ", ".join(f"{kind}={n}" for kind, n in summary["dirty"].items())
     print(f"wrote {files['train']}: {counts['train']} rows ({summary['train_clean']} clean, "
           f"{summary['train_dirty']} dirty: {dirty})")
     print(f"wrote {files['val']}: {counts['val']} rows")
     print(f"wrote {files['test']}: {counts['test']} rows (id, base64) and {files['test_refs']} (id, caption)")
+    if "noise" in summary:
+        noisy = ", ".join(f"{kind}={n}" for kind, n in summary["noise"].items())
+        print(f"wrote {files['train_noise']}: the noisy training rows ({noisy}); not training data")
+        if summary["counts"]["unlabeled"]:
+            print(f"wrote {files['unlabeled']}: {summary['counts']['unlabeled']} unlabeled images "
+                  f"(references in {files['unlabeled_refs']})")
     print(f"seed {summary['seed']}, {summary['workers']} worker(s), {summary['seconds']:.1f} s")
     return 0

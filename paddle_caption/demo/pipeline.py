@@ -46,13 +46,13 @@ class DemoOptions:
     grid: int = 16  # test images drawn in the PNG
 
 
-def _command(name: str) -> list[str]:
+def command(name: str) -> list[str]:
     """A kit command run as a user would run it, in a fresh process (`python -m paddle_caption NAME`);
     the same code as the top-level scripts (`supervised_finetune.py`, `tools/convert_labels.py`, ...)."""
     return [sys.executable, "-m", "paddle_caption", name]
 
 
-def _run(cmd: list[str], log_path: Path | None = None) -> None:
+def run_command(cmd: list[str], log_path: Path | None = None) -> None:
     """Run a stage's command; on failure, raise with the tail of its output."""
     if log_path is None:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -81,6 +81,155 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+# ---- stages, shared with the curation demo (paddle_caption/curate/demo.py) ---------------------------
+def make_data(out: Path, counts: dict, seed: int, extra: list[str] | None = None) -> bool:
+    """The synthetic world in out/data (make-data with `extra` flags); False if it is already there.
+    Converted splits of an older dataset are invalidated: their records point at other bytes."""
+    data = out / "data"
+    stamp = data / "demo_data.json"
+    wanted = {**counts, "seed": seed, **({"extra": extra} if extra else {})}
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return False
+    run_command([*command("make-data"), str(data), *(a for k, n in counts.items() for a in (f"--{k}", str(n))),
+                 "--seed", str(seed), "--quiet", *(extra or [])])
+    for stale in ("train", "val"):
+        (out / stale / "summary.json").unlink(missing_ok=True)
+    with atomic_write(stamp) as handle:
+        json.dump(wanted, handle)
+    return True
+
+
+def convert_split(tsv: Path, target: Path) -> None:
+    """convert_labels.py TSV -> target/records.jsonl, unless done."""
+    if not (target / "summary.json").is_file():
+        run_command([*command("convert"), str(tsv), str(target), "--quiet"])
+
+
+RESOURCES_FILE = "train_resources.json"  # peak RSS of a run's training process
+
+
+@dataclass
+class TrainRun:
+    run_dir: Path
+    train_records: Path
+    extra: list  # more `--key value` overrides
+
+
+def train_runs(config: Path, runs: dict, val_records: Path, minutes: float, max_steps: int | None,
+               log=print, labels: dict | None = None, concurrent: int = 2) -> dict:
+    """Train every TrainRun as `supervised_finetune.py` (a fresh process, the config's threads),
+    `concurrent` at a time, under one progress bar; runs whose final checkpoint exists are skipped.
+    Each finished process's peak RSS goes to run_dir/train_resources.json. Returns {name: train_summary}."""
+    from tqdm import tqdm
+
+    labels = labels or {}
+    pending = [name for name, run in runs.items() if not (run.run_dir / "final" / "trainer_state.json").is_file()]
+    total = int(minutes * 60) if minutes > 0 else None
+    bar = tqdm(total=total, unit="s", dynamic_ncols=True, file=sys.stderr,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}")
+    active, failed = {}, []
+    try:
+        while pending or active:
+            while pending and len(active) < concurrent:
+                name = pending.pop(0)
+                active[name] = _start_training(config, runs[name], val_records, minutes, max_steps)
+            time.sleep(2)
+            latest = {name: _last_record(runs[name].run_dir / "log.jsonl", "train") for name in active}
+            elapsed = max((r.get("elapsed_s", 0) for r in latest.values() if r), default=0)
+            bar.n = min(elapsed, total) if total else elapsed
+            bar.set_postfix_str("  ".join(f"{name} step {r['step']} loss {r['loss']:.3f}"
+                                          for name, r in latest.items() if r))
+            for name, (proc, handle) in list(active.items()):
+                code, usage = _reap(proc)
+                if code is None:
+                    continue
+                handle.close()
+                del active[name]
+                if usage is not None:  # ru_maxrss is in KiB on Linux
+                    with atomic_write(runs[name].run_dir / RESOURCES_FILE) as out:
+                        json.dump({"peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}, out)
+                if code != 0:
+                    failed.append((name, code))
+    except KeyboardInterrupt:
+        for proc, _ in active.values():
+            proc.terminate()
+        raise
+    finally:
+        bar.close()
+    for name, code in failed:
+        tail = _last_line((runs[name].run_dir / "train.log").read_text(errors="replace"))
+        raise UserError(f"training {name} failed (exit {code}): {tail}")
+    summaries = {}
+    for name, run in runs.items():
+        summaries[name] = summary = json.loads((run.run_dir / "train_summary.json").read_text())
+        log(f"      {labels.get(name, name)}: {summary['steps']} steps, {summary['samples']} samples in "
+            f"{summary['train_seconds'] / 60:.1f} min ({summary['stop_reason']})")
+    return summaries
+
+
+def _start_training(config: Path, run: TrainRun, val_records: Path, minutes: float, max_steps: int | None):
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [*command("train"), str(config), "--train_records", str(run.train_records),
+           "--val_records", str(val_records), "--output_dir", str(run.run_dir),
+           "--max_train_minutes", str(minutes), "--progress", "false", *run.extra]
+    if max_steps:
+        cmd += ["--max_steps", str(max_steps)]
+    handle = open(run.run_dir / "train.log", "a", encoding="utf-8")
+    return subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle
+
+
+def merge_run(base_model: Path, run_dir: Path) -> Path:
+    """merge_local_params.py: run_dir/final (trained parameters, or LoRA adapters) into
+    run_dir/model, unless done."""
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        final = run_dir / "final"
+        trained = ["--lora_path", str(final / "lora")] if (final / "lora").is_dir() else ["--local_path", str(final)]
+        run_command([*command("merge"), "--model_name_or_path", str(base_model), *trained,
+                     "--merge_model_path", str(model_dir)])
+    return model_dir
+
+
+def predict_concurrently(test_tsv: Path, run_dirs: list[Path], batch_size: int, max_new_tokens: int) -> float:
+    """predict_batch.py with each run_dir/model into run_dir/results.txt, all at once, one thread
+    each; returns the wall seconds."""
+    procs = []
+    for run_dir in run_dirs:
+        results = run_dir / "results.txt"
+        if results.is_file():
+            continue
+        cmd = [*command("predict"), str(test_tsv), str(results), str(run_dir / "model"),
+               "--batch_size", str(batch_size), "--max_new_tokens", str(max_new_tokens), "--num_threads", "1",
+               "--resume"]
+        handle = open(run_dir / "predict.log", "w", encoding="utf-8")
+        procs.append((run_dir, subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT), handle))
+    t0 = time.time()
+    for run_dir, proc, handle in procs:
+        proc.wait()
+        handle.close()
+        if proc.returncode != 0:
+            tail = _last_line((run_dir / "predict.log").read_text(errors="replace"))
+            raise UserError(f"predict_batch {run_dir.name} failed (exit {proc.returncode}): {tail}")
+    return time.time() - t0
+
+
+def evaluate_runs(run_dirs: dict, refs: Path, labels: dict | None = None) -> dict:
+    """{name: {"label", "scores", "train", "peak_rss_mb", "predictions"}} of each
+    run_dir/results.txt against refs."""
+    from ..eval.evaluate import evaluate_files, read_results
+
+    rows = {}
+    for name, run_dir in run_dirs.items():
+        scores = evaluate_files(run_dir / "results.txt", refs, fields=True)
+        train = json.loads((run_dir / "train_summary.json").read_text())
+        resources = run_dir / RESOURCES_FILE
+        rows[name] = {"label": (labels or {}).get(name, name), "scores": scores,
+                      "train": {k: train.get(k) for k in ("steps", "samples", "train_seconds", "trainable_parameters")},
+                      "peak_rss_mb": json.loads(resources.read_text())["peak_rss_mb"] if resources.is_file() else None,
+                      "predictions": read_results(run_dir / "results.txt")}
+    return rows
+
+
 class Demo:
     """The pipeline's stages over a set of training runs of one config (`runs`: run name -> extra
     `--key value` training arguments; `labels`: run name -> its row name in tables). The demo
@@ -90,7 +239,7 @@ class Demo:
     name = "demo"
     labels = RUNS
     concurrent_runs = 2
-    resources_file = "train_resources.json"  # peak RSS of the training process, per run
+    curve_title = "tiny Mgen-VL on the synthetic ad world"
 
     def __init__(self, opts: DemoOptions, log=print):
         self.opts, self.log = opts, log
@@ -107,106 +256,33 @@ class Demo:
 
     # ---- stages ----------------------------------------------------------------------------------
     def make_data(self):
-        data = self.out / "data"
         o = self.opts
-        stamp = data / "demo_data.json"
-        wanted = {"train": o.n_train, "val": o.n_val, "test": o.n_test, "seed": o.data_seed}
-        if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-            self.log(f"[1/6] synthetic ad world: {data} exists, kept")
-            return
-        self.log(f"[1/6] synthetic ad world: {o.n_train} train / {o.n_val} val / {o.n_test} test images")
-        _run([*_command("make-data"), str(data), "--train", str(o.n_train),
-              "--val", str(o.n_val), "--test", str(o.n_test), "--seed", str(o.data_seed), "--quiet"])
-        for stale in ("train", "val"):  # records of an older dataset point at other bytes
-            (self.out / stale / "summary.json").unlink(missing_ok=True)
-        with atomic_write(stamp) as handle:
-            json.dump(wanted, handle)
+        made = make_data(self.out, {"train": o.n_train, "val": o.n_val, "test": o.n_test}, o.data_seed)
+        self.log(f"[1/6] synthetic ad world: {o.n_train} train / {o.n_val} val / {o.n_test} test images"
+                 + ("" if made else f": {self.out / 'data'} exists, kept"))
 
     def convert(self):
         for split in ("train", "val"):
-            target = self.out / split
-            if (target / "summary.json").is_file():
-                continue
-            _run([*_command("convert"), str(self.out / "data" / f"{split}.tsv"),
-                  str(target), "--quiet"])
+            convert_split(self.out / "data" / f"{split}.tsv", self.out / split)
         summary = json.loads((self.out / "train" / "summary.json").read_text())
         reasons = ", ".join(f"{k} {v}" for k, v in summary["rejected_by_reason"].items())
         self.log(f"[2/6] convert_labels: kept {summary['kept']} training rows, rejected "
                  f"{summary['rejected']} ({reasons}); ledger {self.out / 'train' / 'rejects.tsv'}")
 
     def train(self):
-        """Train every run that has no final checkpoint, `concurrent_runs` at a time, each as
-        `supervised_finetune.py` would (fresh process); keeps each training process's peak RSS."""
-        from tqdm import tqdm
-
         cfg = self.train_config
         minutes = self.opts.minutes if self.opts.minutes is not None else cfg.max_train_minutes
-        pending = [run for run in self.runs if not (self.out / run / "final" / "trainer_state.json").is_file()]
+        runs = {run: TrainRun(self.out / run, self.out / "train" / "records.jsonl", extra)
+                for run, extra in self.runs.items()}
         how = "concurrently" if self.concurrent_runs > 1 else "one after another"
         self.log(f"[3/6] training {' and '.join(self.label(r) for r in self.runs)} {how}, "
                  f"{minutes:g} min budget each (logs: {self.out}/<run>/train.log)")
-        total = int(minutes * 60) if minutes > 0 else None
-        bar = tqdm(total=total, unit="s", dynamic_ncols=True, file=sys.stderr,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s {postfix}")
-        active, failed = {}, []
-        try:
-            while pending or active:
-                while pending and len(active) < self.concurrent_runs:
-                    run = pending.pop(0)
-                    active[run] = self._start_training(run, minutes)
-                time.sleep(2)
-                latest = {run: _last_record(self.out / run / "log.jsonl", "train") for run in active}
-                elapsed = max((r.get("elapsed_s", 0) for r in latest.values() if r), default=0)
-                bar.n = min(elapsed, total) if total else elapsed
-                bar.set_postfix_str("  ".join(f"{run} step {r['step']} loss {r['loss']:.3f}"
-                                              for run, r in latest.items() if r))
-                for run, (proc, log) in list(active.items()):
-                    code, usage = _reap(proc)
-                    if code is None:
-                        continue
-                    log.close()
-                    del active[run]
-                    if usage is not None:  # ru_maxrss is in KiB on Linux
-                        with atomic_write(self.out / run / self.resources_file) as handle:
-                            json.dump({"peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}, handle)
-                    if code != 0:
-                        failed.append((run, code))
-        except KeyboardInterrupt:
-            for proc, _ in active.values():
-                proc.terminate()
-            raise
-        finally:
-            bar.close()
-        for run, code in failed:
-            tail = _last_line((self.out / run / "train.log").read_text(errors="replace"))
-            raise UserError(f"training {run} failed (exit {code}): {tail}")
-        for run in self.runs:
-            summary = json.loads((self.out / run / "train_summary.json").read_text())
-            self.log(f"      {self.label(run)}: {summary['steps']} steps, {summary['samples']} samples in "
-                     f"{summary['train_seconds'] / 60:.1f} min ({summary['stop_reason']})")
-
-    def _start_training(self, run: str, minutes: float):
-        run_dir = self.out / run
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [*_command("train"), str(self.opts.config),
-               "--train_records", str(self.out / "train" / "records.jsonl"),
-               "--val_records", str(self.out / "val" / "records.jsonl"),
-               "--output_dir", str(run_dir), "--max_train_minutes", str(minutes), "--progress", "false",
-               *self.runs[run]]
-        if self.opts.max_steps:
-            cmd += ["--max_steps", str(self.opts.max_steps)]
-        log = open(run_dir / "train.log", "a", encoding="utf-8")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log
+        train_runs(self.opts.config, runs, self.out / "val" / "records.jsonl", minutes, self.opts.max_steps,
+                   self.log, labels=self.labels, concurrent=self.concurrent_runs)
 
     def merge(self):
         for run in self.runs:
-            model_dir = self.out / run / "model"
-            if (model_dir / "config.json").is_file():
-                continue
-            final = self.out / run / "final"
-            trained = ["--lora_path", str(final / "lora")] if (final / "lora").is_dir() else ["--local_path", str(final)]
-            _run([*_command("merge"), "--model_name_or_path", str(self._base_model()), *trained,
-                  "--merge_model_path", str(model_dir)])
+            merge_run(self._base_model(), self.out / run)
         self.log("[4/6] merged trained parameters into full model directories: "
                  + ", ".join(str(self.out / run / "model") for run in self.runs))
 
@@ -217,42 +293,15 @@ class Demo:
         return Path(resolve_path(cfg.model_name_or_path or cfg.model_config))
 
     def predict(self):
-        """Both models caption the test split at once, one thread each, as in training."""
-        procs = []
-        for run in self.runs:
-            results = self.out / run / "results.txt"
-            if results.is_file():
-                continue
-            cmd = [*_command("predict"), str(self.out / "data" / "test.tsv"), str(results),
-                   str(self.out / run / "model"), "--batch_size", str(self.opts.batch_size),
-                   "--max_new_tokens", str(self.opts.max_new_tokens), "--num_threads", "1", "--resume"]
-            log = open(self.out / run / "predict.log", "w", encoding="utf-8")
-            procs.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        t0 = time.time()
-        for run, proc, log in procs:
-            proc.wait()
-            log.close()
-            if proc.returncode != 0:
-                tail = _last_line((self.out / run / "predict.log").read_text(errors="replace"))
-                raise UserError(f"predict_batch {run} failed (exit {proc.returncode}): {tail}")
-        self.log(f"[5/6] predict_batch.py on {self.opts.n_test} test images: {time.time() - t0:.0f} s "
+        """The models caption the test split at once, one thread each, as in training."""
+        seconds = predict_concurrently(self.out / "data" / "test.tsv", [self.out / run for run in self.runs],
+                                       self.opts.batch_size, self.opts.max_new_tokens)
+        self.log(f"[5/6] predict_batch.py on {self.opts.n_test} test images: {seconds:.0f} s "
                  f"(max_new_tokens {self.opts.max_new_tokens}, batch {self.opts.batch_size})")
 
     def evaluate(self) -> dict:
-        from ..eval.evaluate import evaluate_files, read_results
-
-        refs = self.out / "data" / "test_refs.tsv"
-        rows = {}
-        for run in self.runs:
-            scores = evaluate_files(self.out / run / "results.txt", refs, fields=True)
-            train = json.loads((self.out / run / "train_summary.json").read_text())
-            resources = self.out / run / self.resources_file
-            rows[run] = {"label": self.label(run), "scores": scores,
-                         "train": {k: train.get(k) for k in ("steps", "samples", "train_seconds",
-                                                              "trainable_parameters")},
-                         "peak_rss_mb": json.loads(resources.read_text())["peak_rss_mb"] if resources.is_file() else None,
-                         "predictions": read_results(self.out / run / "results.txt")}
-        return rows
+        return evaluate_runs({run: self.out / run for run in self.runs}, self.out / "data" / "test_refs.tsv",
+                             {run: self.label(run) for run in self.runs})
 
     # ---- the report ------------------------------------------------------------------------------
     def report(self, rows: dict) -> dict:
@@ -314,8 +363,6 @@ class Demo:
             path = self.out / run / "log.jsonl"
             runs[self.label(run)] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return learning_curve_png(runs, self.out / "learning_curve.png", title=self.curve_title)
-
-    curve_title = "tiny Mgen-VL on the synthetic ad world"
 
     def run(self) -> dict:
         t0 = time.time()

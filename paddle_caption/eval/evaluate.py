@@ -4,7 +4,8 @@
 
 RESULTS.txt has one `id \\t caption` line per image (the caption may be empty). REFS.tsv has
 `id \\t caption` lines, an id repeating once per reference, or the 3-column contest rows
-`id \\t base64 \\t caption` (the caption is the last column). Every id must be in both files.
+`id \\t base64 \\t caption` (the caption is the last column); or REFS is a MUGE `IC_*.jsonl`
+(`{"image_id", "text": [captions]}`), every caption a reference. Every id must be in both files.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import argparse
 import re
 from pathlib import Path
 
-from ..data.contest_tsv import iter_text_rows, normalize_id
+from ..data.contest_tsv import iter_text_rows, normalize_id, read_muge_captions
 from ..files import write_json
 from ..runtime import UserError
 from .fields import FIELD_KEYS, field_accuracy
@@ -42,8 +43,16 @@ def read_results(path: str | Path) -> dict[str, str]:
 
 
 def read_references(path: str | Path) -> dict[str, list[str]]:
-    """id -> reference captions from `id \\t caption` or `id \\t base64 \\t caption` lines."""
+    """id -> reference captions from `id \\t caption` or `id \\t base64 \\t caption` lines, or a MUGE jsonl."""
     path = Path(path)
+    if path.suffix == ".jsonl":
+        refs = {k: [c for c in v if c] for k, v in read_muge_captions(path, "references file").items()}
+        empty = [k for k, v in refs.items() if not v]
+        if empty:
+            raise UserError(f"{path}: image {empty[0]!r} has no non-empty reference caption")
+        if not refs:
+            raise UserError(f"{path}: no references")
+        return refs
     refs: dict[str, list[str]] = {}
     for lineno, cols in iter_text_rows(path, "references file"):
         if len(cols) not in (2, 3) or not normalize_id(cols[0]):

@@ -49,6 +49,9 @@ class GenerationConfig:
     stop_ids: tuple | None = None
     pad_id: int | None = None
     seed: int = 0
+    # Candidates per prompt: the n best beams, or n samples. `generate` then returns n id lists per
+    # prompt, one prompt's after another (as Hugging Face's `num_return_sequences`).
+    num_return_sequences: int = 1
 
     def with_tokenizer(self, tokenizer) -> "GenerationConfig":
         """This config with the tokenizer's stop and pad ids where none are set."""
@@ -64,6 +67,11 @@ class GenerationConfig:
             raise ValueError("need temperature > 0, 0 < top_p <= 1, top_k >= 0")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.num_return_sequences < 1:
+            raise ValueError("num_return_sequences must be >= 1")
+        if self.num_return_sequences > 1 and not (self.do_sample or self.num_beams >= self.num_return_sequences):
+            raise ValueError("num_return_sequences > 1 needs sampling or at least as many beams "
+                             "(greedy decoding would repeat one caption)")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -537,6 +545,10 @@ def generate(model, prompts: list[list[int]], images=None, config: GenerationCon
         with paddle.no_grad(), frozen_head(model.lm_head):  # weights cannot change in here
             if cfg.num_beams > 1:
                 return _beam_search(model, prompts, images, cfg)
+            n = cfg.num_return_sequences
+            if n > 1:  # n samples per prompt: each prompt (and its images) n times in one batch
+                images = _repeat_images(model, prompts, images, n)
+                prompts = [p for p in prompts for _ in range(n)]
             return _greedy_or_sample(model, prompts, images, cfg, drafter, stats)
     finally:
         if was_training:
@@ -552,17 +564,25 @@ def _greedy_or_sample(model, prompts, images, cfg: GenerationConfig, drafter=Non
     return [row.tokens for row in rows]
 
 
+def _repeat_images(model, prompts, images, times: int):
+    """The images of each prompt repeated `times` times, in the order of the repeated prompts."""
+    if images is None:
+        return None
+    spans_per_prompt = [sum(1 for t in p if t == model.config.image_start_id) for p in prompts]
+    order, start = [], 0
+    for n in spans_per_prompt:
+        order.extend(list(range(start, start + n)) * times)
+        start += n
+    return paddle.gather(images, paddle.to_tensor(order, dtype="int64"))
+
+
 def _beam_search(model, prompts, images, cfg: GenerationConfig):
-    """Standard beam search; finished hypotheses are ranked by sum log-prob / length**length_penalty."""
+    """Standard beam search; finished hypotheses are ranked by sum log-prob / length**length_penalty.
+    Returns the best hypothesis per prompt, or the `num_return_sequences` best, one prompt's after
+    another."""
     beams = cfg.num_beams
     expanded = [p for p in prompts for _ in range(beams)]
-    if images is not None:
-        spans_per_prompt = [sum(1 for t in p if t == model.config.image_start_id) for p in prompts]
-        order, start = [], 0
-        for n in spans_per_prompt:
-            order.extend(list(range(start, start + n)) * beams)
-            start += n
-        images = paddle.gather(images, paddle.to_tensor(order, dtype="int64"))
+    images = _repeat_images(model, prompts, images, beams)
     decoder = DecodeBatch(model, cfg.pad_id)
     decoder.add(expanded, images)
     n = len(prompts)
@@ -620,6 +640,7 @@ def _beam_search(model, prompts, images, cfg: GenerationConfig):
                 if np.isfinite(scores[i, b]):
                     length = max(len(tokens_so_far[i][b]), 1)
                     pool.append((scores[i, b] / length ** cfg.length_penalty, tokens_so_far[i][b]))
-        best = max(pool, key=lambda item: item[0]) if pool else (0.0, [])
-        results.append(list(best[1]))
+        ranked = sorted(pool, key=lambda item: -item[0])[:cfg.num_return_sequences]
+        ranked += [(0.0, [])] * (cfg.num_return_sequences - len(ranked))
+        results.extend(list(tokens) for _, tokens in ranked)
     return results

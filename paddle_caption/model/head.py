@@ -7,6 +7,10 @@ OpenBLAS reaches on the same core (docs/benchmarks.md), so on CPU this op does t
 and the softmax in numpy, in place, keeping only one [rows x vocab] buffer. On GPU the plain Paddle
 path is used. Both compute the same mean cross-entropy and the same gradients (tested).
 
+`linear_target_logprobs` is the same head without the mean and without autograd: the log-probability
+of each row's target, for scoring captions (data curation's image-text consistency). Numpy on CPU,
+Paddle elsewhere, the same values (tested).
+
 Tensors cross between Paddle and numpy without copying (`numpy_bridge.py`). Inference logits
 (generation, evaluation) use the same numpy product. For 2-32 rows (batched decoding, speculative
 verification) OpenBLAS multiplies [rows, hidden] by the [hidden, vocab] weight 3-5x slower than it
@@ -38,14 +42,8 @@ class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
     def forward(ctx, hidden, weight, targets: np.ndarray):
         h = as_numpy(hidden)
         w = as_numpy(weight)
-        rows = np.arange(len(targets))
-        probs = h @ w  # logits, turned into probabilities in place below
-        probs -= probs.max(axis=1, keepdims=True)
-        target_logit = probs[rows, targets].copy()
-        np.exp(probs, out=probs)
-        total = probs.sum(axis=1, keepdims=True)
-        loss = float(np.mean(np.log(total[:, 0]) - target_logit))
-        probs /= total
+        probs, target_logprob = _softmax_and_target_logprob(h, w, targets)
+        loss = float(-np.mean(target_logprob))
         ctx.saved = (h, w, probs, targets)
         ctx.needs = (not hidden.stop_gradient, not weight.stop_gradient)  # frozen head: no d_weight
         return paddle.to_tensor(np.float32(loss))
@@ -60,6 +58,19 @@ class _NumpyLinearCrossEntropy(paddle.autograd.PyLayer):
         d_hidden = from_numpy(probs @ w.T) if need_hidden else None
         d_weight = from_numpy(h.T @ probs) if need_weight else None
         return d_hidden, d_weight
+
+
+def _softmax_and_target_logprob(h: np.ndarray, w: np.ndarray, targets: np.ndarray):
+    """(softmax(h @ w) [rows x vocab], log-probability of each row's target [rows]), with one
+    [rows x vocab] buffer: the logits are turned into probabilities in place."""
+    rows = np.arange(len(targets))
+    probs = h @ w
+    probs -= probs.max(axis=1, keepdims=True)
+    target_logit = probs[rows, targets].copy()
+    np.exp(probs, out=probs)
+    total = probs.sum(axis=1, keepdims=True)
+    probs /= total
+    return probs, target_logit - np.log(total[:, 0])
 
 
 def use_numpy_head(linear) -> bool:
@@ -122,6 +133,24 @@ def _few_rows_product(flat: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
     for start in range(0, len(weight_t), _BLOCK):
         out[:, start:start + _BLOCK] = (weight_t[start:start + _BLOCK] @ columns).T
     return out
+
+
+def linear_target_logprobs(rows, linear, targets: np.ndarray) -> np.ndarray:
+    """log softmax(linear(rows))[i, targets[i]] for every row i, as float32 numpy [rows]; no autograd."""
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    if use_numpy_head(linear):
+        with paddle.no_grad():
+            h = as_numpy(rows.astype("float32"))
+        return _softmax_and_target_logprob(h, as_numpy(linear.weight), targets)[1].astype(np.float32)
+    return paddle_target_logprobs(rows, linear, targets)
+
+
+def paddle_target_logprobs(rows, linear, targets: np.ndarray) -> np.ndarray:
+    """The Paddle path of `linear_target_logprobs` (GPU, or a head the numpy path does not serve)."""
+    with paddle.no_grad():
+        logprobs = F.log_softmax(linear(rows).astype("float32"), axis=-1)
+        index = paddle.to_tensor(np.asarray(targets, dtype=np.int64).reshape(-1, 1))
+        return paddle.take_along_axis(logprobs, index, axis=1).reshape([-1]).numpy()
 
 
 def project(hidden, linear):

@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 
 from .config import IGNORE_INDEX, MgenVLConfig
-from .head import cross_entropy, linear_cross_entropy, project
+from .head import cross_entropy, linear_cross_entropy, linear_target_logprobs, project
 from .precision import check_compute_dtype, default_dtype, default_load_dtype, dtype_name
 from .qwen import QWenModel
 from .visual import VisionTower
@@ -185,14 +185,10 @@ class MgenVLForCausalLM(nn.Layer):
         embeds = self.embed(input_ids, images)
         llm = self.transformer.llm
         if labels is not None and loss_on == "supervised":
-            index, targets = supervised_positions(labels.numpy())
-            hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
-                                   output_index=paddle.to_tensor(index))
-            flat = targets.reshape(-1)
-            keep = paddle.to_tensor(np.flatnonzero(flat != IGNORE_INDEX))
-            rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), keep)
+            rows, targets, _, presents = self._supervised_rows(embeds, labels, attention_mask, position_ids,
+                                                               past_key_values, use_cache)
             # logits stay inside the fused head: only the loss is needed here
-            loss = linear_cross_entropy(rows, self.lm_head, flat[flat != IGNORE_INDEX])
+            loss = linear_cross_entropy(rows, self.lm_head, targets)
             return CausalLMOutput(loss=loss, logits=None, past_key_values=presents)
         if labels is None and last_logits_only:
             # Only the last position's output is wanted (generation): the last layer still writes
@@ -217,6 +213,30 @@ class MgenVLForCausalLM(nn.Layer):
         picked = paddle.gather(logits[:, :-1].reshape([-1, logits.shape[-1]]), keep)
         loss = cross_entropy(picked, paddle.gather(shift_labels, keep))
         return CausalLMOutput(loss=loss, logits=logits, past_key_values=presents)
+
+    def _supervised_rows(self, embeds, labels, attention_mask=None, position_ids=None, past_key_values=None,
+                         use_cache=False):
+        """Last hidden states at the supervised positions only: (rows [N, H], targets [N] numpy,
+        batch row of each [N] numpy, presents)."""
+        index, targets = supervised_positions(labels.numpy())
+        hidden, presents = self.transformer.llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
+                                                output_index=paddle.to_tensor(index))
+        flat = targets.reshape(-1)
+        keep = np.flatnonzero(flat != IGNORE_INDEX)
+        rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), paddle.to_tensor(keep))
+        return rows, flat[keep], keep // targets.shape[1], presents
+
+    def sequence_logprobs(self, input_ids, images=None, attention_mask=None, labels=None):
+        """Per batch row: (sum of the log-probabilities of its supervised tokens, their count), as
+        float64 / int64 numpy [B]; no autograd. Scores captions (data curation) with the training
+        forward's supervised-positions head, one [N_supervised x vocab] product per batch."""
+        with paddle.no_grad():
+            rows, targets, batch_row, _ = self._supervised_rows(self.embed(input_ids, images), labels,
+                                                                attention_mask)
+            logprobs = linear_target_logprobs(rows, self.lm_head, targets)
+        size = int(input_ids.shape[0])
+        return (np.bincount(batch_row, weights=logprobs, minlength=size),
+                np.bincount(batch_row, minlength=size).astype(np.int64))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(int(np.prod(p.shape)) for p in self.parameters()

@@ -1,0 +1,91 @@
+"""The sample that flows through a curation recipe, and its files.
+
+A sample is a records.jsonl record (`paddle_caption.data.records`: id, caption, and a pointer to its
+image row in a contest-layout TSV) plus what curation adds:
+
+    {"id", "caption", "tsv", "offset", "length", "width", "height",
+     "stats": {name: value},       # what the operations computed (data-juicer's `__dj__stats__`)
+     "synthetic": bool,            # caption written by a model (pseudo-label, re-caption)
+     "copy": int}                  # 0 for the row itself, k for its k-th repeat (repeat op)
+
+A stage's samples live in a JSON-lines file and are always streamed (`iter_samples`), never held as a
+list: memory does not grow with the number of rows.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Iterable, Iterator
+
+from ..data.images import decode_image
+from ..data.records import parse_record, read_image_bytes
+from ..runtime import UserError
+
+
+def new_sample(record: dict, *, synthetic: bool = False) -> dict:
+    sample = {k: record[k] for k in ("id", "caption", "tsv", "offset", "length", "width", "height")}
+    sample["stats"] = dict(record.get("stats") or {})
+    sample["synthetic"] = bool(record.get("synthetic", synthetic))
+    sample["copy"] = int(record.get("copy", 0))
+    return sample
+
+
+def dump_sample(sample: dict) -> str:
+    return json.dumps(sample, ensure_ascii=False)
+
+
+def iter_samples(path: str | os.PathLike) -> Iterator[dict]:
+    """The samples of a stage file, one at a time."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read samples {path}: {err.strerror or err}") from None
+    with handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{lineno}: corrupt sample line") from None
+
+
+def iter_record_samples(path: str | os.PathLike) -> Iterator[dict]:
+    """Samples from a records.jsonl (the converter's output, or a previous curation's)."""
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if line.strip():
+                yield new_sample(parse_record(line, f"{path}:{lineno}"))
+
+
+def write_samples(path: str | os.PathLike, samples: Iterable[dict]) -> int:
+    from ..files import atomic_write
+
+    n = 0
+    with atomic_write(path) as handle:
+        for sample in samples:
+            handle.write(dump_sample(sample) + "\n")
+            n += 1
+    return n
+
+
+def image_bytes(sample: dict) -> bytes:
+    return read_image_bytes(sample)
+
+
+def load_image(sample: dict):
+    """The sample's image as an RGB PIL image (rows were verified when they were converted)."""
+    return decode_image(image_bytes(sample), verify=False)
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).size
+
+
+def count_samples(path: str | os.PathLike) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+

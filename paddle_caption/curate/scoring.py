@@ -1,0 +1,109 @@
+"""The model side of curation: batches of samples through the captioner the kit predicts with.
+
+Every model operation loads its model directory through `predict.predictor.load_predictor`, the
+path `predict_batch.py` takes (same prompt, tokenizer, preprocessing and generation), once per run
+(`ModelCache`), and works in batches:
+
+- `caption_logprobs`: per row, the mean log-probability of the caption's tokens (and the closing
+  `<|im_end|>`) given the image, and the same with the image rows ablated (`config.ablate_images`:
+  zeros where the visual features go) — the training forward's supervised-positions head, one
+  [supervised tokens x vocab] product per batch;
+- `pooled_features`: the vision tower's output, averaged over its queries;
+- `candidates`: n captions per image (beams or samples) through `Predictor.generate_ids`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+
+import numpy as np
+
+from ..runtime import UserError
+
+
+class ModelCache:
+    """One Predictor per model directory for the whole run."""
+
+    def __init__(self, num_threads: int | None = None):
+        self.num_threads = num_threads
+        self._loaded: dict = {}
+
+    def get(self, model_dir: str):
+        if model_dir not in self._loaded:
+            from ..predict.predictor import load_predictor
+            from ..runtime import configure
+
+            configure(self.num_threads)
+            if not model_dir:
+                raise UserError("a model operation needs model_dir (in the op or at the recipe's top level)")
+            self._loaded[model_dir] = load_predictor(model_dir)
+        return self._loaded[model_dir]
+
+
+@contextlib.contextmanager
+def images_ablated(model):
+    """The model with its image rows zeroed (the no-image ablation), restored afterwards."""
+    before = model.config.ablate_images
+    model.config.ablate_images = True
+    try:
+        yield model
+    finally:
+        model.config.ablate_images = before
+
+
+def _batch_tensors(predictor, images: list[np.ndarray], captions: list[str], max_length: int):
+    import paddle
+
+    from ..data.dataset import collate_batch
+    from ..data.samples import assemble_sample
+
+    tok = predictor.tokenizer
+    items = []
+    for image, caption in zip(images, captions):
+        item = assemble_sample(predictor.prompt_ids, tok.encode(caption), tok.im_end_id, max_length)
+        item["image"], item["id"] = image, ""
+        items.append(item)
+    batch = collate_batch(items, tok.pad_id)
+    dtype = next(iter(predictor.model.parameters())).dtype
+    return (paddle.to_tensor(batch["input_ids"]), paddle.to_tensor(batch["images"]).astype(dtype),
+            paddle.to_tensor(batch["attention_mask"]), paddle.to_tensor(batch["labels"]))
+
+
+def caption_logprobs(predictor, images: list[np.ndarray], captions: list[str],
+                     max_length: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(mean token log-prob given the image, the same with the image ablated) per row, float64 [B]."""
+    if not images:
+        return np.zeros(0), np.zeros(0)
+    ids, pixels, mask, labels = _batch_tensors(predictor, images, captions, max_length)
+    model = predictor.model
+    sums, counts = model.sequence_logprobs(ids, pixels, mask, labels)
+    with images_ablated(model):
+        blind, _ = model.sequence_logprobs(ids, pixels, mask, labels)
+    return sums / counts, blind / counts
+
+
+def pooled_features(predictor, images: list[np.ndarray]) -> np.ndarray:
+    """The vision tower's features averaged over its queries, float32 [B, hidden]."""
+    import paddle
+
+    model = predictor.model
+    dtype = next(iter(model.parameters())).dtype
+    with paddle.no_grad():
+        out = model.visual(paddle.to_tensor(np.stack(images)).astype(dtype))
+    return out.astype("float32").numpy().mean(axis=1)
+
+
+def candidates(predictor, images: list[np.ndarray], n: int, strategy: str, *, max_new_tokens: int,
+               temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
+    """n captions per image: the n best beams (`strategy="beam"`) or n samples (`"sample"`)."""
+    from ..model.generation import GenerationConfig
+
+    if strategy == "beam":
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=max(n, 2) if n > 1 else 1,
+                               num_return_sequences=n)
+    else:
+        gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                               top_p=top_p, num_return_sequences=n, seed=seed)
+    ids = predictor.generate_ids(images, config=replace(gen))
+    texts = [predictor.decode(x) for x in ids]
+    return [texts[i * n:(i + 1) * n] for i in range(len(images))]
