@@ -37,6 +37,16 @@ def write_json(path: str | os.PathLike, data) -> None:
         handle.write("\n")
 
 
+def write_lines(path: str | os.PathLike, lines) -> int:
+    """Write an iterable of text lines (without their newlines) atomically; returns how many."""
+    n = 0
+    with atomic_write(path) as handle:
+        for line in lines:
+            handle.write(line + "\n")
+            n += 1
+    return n
+
+
 def remove_stale_temps(path: str | os.PathLike) -> None:
     """Delete temp files that `atomic_write(path)` left behind when a process was SIGKILLed."""
     path = Path(path)

@@ -59,14 +59,9 @@ def iter_record_samples(path: str | os.PathLike) -> Iterator[dict]:
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[dict]) -> int:
-    from ..files import atomic_write
+    from ..files import write_lines
 
-    n = 0
-    with atomic_write(path) as handle:
-        for sample in samples:
-            handle.write(dump_sample(sample) + "\n")
-            n += 1
-    return n
+    return write_lines(path, map(dump_sample, samples))
 
 
 def image_bytes(sample: dict) -> bytes:

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Iterable, Iterator
 
-from ..files import atomic_write
+from ..files import write_lines
 from ..runtime import UserError
 from .contest_tsv import RowError, parse_row, read_line_at
 from .images import b64decode_strict
@@ -78,12 +78,7 @@ def load_records(path: str | os.PathLike) -> list[dict]:
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records.jsonl atomically (temp file + rename); returns the number written."""
-    n = 0
-    with atomic_write(path) as handle:
-        for record in records:
-            handle.write(dump_record(record) + "\n")
-            n += 1
-    return n
+    return write_lines(path, map(dump_record, records))
 
 
 # --------------------------------------------------------------------------------- reading images
