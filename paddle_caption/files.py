@@ -1,4 +1,5 @@
-"""Writing files so that a killed process never leaves a half-written file under its final name."""
+"""Writing files so that a killed process never leaves a half-written file under its final name,
+and reading line files with errors that name the file and line."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +8,8 @@ import os
 import re
 import tempfile
 from pathlib import Path
+
+from .runtime import UserError
 
 
 @contextlib.contextmanager
@@ -45,6 +48,22 @@ def write_lines(path: str | os.PathLike, lines) -> int:
             handle.write(line + "\n")
             n += 1
     return n
+
+
+def iter_text_lines(path: str | os.PathLike, what: str):
+    """(where, line) for each non-blank line of a UTF-8 text file, `where` being "path:lineno"; an
+    unreadable file or bytes that are not UTF-8 are one-line UserErrors naming `what` and the file."""
+    try:
+        handle = open(path, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    with handle:
+        try:
+            for lineno, line in enumerate(handle, 1):
+                if line.strip():
+                    yield f"{path}:{lineno}", line
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not UTF-8 text") from None
 
 
 def remove_stale_temps(path: str | os.PathLike) -> None:

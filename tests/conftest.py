@@ -52,6 +52,18 @@ def small_config(**overrides):
     return MgenVLConfig.from_dict(base)
 
 
+def random_image_prompts(cfg, rng, shapes):
+    """Prompts with one image span between n and m random text ids, for each (n, m) in `shapes`,
+    and a batch of random images for them (ids < 900: clear of the small config's special ids)."""
+    import paddle
+
+    span = [cfg.image_start_id] + [cfg.image_pad_id] * cfg.visual.n_queries + [cfg.image_end_id]
+    prompts = [list(rng.integers(0, 900, n)) + span + list(rng.integers(0, 900, m)) for n, m in shapes]
+    size = cfg.visual.image_size
+    images = paddle.to_tensor(rng.standard_normal((len(prompts), 3, size, size)).astype("float32"))
+    return prompts, images
+
+
 def micro_model_json(directory: Path, **overrides) -> Path:
     """A very small model with the REAL vocabulary (so real captions tokenise), as an architecture
     JSON for TrainConfig.model_config. Image span shortened to 16 queries to keep steps fast."""
@@ -69,6 +81,19 @@ def micro_model_json(directory: Path, **overrides) -> Path:
     path = Path(directory) / f"model-{abs(hash(text)) % 10**8}.json"  # one file per architecture
     path.write_text(text)
     return path
+
+
+def make_model_dir(root: Path) -> Path:
+    """A micro model with the real vocabulary (real prompts tokenise), saved as root/model."""
+    import paddle
+
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    root.mkdir(parents=True, exist_ok=True)
+    paddle.seed(0)
+    MgenVLForCausalLM(MgenVLConfig.from_pretrained(micro_model_json(root))).save_pretrained(root / "model")
+    return root / "model"
 
 
 @pytest.fixture(scope="session")

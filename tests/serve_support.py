@@ -17,21 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .conftest import micro_model_json
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def make_model_dir(root: Path) -> Path:
-    """A micro model with the real vocabulary (real prompts tokenise), saved as a model directory."""
-    from paddle_caption.model.config import MgenVLConfig
-    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-    import paddle
-
-    root.mkdir(parents=True, exist_ok=True)
-    paddle.seed(0)
-    MgenVLForCausalLM(MgenVLConfig.from_pretrained(micro_model_json(root))).save_pretrained(root / "model")
-    return root / "model"
 
 
 def jpeg_bytes(seed: int, size=(64, 48)) -> bytes:

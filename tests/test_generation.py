@@ -5,7 +5,7 @@ import numpy as np
 import paddle
 import pytest
 
-from .conftest import small_config
+from .conftest import random_image_prompts, small_config
 
 NEW = 8
 
@@ -20,11 +20,7 @@ def setup():
     model = MgenVLForCausalLM(cfg)
     model.eval()
     rng = np.random.default_rng(0)
-    span = [cfg.image_start_id] + [cfg.image_pad_id] * cfg.visual.n_queries + [cfg.image_end_id]
-    prompts = [list(rng.integers(0, 900, n)) + span + list(rng.integers(0, 900, m))
-               for n, m in ((2, 3), (11, 1), (5, 2), (0, 14), (20, 9))]
-    size = cfg.visual.image_size
-    images = paddle.to_tensor(rng.standard_normal((len(prompts), 3, size, size)).astype("float32"))
+    prompts, images = random_image_prompts(cfg, rng, ((2, 3), (11, 1), (5, 2), (0, 14), (20, 9)))
     return model, prompts, images
 
 

@@ -17,7 +17,7 @@ from paddle_caption.runtime import UserError, run_cli
 from paddle_caption.predict import cli, inputs, run, shards
 from paddle_caption.predict import predictor as predictor_mod
 
-from .conftest import micro_model_json, small_config
+from .conftest import make_model_dir, random_image_prompts, small_config
 
 MAX_NEW = 6
 
@@ -56,14 +56,7 @@ def quiet(**kw) -> run.PredictOptions:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A micro model with the real vocabulary (real prompts tokenise), saved as a model directory."""
-    from paddle_caption.model.config import MgenVLConfig
-    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-
-    root = tmp_path_factory.mktemp("predict_model")
-    paddle.seed(0)
-    MgenVLForCausalLM(MgenVLConfig.from_pretrained(micro_model_json(root))).save_pretrained(root / "model")
-    return root / "model"
+    return make_model_dir(tmp_path_factory.mktemp("predict_model"))
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +85,8 @@ def test_generate_batched_equals_one_by_one_for_prompts_of_different_lengths(ker
     cfg = small_config()
     model = MgenVLForCausalLM(cfg)
     rng = np.random.default_rng(0)
-    span = [cfg.image_start_id] + [cfg.image_pad_id] * cfg.visual.n_queries + [cfg.image_end_id]
-    prompts = [list(rng.integers(0, 900, n)) + span + list(rng.integers(0, 900, m))
-               for n, m in ((2, 3), (11, 1), (5, 2), (0, 14))]
+    prompts, images = random_image_prompts(cfg, rng, ((2, 3), (11, 1), (5, 2), (0, 14)))
     assert len({len(p) for p in prompts}) == 4
-    size = cfg.visual.image_size
-    images = paddle.to_tensor(rng.standard_normal((4, 3, size, size)).astype("float32"))
 
     def both(config):
         batched = generate(model, prompts, images, config)
@@ -358,10 +347,7 @@ def test_num_return_sequences_gives_n_candidates_per_prompt():
     cfg = small_config()
     model = MgenVLForCausalLM(cfg)
     rng = np.random.default_rng(1)
-    span = [cfg.image_start_id] + [cfg.image_pad_id] * cfg.visual.n_queries + [cfg.image_end_id]
-    prompts = [list(rng.integers(0, 900, n)) + span for n in (3, 6)]
-    size = cfg.visual.image_size
-    images = paddle.to_tensor(rng.standard_normal((2, 3, size, size)).astype("float32"))
+    prompts, images = random_image_prompts(cfg, rng, ((3, 0), (6, 0)))
     base = dict(max_new_tokens=5, pad_id=0, stop_ids=())
     best = generate(model, prompts, images, GenerationConfig(num_beams=3, **base))
     three = generate(model, prompts, images, GenerationConfig(num_beams=3, num_return_sequences=3, **base))

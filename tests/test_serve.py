@@ -12,7 +12,8 @@ import pytest
 from paddle_caption.serve.engine import EngineOptions
 from paddle_caption.serve.service import ServiceLimits
 
-from .serve_support import AppClient, b64, build, chat_body, data_url, jpeg_bytes, make_model_dir, metric
+from .conftest import make_model_dir
+from .serve_support import AppClient, b64, build, chat_body, data_url, jpeg_bytes, metric
 
 NEW = 8  # max new tokens in most requests: random weights never stop early
 

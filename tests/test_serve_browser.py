@@ -13,7 +13,8 @@ import shutil
 
 import pytest
 
-from .serve_support import build, jpeg_bytes, make_model_dir, serve_in_thread
+from .conftest import make_model_dir
+from .serve_support import build, jpeg_bytes, serve_in_thread
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -14,7 +14,8 @@ from paddle_caption.runtime import run_cli
 from paddle_caption.serve.engine import EngineOptions
 from paddle_caption.serve.service import ServiceLimits
 
-from .serve_support import b64, build, jpeg_bytes, make_model_dir, metric, serve_in_process, serve_in_thread
+from .conftest import make_model_dir
+from .serve_support import b64, build, jpeg_bytes, metric, serve_in_process, serve_in_thread
 
 LONG = 1500  # tokens: seconds of decoding for the micro model (random weights never stop)
 

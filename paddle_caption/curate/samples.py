@@ -19,7 +19,8 @@ import os
 from typing import Iterable, Iterator
 
 from ..data.images import decode_image
-from ..data.records import parse_record, read_image_bytes
+from ..data.records import iter_records, read_image_bytes
+from ..files import iter_text_lines, write_lines
 from ..runtime import UserError
 
 
@@ -37,30 +38,19 @@ def dump_sample(sample: dict) -> str:
 
 def iter_samples(path: str | os.PathLike) -> Iterator[dict]:
     """The samples of a stage file, one at a time."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read samples {path}: {err.strerror or err}") from None
-    with handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{lineno}: corrupt sample line") from None
+    for where, line in iter_text_lines(path, "samples"):
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: corrupt sample line") from None
 
 
 def iter_record_samples(path: str | os.PathLike) -> Iterator[dict]:
     """Samples from a records.jsonl (the converter's output, or a previous curation's)."""
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if line.strip():
-                yield new_sample(parse_record(line, f"{path}:{lineno}"))
+    return map(new_sample, iter_records(path))
 
 
 def write_samples(path: str | os.PathLike, samples: Iterable[dict]) -> int:
-    from ..files import write_lines
-
     return write_lines(path, map(dump_sample, samples))
 
 

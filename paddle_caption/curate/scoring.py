@@ -5,8 +5,8 @@ path `predict_batch.py` takes (same prompt, tokenizer, preprocessing and generat
 (`ModelCache`), and works in batches:
 
 - `caption_logprobs`: per row, the mean log-probability of the caption's tokens (and the closing
-  `<|im_end|>`) given the image, and the same with the image rows ablated (`config.ablate_images`:
-  zeros where the visual features go) — the training forward's supervised-positions head, one
+  `<|im_end|>`) given an image, or with the image rows ablated (`config.ablate_images`: zeros where
+  the visual features go) — the training forward's supervised-positions head, one
   [supervised tokens x vocab] product per batch;
 - `pooled_features`: the vision tower's output, averaged over its queries;
 - `candidates`: n captions per image (beams or samples) through `Predictor.generate_ids`.
@@ -69,17 +69,17 @@ def _batch_tensors(predictor, images: list[np.ndarray], captions: list[str], max
             paddle.to_tensor(batch["attention_mask"]), paddle.to_tensor(batch["labels"]))
 
 
-def caption_logprobs(predictor, images: list[np.ndarray], captions: list[str],
-                     max_length: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """(mean token log-prob given the image, the same with the image ablated) per row, float64 [B]."""
+def caption_logprobs(predictor, images: list[np.ndarray], captions: list[str], max_length: int = 2048,
+                     *, ablated: bool = False) -> np.ndarray:
+    """Mean token log-prob of each caption given its image (`ablated`: given zeros in the image
+    rows instead), float64 [B]."""
     if not images:
-        return np.zeros(0), np.zeros(0)
+        return np.zeros(0)
     ids, pixels, mask, labels = _batch_tensors(predictor, images, captions, max_length)
     model = predictor.model
-    sums, counts = model.sequence_logprobs(ids, pixels, mask, labels)
-    with images_ablated(model):
-        blind, _ = model.sequence_logprobs(ids, pixels, mask, labels)
-    return sums / counts, blind / counts
+    with images_ablated(model) if ablated else contextlib.nullcontext():
+        sums, counts = model.sequence_logprobs(ids, pixels, mask, labels)
+    return sums / counts
 
 
 def pooled_features(predictor, images: list[np.ndarray]) -> np.ndarray:

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Iterable, Iterator
 
-from ..files import write_lines
+from ..files import iter_text_lines, write_lines
 from ..runtime import UserError
 from .contest_tsv import RowError, parse_row, read_line_at
 from .images import b64decode_strict
@@ -59,17 +59,8 @@ def parse_record(line: str, where: str = "record") -> dict:
 
 def iter_records(path: str | os.PathLike) -> Iterator[dict]:
     """Stream the records of a records.jsonl file (blank lines are skipped)."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot read records file {path}: {err.strerror or err}") from None
-    with handle:
-        try:
-            for lineno, line in enumerate(handle, 1):
-                if line.strip():
-                    yield parse_record(line, f"{path}:{lineno}")
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
+    for where, line in iter_text_lines(path, "records file"):
+        yield parse_record(line, where)
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:

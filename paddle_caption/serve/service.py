@@ -105,28 +105,28 @@ class CaptionService:
                                 "(--max_images_per_request)")
 
     # ---- generation settings -------------------------------------------------------------------
-    def generation_config(self, *, max_new_tokens: int | None, do_sample: bool, num_beams: int,
-                          temperature: float | None, top_p: float | None, top_k: int | None,
-                          repetition_penalty: float, length_penalty: float, seed: int | None,
-                          max_name: str):
+    def generation_config(self, options, *, max_new_tokens: int | None, max_name: str):
+        """`options` is either request schema: both name their decoding settings alike (do_sample,
+        num_beams, temperature, top_p, top_k, repetition_penalty, length_penalty, seed); only the
+        maximum length differs in name, so it comes separately with the name errors should use."""
         from ..model.generation import GenerationConfig
 
-        limits = self.limits
+        limits, o = self.limits, options
         max_new = limits.default_max_tokens if max_new_tokens is None else max_new_tokens
         if max_new > limits.max_tokens_cap:
             raise ApiError(400, f"{max_name} {max_new} exceeds the limit {limits.max_tokens_cap} (--max_tokens_cap)",
                            param=max_name)
-        if num_beams > limits.max_num_beams:
-            raise ApiError(400, f"num_beams {num_beams} exceeds the limit {limits.max_num_beams} (--max_num_beams)",
+        if o.num_beams > limits.max_num_beams:
+            raise ApiError(400, f"num_beams {o.num_beams} exceeds the limit {limits.max_num_beams} (--max_num_beams)",
                            param="num_beams")
         base = self.predictor.gen_config
         cfg = GenerationConfig(
-            max_new_tokens=max_new, do_sample=do_sample, num_beams=num_beams,
-            temperature=temperature if do_sample and temperature else 1.0,
-            top_p=top_p if top_p is not None else 1.0, top_k=top_k or 0,
-            repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+            max_new_tokens=max_new, do_sample=o.do_sample, num_beams=o.num_beams,
+            temperature=o.temperature if o.do_sample and o.temperature else 1.0,
+            top_p=o.top_p if o.top_p is not None else 1.0, top_k=o.top_k or 0,
+            repetition_penalty=o.repetition_penalty, length_penalty=o.length_penalty,
             stop_ids=base.stop_ids, pad_id=base.pad_id,
-            seed=secrets.randbits(31) if seed is None else seed)
+            seed=secrets.randbits(31) if o.seed is None else o.seed)
         try:
             cfg.validate()
         except ValueError as err:
@@ -178,11 +178,7 @@ class CaptionService:
         text = "\n".join(t for t in texts if t.strip())
         prompt = build_prompt_ids(self.predictor.tokenizer, PromptTemplate(
             system="\n".join(systems) if systems else template.system, prompt=text or template.prompt), len(images))
-        cfg = self.generation_config(
-            max_new_tokens=req.requested_max_tokens, do_sample=req.do_sample, num_beams=req.num_beams,
-            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            repetition_penalty=req.repetition_penalty, length_penalty=req.length_penalty, seed=req.seed,
-            max_name="max_tokens")
+        cfg = self.generation_config(req, max_new_tokens=req.requested_max_tokens, max_name="max_tokens")
         self._check_context(prompt, cfg)
         return Job([Sequence(prompt, images, cfg)], arrived)
 
@@ -197,11 +193,7 @@ class CaptionService:
             template = PromptTemplate(system=template.system if opts.system is None else opts.system,
                                       prompt=template.prompt if opts.prompt is None else opts.prompt)
         prompt = build_prompt_ids(self.predictor.tokenizer, template, 1)
-        cfg = self.generation_config(
-            max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, num_beams=opts.num_beams,
-            temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k,
-            repetition_penalty=opts.repetition_penalty, length_penalty=opts.length_penalty, seed=opts.seed,
-            max_name="max_new_tokens")
+        cfg = self.generation_config(opts, max_new_tokens=opts.max_new_tokens, max_name="max_new_tokens")
         self._check_context(prompt, cfg)
         sequences = []
         for k, (_, payload, at) in enumerate(items):

@@ -8,7 +8,9 @@ Two sources of images, either or both:
 
 Each image gets `num_candidates` captions through the same Predictor as `predict_batch.py` (the n
 best beams, or n samples); each candidate is scored by the consistency of `consistency.py`, and the
-best one is kept. Rows written here carry `synthetic: true` (and the records.jsonl output says so).
+best one is kept (against the same baseline as the consistency filter's, `baseline` /
+`baseline_images`, so the two scores compare). Rows written here carry `synthetic: true` (and the
+records.jsonl output says so).
 With `min`, a synthetic row whose best consistency is below it is dropped (`synthetic_below_min`);
 a bound computed on the data uses every row of the stage that has a consistency.
 """
@@ -22,11 +24,11 @@ from ...runtime import UserError
 from ..samples import load_image
 from ..thresholds import Moments, check_bound, describe_bound, moments, needs_data, resolve_bound
 from .base import Op, register
-from .consistency import score_samples
+from .consistency import BaselineParams, baseline_references, score_samples
 
 
 @dataclass
-class PseudoLabelParams:
+class PseudoLabelParams(BaselineParams):
     model_dir: str = ""
     unlabeled_tsv: str = ""
     recaption_below: object = None
@@ -47,6 +49,7 @@ class PseudoLabelParams:
             raise UserError(f"{where}: strategy is beam or sample, num_candidates >= 1")
         check_bound(self.recaption_below, f"{where}: recaption_below")
         check_bound(self.min, f"{where}: min")
+        self.validate_baseline(where)
 
 
 @register
@@ -118,10 +121,11 @@ class PseudoLabel(Op):
         images = [predictor.preprocess(img) for img in images]
         texts = candidates(predictor, images, p.num_candidates, p.strategy, max_new_tokens=p.max_new_tokens,
                            temperature=p.temperature, top_p=p.top_p, seed=self.ctx.seed)
-        flat_samples = [{"stats": {}} for s in todo for _ in range(p.num_candidates)]
+        flat_samples = [{"id": s["id"], "stats": {}} for s in todo for _ in range(p.num_candidates)]
         flat_images = [img for img in images for _ in range(p.num_candidates)]
         flat_texts = [t or " " for ts in texts for t in ts]
-        gains = score_samples(predictor, flat_samples, flat_texts, flat_images, p.max_length)
+        gains = score_samples(predictor, flat_samples, flat_texts, flat_images, p.max_length,
+                              references=baseline_references(self, predictor))
         for i, sample in enumerate(todo):
             block = slice(i * p.num_candidates, (i + 1) * p.num_candidates)
             best = max(range(p.num_candidates), key=lambda j: gains[block][j])
