@@ -317,7 +317,7 @@ def test_consistency_baselines_reference_images_and_ablation(noisy_world, micro_
     stage's evenly spaced reference pool, never its own; ablated: under zeros in the image rows."""
     from paddle_caption.curate.ops.consistency import References, pick_references, score_samples
     from paddle_caption.curate.samples import iter_record_samples, load_image
-    from paddle_caption.curate.scoring import caption_logprobs
+    from paddle_caption.curate.scoring import caption_logprobs, image_features
     from paddle_caption.predict.predictor import load_predictor
 
     samples = list(iter_record_samples(small_records(noisy_world, tmp_path, n=12)))
@@ -327,7 +327,8 @@ def test_consistency_baselines_reference_images_and_ablation(noisy_world, micro_
     assert pick_references(iter(no_caption), 12, 3)[0]["id"] == samples[3]["id"]  # the next usable row
 
     predictor = load_predictor(micro_model)
-    references = References([s["id"] for s in refs], [predictor.preprocess(load_image(s)) for s in refs], k=3)
+    references = References([s["id"] for s in refs],
+                            image_features(predictor, [predictor.preprocess(load_image(s)) for s in refs]), k=3)
     rows = samples[:3]  # row 2 is a reference itself
     images = [predictor.preprocess(load_image(s)) for s in rows]
     captions = [s["caption"] for s in rows]
@@ -355,7 +356,7 @@ def test_reference_draw_depends_only_on_the_row_id():
     pool = References([f"r{j}" for j in range(10)], [None] * 10, k=4)
     draws = {row: pool.for_row(row) for row in ("a", "b", "c", "r3")}
     assert all(len(d) == 4 and len(set(d)) == 4 for d in draws.values())
-    assert draws == {row: References(pool.ids, pool.images, 4).for_row(row) for row in draws}  # no state
+    assert draws == {row: References(pool.ids, pool.features, 4).for_row(row) for row in draws}  # no state
     assert 3 not in draws["r3"]  # never its own image
     assert len({tuple(d) for d in draws.values()}) > 1  # rows see different images
     assert References(["x", "y"], [None] * 2, k=4).for_row("x") == [1]  # a small pool: all the others
@@ -427,6 +428,7 @@ def test_consistency_sign_with_a_trained_model(tmp_path):
     caption is not (its gain stays near zero: its image is just one more unrelated image)."""
     from paddle_caption.curate.ops.consistency import References, score_samples
     from paddle_caption.curate.samples import iter_record_samples, load_image
+    from paddle_caption.curate.scoring import image_features
     from paddle_caption.data.convert import RunOptions, convert
     from paddle_caption.data.synthetic import write_dataset
     from paddle_caption.predict.predictor import load_predictor
@@ -450,7 +452,7 @@ def test_consistency_sign_with_a_trained_model(tmp_path):
     predictor = load_predictor(tmp_path / "model")
     samples = list(iter_record_samples(tmp_path / "val" / "records.jsonl"))
     images = [predictor.preprocess(load_image(s)) for s in samples]
-    references = References([s["id"] for s in samples[::4]], images[::4], k=4)
+    references = References([s["id"] for s in samples[::4]], image_features(predictor, images[::4]), k=4)
     ids = [{"id": s["id"], "stats": {}} for s in samples]
     matched = score_samples(predictor, ids, [s["caption"] for s in samples], images, references=references)
     rotated = [samples[(i + 7) % len(samples)]["caption"] for i in range(len(samples))]

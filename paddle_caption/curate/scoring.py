@@ -8,7 +8,7 @@ path `predict_batch.py` takes (same prompt, tokenizer, preprocessing and generat
   `<|im_end|>`) given an image, or with the image rows ablated (`config.ablate_images`: zeros where
   the visual features go) — the training forward's supervised-positions head, one
   [supervised tokens x vocab] product per batch;
-- `pooled_features`: the vision tower's output, averaged over its queries;
+- `image_features` / `pooled_features`: the vision tower's output (averaged over its queries);
 - `candidates`: n captions per image (beams or samples) through `Predictor.generate_ids`.
 """
 from __future__ import annotations
@@ -70,27 +70,36 @@ def _batch_tensors(predictor, images: list[np.ndarray], captions: list[str], max
 
 
 def caption_logprobs(predictor, images: list[np.ndarray], captions: list[str], max_length: int = 2048,
-                     *, ablated: bool = False) -> np.ndarray:
+                     *, ablated: bool = False, features: bool = False) -> np.ndarray:
     """Mean token log-prob of each caption given its image (`ablated`: given zeros in the image
-    rows instead), float64 [B]."""
+    rows instead), float64 [B]. With `features`, `images` are `image_features` outputs [Q, H]:
+    the vision tower is not run again for an image scored with many captions."""
     if not images:
         return np.zeros(0)
     ids, pixels, mask, labels = _batch_tensors(predictor, images, captions, max_length)
     model = predictor.model
+    given = {"image_features": pixels} if features else {"images": pixels}
     with images_ablated(model) if ablated else contextlib.nullcontext():
-        sums, counts = model.sequence_logprobs(ids, pixels, mask, labels)
+        sums, counts = model.sequence_logprobs(ids, attention_mask=mask, labels=labels, **given)
     return sums / counts
 
 
-def pooled_features(predictor, images: list[np.ndarray]) -> np.ndarray:
-    """The vision tower's features averaged over its queries, float32 [B, hidden]."""
+def image_features(predictor, images: list[np.ndarray], batch_size: int = 16) -> np.ndarray:
+    """The vision tower's output per image, float32 [B, n_queries, hidden], `batch_size` images
+    at a time."""
     import paddle
 
     model = predictor.model
     dtype = next(iter(model.parameters())).dtype
     with paddle.no_grad():
-        out = model.visual(paddle.to_tensor(np.stack(images)).astype(dtype))
-    return out.astype("float32").numpy().mean(axis=1)
+        out = [model.visual(paddle.to_tensor(np.stack(images[s:s + batch_size])).astype(dtype))
+               .astype("float32").numpy() for s in range(0, len(images), batch_size)]
+    return np.concatenate(out)
+
+
+def pooled_features(predictor, images: list[np.ndarray]) -> np.ndarray:
+    """The vision tower's features averaged over its queries, float32 [B, hidden]."""
+    return image_features(predictor, images, batch_size=max(1, len(images))).mean(axis=1)
 
 
 def candidates(predictor, images: list[np.ndarray], n: int, strategy: str, *, max_new_tokens: int,

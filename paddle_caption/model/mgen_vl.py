@@ -144,13 +144,17 @@ class MgenVLForCausalLM(nn.Layer):
                 f"<img> must be followed by exactly {n} placeholder tokens and </img> in the same row")
         return (starts[:, None] + 1 + np.arange(n)[None, :]).reshape(-1)
 
-    def embed(self, input_ids, images=None):
-        """Token embeddings with every image's visual features written into its span."""
+    def embed(self, input_ids, images=None, image_features=None):
+        """Token embeddings with every image's visual features written into its span.
+
+        `image_features` [n_images, n_queries, hidden] are the vision tower's outputs computed
+        earlier (`self.visual(images)`), for callers that pair one image with many texts."""
         llm = self.transformer.llm
         embeds = llm.embed_tokens(input_ids)
         rows = self.image_span_rows(input_ids.numpy())
         n_spans = len(rows) // self.config.visual.n_queries
-        n_images = 0 if images is None else images.shape[0]
+        given = images if image_features is None else image_features
+        n_images = 0 if given is None else given.shape[0]
         if n_spans != n_images:
             raise ValueError(
                 f"{n_spans} image span(s) in input_ids but {n_images} image(s) given: refusing a "
@@ -160,6 +164,8 @@ class MgenVLForCausalLM(nn.Layer):
         batch, length, hidden = embeds.shape
         if self.config.ablate_images:
             features = paddle.zeros([len(rows), hidden], dtype=embeds.dtype)
+        elif image_features is not None:
+            features = image_features.reshape([-1, hidden]).astype(embeds.dtype)
         else:
             features = self.visual(images).reshape([-1, hidden]).astype(embeds.dtype)
         flat = paddle.scatter(embeds.reshape([batch * length, hidden]),
@@ -226,13 +232,14 @@ class MgenVLForCausalLM(nn.Layer):
         rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]), paddle.to_tensor(keep))
         return rows, flat[keep], keep // targets.shape[1], presents
 
-    def sequence_logprobs(self, input_ids, images=None, attention_mask=None, labels=None):
+    def sequence_logprobs(self, input_ids, images=None, attention_mask=None, labels=None, image_features=None):
         """Per batch row: (sum of the log-probabilities of its supervised tokens, their count), as
         float64 / int64 numpy [B]; no autograd. Scores captions (data curation) with the training
-        forward's supervised-positions head, one [N_supervised x vocab] product per batch."""
+        forward's supervised-positions head, one [N_supervised x vocab] product per batch.
+        `image_features`: as in `embed`, in place of `images`."""
         with paddle.no_grad():
-            rows, targets, batch_row, _ = self._supervised_rows(self.embed(input_ids, images), labels,
-                                                                attention_mask)
+            rows, targets, batch_row, _ = self._supervised_rows(self.embed(input_ids, images, image_features),
+                                                                labels, attention_mask)
             logprobs = linear_target_logprobs(rows, self.lm_head, targets)
         size = int(input_ids.shape[0])
         return (np.bincount(batch_row, weights=logprobs, minlength=size),

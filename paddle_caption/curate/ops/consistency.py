@@ -104,16 +104,21 @@ def baseline_references(op, predictor) -> "References | None":
         if len(refs) < 2:  # one reference would be no reference for itself
             raise UserError(f"{op.name}: baseline other_images needs at least 2 rows with a usable image "
                             f"in {source} (or use baseline: ablated)")
-        op._references = References([s["id"] for s in refs], [predictor.preprocess(load_image(s)) for s in refs],
+        from ..scoring import image_features
+
+        op._references = References([s["id"] for s in refs],
+                                    image_features(predictor, [predictor.preprocess(load_image(s)) for s in refs],
+                                                   op.ctx.batch_size),
                                     op.params.baseline_images)
     return op._references
 
 
 class References:
-    """A pool of reference images and the rule that gives each row its k of them."""
+    """A pool of reference images — their vision tower outputs, computed once: every row pairs its
+    caption with k of them — and the rule that gives each row its k."""
 
-    def __init__(self, ids: list[str], images: list[np.ndarray], k: int):
-        self.ids, self.images, self.k = ids, images, k
+    def __init__(self, ids: list[str], features, k: int):
+        self.ids, self.features, self.k = ids, features, k
 
     def for_row(self, row_id: str | None) -> list[int]:
         """Pool indices for a row: a pseudo-random draw seeded by the row's id (the same in every
@@ -154,10 +159,11 @@ def _reference_logprobs(predictor, samples, captions, references, max_length, ba
     (caption, reference) pairs go through the model `batch` at a time, like the rows themselves."""
     from ..scoring import caption_logprobs
 
-    pairs = [(i, references.images[j]) for i, sample in enumerate(samples)
+    pairs = [(i, references.features[j]) for i, sample in enumerate(samples)
              for j in references.for_row(sample.get("id"))]
     values = np.concatenate([
-        caption_logprobs(predictor, [image for _, image in chunk], [captions[i] for i, _ in chunk], max_length)
+        caption_logprobs(predictor, [feature for _, feature in chunk], [captions[i] for i, _ in chunk], max_length,
+                         features=True)
         for chunk in (pairs[s:s + batch] for s in range(0, len(pairs), batch))])
     rows = np.array([i for i, _ in pairs])
     return np.bincount(rows, weights=values, minlength=len(samples)) / np.bincount(rows, minlength=len(samples))
