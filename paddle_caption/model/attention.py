@@ -8,7 +8,8 @@ dropout, the core runs in numpy (OpenBLAS products, in-place softmax) with a han
 
 Everywhere else (GPU, half precision, or `PADDLE_CAPTION_KERNELS=paddle` / `paddle_kernels()` on
 CPU) it is Paddle's fused `scaled_dot_product_attention` — flash attention on a GPU in
-float16/bfloat16 — which takes every mask this model builds: none (ViT, resampler), causal over a
+float16/bfloat16, whose contract on shapes and dtypes every call is checked against, on a CPU too
+(`check_flash_contract`) — which takes every mask this model builds: none (ViT, resampler), causal over a
 square score matrix (`is_causal`, training batches without left padding), or the additive mask of
 left-padded and cached decoding (`attn_mask`, made finite in the low dtype so a fully masked
 padding row stays a harmless uniform row). Attention dropout (off in every Qwen-VL config) takes
@@ -151,15 +152,66 @@ def attention(q, k, v, scale: float, bias=None, dropout=None, causal: bool = Fal
 
 
 def fused_attention(q, k, v, scale: float, bias=None, causal: bool = False):
-    """`scaled_dot_product_attention` in its [B, T, H, D] layout. Flash attention accepts only the
-    default 1/sqrt(D) scale, so any other scale is folded into q first."""
+    """`scaled_dot_product_attention` in its [B, T, H, D] layout: the kit's one call into a fused
+    attention kernel. Flash attention accepts only the default 1/sqrt(D) scale, so any other scale
+    is folded into q first. Every call is checked against flash attention's contract
+    (`check_flash_contract`), on a CPU too, so a mask a GPU would refuse fails a CPU test. FlashAttention
+    3 (`FLAGS_flash_attn_version=3`, H100) refuses every dense mask: masked calls then take the
+    plain expression, which accepts any mask (unmasked ones still go to the fused kernel)."""
     head_dim = q.shape[-1]
     if abs(scale * math.sqrt(head_dim) - 1.0) > 1e-7:
         q = q * (scale * math.sqrt(head_dim))
     mask = None if bias is None else sdpa_mask(bias, q.dtype)
-    q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    qt, kt, vt = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+    check_flash_contract(qt, kt, vt, mask, causal)
+    if mask is not None and flash_attn_version() == 3:
+        return plain_attention(q, k, v, 1.0 / math.sqrt(head_dim), bias)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal)
     return out.transpose([0, 2, 1, 3])
+
+
+class FlashContractError(ValueError):
+    """A fused-attention call that flash attention on a GPU would refuse."""
+
+
+def check_flash_contract(q, k, v, mask, is_causal: bool) -> None:
+    """Refuse, in one line, what Paddle's flash-attention kernel refuses on a GPU (Paddle 3.3 picks
+    it for float16/bfloat16 on A100/H100 even when a mask is given), whatever device runs now:
+    q/k/v [B, T, H, D] of one dtype, equal batch and heads, k and v of one length; a mask of shape
+    [B, 1 or H, 1 or Q, K] (its batch axis is not broadcast: a [1, ...] mask for a batch of 2
+    stops the kernel) in q's dtype; never `is_causal` together with a mask; and `is_causal` only
+    for a square Q = K (the kernels align a non-square causal mask differently: flash to the bottom
+    right, the math backend to the top left)."""
+    if not (len(q.shape) == len(k.shape) == len(v.shape) == 4):
+        raise FlashContractError(f"fused attention takes 4-D [B, T, H, D] q/k/v, got {q.shape}, {k.shape}, {v.shape}")
+    (b, q_len, heads, dim), (kb, k_len, kh, kd) = q.shape, k.shape
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise FlashContractError(f"fused attention needs one dtype for q/k/v, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if (kb, kh, kd) != (b, heads, dim) or list(v.shape) != list(k.shape):
+        raise FlashContractError(f"fused attention shapes disagree: q {q.shape}, k {k.shape}, v {v.shape}")
+    if mask is None:
+        if is_causal and q_len != k_len:
+            raise FlashContractError(f"is_causal needs square attention, got Q={q_len}, K={k_len}: pass a mask")
+        return
+    if is_causal:
+        raise FlashContractError("flash attention takes either is_causal or a mask, not both")
+    shape = list(mask.shape)
+    if len(shape) != 4 or shape[0] != b or shape[1] not in (1, heads) or shape[2] not in (1, q_len) \
+            or shape[3] != k_len:
+        raise FlashContractError(f"attention mask of shape {shape} breaks flash attention's contract: "
+                                 f"expected [{b}, 1 or {heads}, 1 or {q_len}, {k_len}] for batch {b}, "
+                                 f"{heads} heads, {q_len} queries, {k_len} keys")
+    if mask.dtype != q.dtype:
+        raise FlashContractError(f"attention mask dtype {mask.dtype} differs from q's {q.dtype}")
+
+
+def flash_attn_version() -> int:
+    """The flash-attention generation Paddle would run: `FLAGS_flash_attn_version` on a CUDA build
+    (3 selects FlashAttention 3 on H100), 2 otherwise (the flag does not exist on a CPU build)."""
+    try:
+        return int(paddle.get_flags(["FLAGS_flash_attn_version"])["FLAGS_flash_attn_version"])
+    except (ValueError, KeyError):
+        return 2
 
 
 def sdpa_mask(bias, dtype):

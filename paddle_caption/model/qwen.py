@@ -91,7 +91,7 @@ class AttentionInputs:
 
     cos: object  # [B, 1, T, rot] for all positions of this forward
     sin: object
-    bias: object  # additive mask [B or 1, 1, Q, past+T], or None with causal=True
+    bias: object  # additive mask [B, 1, Q, past+T], or None with causal=True
     logn: object = None  # [1, 1, T, 1] or None
     query_index: object = None  # [B, Q] positions (within this forward) the last layer must output
     q_cos: object = None
@@ -217,7 +217,9 @@ class QWenModel(nn.Layer):
         if past_len == 0 and key_mask is None:  # plain causal: the kernels build (or fuse) the mask
             every = AttentionInputs(cos, sin, None, logn, causal=True)
         else:
-            q_abs = paddle.arange(past_len, total, dtype="int64").unsqueeze(0)
+            # one row per batch row even when no row is padded: flash attention does not broadcast
+            # a mask's batch axis (attention.check_flash_contract)
+            q_abs = paddle.arange(past_len, total, dtype="int64").unsqueeze(0).expand([b, t])
             every = AttentionInputs(cos, sin, attention_bias(q_abs, total, key_mask), logn)
         last = every
         if output_index is not None:
@@ -261,14 +263,14 @@ def positions_from_mask(attention_mask):
 
 
 def attention_bias(query_abs, total: int, key_mask=None):
-    """Additive float mask [B or 1, 1, Q, total]: query at key-axis index i sees keys 0..i (and,
-    with `key_mask` [B, total], only real tokens).
+    """Additive float mask [B, 1, Q, total] for `query_abs` [B, Q]: query at key-axis index i sees
+    keys 0..i (and, with `key_mask` [B, total], only real tokens).
 
     Masked entries hold finfo(float32).min rather than -inf, so an all-masked (padding) query row
     softmaxes to a harmless uniform row instead of NaN.
     """
     k_pos = paddle.arange(total, dtype="int64").reshape([1, 1, -1])
-    allowed = k_pos <= query_abs.unsqueeze(-1)  # [B or 1, Q, total]
+    allowed = k_pos <= query_abs.unsqueeze(-1)  # [B, Q, total]
     if key_mask is not None:
         allowed = paddle.logical_and(allowed, key_mask.astype("bool").unsqueeze(1))
     zeros = paddle.zeros(allowed.shape, dtype="float32")

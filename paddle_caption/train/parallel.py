@@ -5,8 +5,11 @@ Launch: `python -m paddle.distributed.launch --nproc_per_node N supervised_finet
 (`--gpus 0,1,...` on GPUs; gloo on CPU). Each rank trains on its share of every step's batches
 (`data.dataset.RankBatchSampler`) and the gradients are averaged over the ranks:
 
-- `sharding: "none"`: `paddle.DataParallel` all-reduces gradients during the backward of a step's
-  last micro-batch (`no_sync` on the others). Every rank holds the whole optimizer state.
+- `sharding: "none"`: `paddle.DataParallel` (which broadcasts rank 0's weights when it wraps), every
+  micro-step under `no_sync`, and one fused all-reduce of the trainable gradients, averaged over the
+  ranks, after the step's last backward (`reduce_gradients`: Paddle's
+  `fused_allreduce_gradients`, gradients coalesced into 128 MB buckets). Every rank holds the whole
+  optimizer state.
 - `sharding: "stage1"`: fleet's `DygraphShardingOptimizer` (`fleet.init` with `sharding_degree` =
   ranks, `fleet.distributed_model` / `distributed_optimizer`). Each rank keeps the AdamW moments
   (and master weights) of its share of the parameters only; at `optimizer.step()` gradients are
@@ -16,25 +19,29 @@ Launch: `python -m paddle.distributed.launch --nproc_per_node N supervised_finet
   gradients too. Paddle 3.3 supports it only on GPU/XPU: on CPU it stops with `AssertionError:
   group_sharded_parallel only support gpu, xpu and custom_device now`, so the trainer refuses it
   on CPU up front (`check_sharding`) and the path is not exercised by the CPU test suite. Its
-  GroupShardedStage2 reduces gradients in every backward (it has no `no_sync`), so with gradient
-  accumulation it communicates on every micro-step.
+  GroupShardedStage2 reduces gradients in every backward and has no `no_sync`, so with gradient
+  accumulation it communicates on every micro-step: A times the gradient traffic of stage1 at
+  accumulation A (correct, just heavier). The 7B recipes use stage1 or none.
 
 With sharding, each rank's optimizer state is its own file in the checkpoint
 (`checkpoints.optimizer_shard_name`); a sharded run resumes with the same number of ranks.
 
-Why the model is wrapped in `LossOnly`: DataParallel finds the unused parameters of a step by
-walking the autograd graph back from the tensors its wrapped forward returns, and it looks for
-them only in Tensors, lists, tuples and dicts. The model returns a `CausalLMOutput` dataclass, so
-wrapped directly the reducer found no output, took *every* parameter for unused, marked them all
-ready (with zero gradients) when the first gradient arrived, and died when that parameter's real
-gradient was marked ready again: `parameter[18][linear_15.w_0] has been ready before` (that is
-lm_head, the first gradient of the backward). `find_unused_parameters=True`, which the message
-suggests, does not help (the walk still starts from nothing). Returning the loss tensor lets the
-reducer trace the real graph; the numpy PyLayer ops (model/head.py, model/attention.py) are ordinary
-graph nodes with edges to their inputs, and parameters used twice are summed before their
-accumulation hook fires, so the default (`find_unused_parameters=False`, one walk at the first
-step) is right: a parameter unused at the first step (e.g. the vision tower under
-`ablate_images`) stays unused.
+Why the gradients are not all-reduced by DataParallel's reducer, during the backward: the reducer
+finds the parameters a step uses by walking the autograd graph back from the forward's outputs, once
+at the first step, and marks the others ready at once. Recompute (`model/recompute.py`) runs each
+block's forward under no_grad inside a PyLayer, so the walk stops at the PyLayer and every parameter
+inside a recomputed block looks unused: it is marked ready (with a zero gradient) and dies when its
+real gradient arrives in the recomputed backward: `parameter[16][linear_14.w_0] has been ready
+before` in `GradNodePyLayer_RecomputeFunction`. `find_unused_parameters=True` does not help (the
+walk still cannot see through the PyLayer), and Paddle's DataParallel documentation states that
+PyLayer is unsupported and recommends `no_sync` plus a manual all-reduce, which is what PaddleNLP's
+Trainer does whenever recompute and data parallel meet. All 7B recipes recompute, so the kit takes
+that one path for every data-parallel run, with or without recompute: one code path, tested in
+every combination (tests/test_recipes_launched.py). The cost is the overlap of communication with
+the backward that the reducer gives; on CPU/gloo 2 ranks measured no difference within noise.
+
+The model is wrapped in `LossOnly` so that the parallel engines see a forward that returns the loss
+tensor, whatever the model returns (a `CausalLMOutput` dataclass, which neither engine looks into).
 
 Time-based decisions (the learning rate on a wall-clock schedule, the stop when the budget is
 spent) follow rank 0's clock: `agree` hands every rank rank 0's values in the same collective that
@@ -134,13 +141,34 @@ def barrier(world: int) -> None:
         paddle.distributed.barrier()
 
 
-def gradient_sync(train_module, sync: bool):
-    """A context for one micro-step's forward and backward: under DataParallel, gradients are
-    all-reduced only when `sync` (the step's last micro-batch); the others accumulate locally
-    (`no_sync`), so an accumulation of A micro-batches costs one all-reduce, not A."""
-    if sync or not isinstance(train_module, paddle.DataParallel):
+def micro_step(train_module):
+    """The context of one micro-step's forward and backward. Under DataParallel: `no_sync`, always
+    (the reducer cannot follow recompute: module docstring); gradients accumulate locally until
+    `reduce_gradients`. Sharded engines communicate at `optimizer.step()` and need nothing here."""
+    if not isinstance(train_module, paddle.DataParallel):
         return contextlib.nullcontext()
     return train_module.no_sync()
+
+
+def reduce_gradients(train_module, params) -> None:
+    """After a step's last backward, before the optimizer step: average the trainable gradients
+    over the ranks under DataParallel, in one fused all-reduce per 128 MB bucket (Paddle's
+    `fused_allreduce_gradients`, as PaddleNLP's Trainer). Every rank must hold a gradient for the
+    same parameters (a parameter unused on some ranks only would desynchronise the buckets), so a
+    missing gradient is refused by name rather than left to hang."""
+    if not isinstance(train_module, paddle.DataParallel):
+        return
+    from paddle.distributed.fleet.utils.hybrid_parallel_util import fused_allreduce_gradients
+
+    params = list(params)
+    missing = np.asarray([int(p.grad is None) for p in params], dtype=np.int64)
+    counts = paddle.to_tensor(missing)
+    paddle.distributed.all_reduce(counts)
+    partial = [p.name for p, n in zip(params, counts.numpy()) if 0 < n < paddle.distributed.get_world_size()]
+    if partial:
+        raise RuntimeError(f"parameter {partial[0]} has a gradient on some ranks only: data parallel "
+                           "needs every rank to use the same parameters in a step")
+    fused_allreduce_gradients(params, None)
 
 
 def agree(world: int, rank0_values: list[float], summed_values: list[float]) -> tuple[list[float], list[float]]:

@@ -11,8 +11,8 @@ The loop knows no dataset: evaluation (`evaluation.py`) captions through the sam
 
 Several processes (`python -m paddle.distributed.launch --nproc_per_node N` or `--gpus ...`; see
 `parallel.py`): rank r trains on batches r, r+N, ... of each step's group (`RankBatchSampler`),
-gradients are all-reduced once per optimiser step (`no_sync` on accumulation micro-steps) and
-averaged, so N ranks x accumulation A train exactly like one process with accumulation N*A (tested
+gradients are all-reduced once per optimiser step, after its last micro-batch, and averaged
+(`parallel.reduce_gradients`; recompute included), so N ranks x accumulation A train exactly like one process with accumulation N*A (tested
 to 1e-5). Rank 0 decides everything that depends on a clock (the learning rate on a wall-clock
 schedule, the last step, when to evaluate and save) and every rank follows (`parallel.agree`, one
 all-reduce a step). Rank 0 alone prints and writes files: log.jsonl, train_config.json, checkpoints,
@@ -52,6 +52,10 @@ VOLATILE_KEYS = {"output_dir", "progress", "logging_steps", "eval_steps", "eval_
                  "save_minutes", "save_total_limit", "visualdl", "num_workers", "num_threads",
                  "max_train_minutes", "eval_loss_samples", "eval_caption_samples", "eval_max_new_tokens",
                  "eval_batch_size", "eval_extra_scores", "val_records"}
+
+
+# Why a run stopped, shared between ranks as an index (`parallel.agree` moves floats): 0 = going on.
+STOP_REASONS = ("", "max_steps", "epochs", "time budget")
 
 
 @dataclass
@@ -218,7 +222,7 @@ class Trainer:
                 # RNG is a function of (step, micro-batch of the step across all ranks): a step's
                 # dropout is the same whether its micro-batches run on one process or on several.
                 paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
-                with self.parallel.gradient_sync(train_module, sync=micro == accum - 1):
+                with self.parallel.micro_step(train_module):
                     with precision.autocast():
                         loss = train_module(batch["input_ids"], images=batch["images"],
                                             attention_mask=batch["attention_mask"], labels=batch["labels"])
@@ -237,15 +241,17 @@ class Trainer:
                 elapsed = time.time() - start
                 next_step = float(np.median(step_times[-20:] + [time.time() - step_start]))
                 step_after = state.step + 1
-                stop = 1.0 if step_after >= total_steps else 2.0 if elapsed + next_step > budget_s else 0.0
+                stop = (STOP_REASONS.index(stop_reason) if step_after >= total_steps else
+                        STOP_REASONS.index("time budget") if elapsed + next_step > budget_s else 0)
                 decided, summed = self.parallel.agree(self.world, [
-                    elapsed, stop,
+                    elapsed, float(stop),
                     float(not stop and self._due(cfg.eval_steps, cfg.eval_minutes, step_after, elapsed, last_eval)),
                     float(not stop and self._due(cfg.save_steps, cfg.save_minutes, step_after, elapsed, last_save)),
                 ], [step_loss])
                 state.elapsed_s, stop, eval_due, save_due = decided
                 lr = lr_at(cfg, max(state.step / total_steps, state.elapsed_s / budget_s))
                 optimizer.set_lr(lr)
+                self.parallel.reduce_gradients(train_module, (p for _, p in self.named_trainable))
                 precision.step(optimizer)  # float16: unscaled first, skipped on overflow
                 optimizer.clear_grad()
                 window_loss.append(summed[0] / (accum * self.world))
@@ -265,9 +271,7 @@ class Trainer:
                     window_loss, window_samples, window_t = [], 0, time.time()
                 bar.update(1)
                 if stop:
-                    done = True
-                    if stop == 2.0:
-                        stop_reason = "time budget"
+                    done, stop_reason = True, STOP_REASONS[int(stop)]
                     break
                 if eval_due:
                     self.evaluate(state)
