@@ -27,6 +27,7 @@ COMMANDS = {
     "compare-modes": ("paddle_caption.demo.compare_modes", "full / partial / LoRA fine-tuning compared on the embedded default"),
     "curate": ("paddle_caption.curate.cli", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
     "curate-demo": ("paddle_caption.curate.demo", "raw noisy rows vs curated rows on the synthetic world"),
+    "gpu-check": ("paddle_caption.gpu_check.cli", "one-minute self-check of the bfloat16 GPU paths against float32"),
 }
 
 
@@ -68,3 +69,4 @@ convert_checkpoint = _console("convert-checkpoint")
 compare_modes = _console("compare-modes")
 curate = _console("curate")
 curate_demo = _console("curate-demo")
+gpu_check = _console("gpu-check")
