@@ -38,7 +38,8 @@ PyLayer is unsupported and recommends `no_sync` plus a manual all-reduce, which 
 Trainer does whenever recompute and data parallel meet. All 7B recipes recompute, so the kit takes
 that one path for every data-parallel run, with or without recompute: one code path, tested in
 every combination (tests/test_recipes_launched.py). The cost is the overlap of communication with
-the backward that the reducer gives; on CPU/gloo 2 ranks measured no difference within noise.
+the backward that the reducer gives: not measured here (two CPU ranks over gloo say nothing about
+NCCL on GPUs); PaddleNLP accepts the same cost whenever it recomputes.
 
 The model is wrapped in `LossOnly` so that the parallel engines see a forward that returns the loss
 tensor, whatever the model returns (a `CausalLMOutput` dataclass, which neither engine looks into).
