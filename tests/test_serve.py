@@ -36,7 +36,7 @@ def captioned(predictor):
     Predictor) all differ, so that a caption given to the wrong request cannot go unnoticed.
     A random micro model reads little of its image: about half of all noise images qualify."""
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=NEW)
     chosen = {}
@@ -186,7 +186,7 @@ def test_models_health_metrics_and_the_page(client, images):
 
 def test_beam_and_sampling_options(client, predictor, images):
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     pixels = [predictor.preprocess(decode_image(images[0]))]
     beam = predictor.decode(predictor.generate_ids(pixels, config=GenerationConfig(max_new_tokens=NEW, num_beams=3))[0])
@@ -210,7 +210,7 @@ def test_greedy_captions_equal_predict_batch(tmp_path, model_dir, predictor, ima
     under concurrent requests that share batches, give the same caption for every image."""
     import httpx
 
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
     from paddle_caption.predict import run as P
 
     tsv = tmp_path / "test.tsv"
@@ -482,7 +482,7 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     """A short request arriving mid-decode joins the running batch at a step boundary, leaves when
     done, and both captions are the ones each image gets alone."""
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
     from paddle_caption.serve.engine import Job, Sequence
 
     service, metrics, _ = build(predictor, engine_options=EngineOptions(max_batch_size=4, max_wait_ms=0))
@@ -526,8 +526,8 @@ def test_speculative_engine_answers_the_same_captions(predictor, images, alone):
     """With a drafter (here drafting from the images' own greedy ids, so drafts get accepted), the
     service's captions are the plain ones, alone and sharing batches, and /metrics counts drafts."""
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.drafting import DraftDatastore, RetrievalDrafter
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.drafting import DraftDatastore, RetrievalDrafter
+    from paddle_caption.decoding.config import GenerationConfig
 
     tok = predictor.tokenizer
     ids = [predictor.generate_ids([predictor.preprocess(decode_image(img))], config=GenerationConfig(max_new_tokens=NEW))[0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
+from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure
 from .run import PredictOptions
@@ -63,15 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure(args.num_threads)
-    from ..model.generation import GenerationConfig
+    from ..decoding.config import GenerationConfig
     from .run import format_summary, predict_file
 
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                           num_beams=args.num_beams, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                           length_penalty=args.length_penalty, seed=args.seed)
-    try:
-        gen.validate()  # before the model loads
+    try:  # before the model loads
+        gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                               num_beams=args.num_beams, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               length_penalty=args.length_penalty, seed=args.seed)
     except ValueError as err:
         raise UserError(str(err)) from None
     opts = PredictOptions(batch_size=args.batch_size, generation=gen, prompt_file=args.prompt_file,

@@ -3,9 +3,9 @@
 Every caption the kit writes goes through it: `predict_batch.py`, evaluation during training, the
 demo and the caption service. Images are preprocessed float32 arrays [3, S, S] (`preprocess`);
 each image gets the model's single-image training prompt unless per-image prompt ids are given.
-A batch is encoded once, in the prefill of `model.generation.generate` (left padding, KV cache,
+A batch is encoded once, in the prefill of `decoding.generate` (left padding, KV cache,
 finished rows leave the batch), so greedy output does not depend on the batch. With a `drafter`
-(`model.drafting.load_drafter`), greedy decoding is speculative: same tokens, fewer forwards.
+(`decoding.drafting.load_drafter`), greedy decoding is speculative: same tokens, fewer forwards.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def clean_caption(text: str) -> str:
 class Predictor:
     def __init__(self, model, tokenizer, template: PromptTemplate, gen_config=None,
                  source: str = "in-memory model", drafter=None):
-        from ..model.generation import GenerationConfig
+        from ..decoding.config import GenerationConfig
 
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.drafter = drafter  # None: plain decoding
@@ -60,7 +60,7 @@ class Predictor:
         `stats` (a `SpeculationStats`) accumulates what drafting did."""
         import paddle
 
-        from ..model.generation import generate
+        from ..decoding.generate import generate
 
         if not images:
             return []
@@ -89,9 +89,9 @@ def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: s
     (`precision.default_load_dtype`); a dtype this device cannot compute in (bfloat16/float16 on a
     CPU) is refused in one line before anything loads. `speculative` "retrieval" drafts from
     `draft_source` (a captions file or datastore directory; default MODEL_DIR/draft_datastore), see
-    `model.drafting.load_drafter`."""
-    from ..model.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
-    from ..model.head import freeze_head
+    `decoding.drafting.load_drafter`."""
+    from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
+    from ..decoding.output_head import keep_transposed_head
     from ..model.mgen_vl import MgenVLForCausalLM
     from ..model.precision import require_compute
     from ..tokenizer import QWenVLTokenizer
@@ -107,7 +107,7 @@ def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: s
         tokenizer = QWenVLTokenizer.for_model(model.config, model_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_dir}: {err}") from None
-    freeze_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
+    keep_transposed_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
     drafter = load_drafter(speculative, model_dir, tokenizer, draft_source,
                            num_draft_tokens or DEFAULT_DRAFT_TOKENS, log=log)
     return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir),

@@ -42,7 +42,7 @@ class PredictOptions:
     # from draft_source (a captions file or datastore dir; default MODEL_DIR/draft_datastore).
     speculative: str = "none"
     draft_source: str | None = None
-    num_draft_tokens: int | None = None  # None: model.drafting.DEFAULT_DRAFT_TOKENS
+    num_draft_tokens: int | None = None  # None: decoding.drafting.DEFAULT_DRAFT_TOKENS
     progress: bool = True
     merge_timeout: float = 24 * 3600.0  # rank 0: seconds to wait for the other shards
     dtype: str | None = None  # the model's dtype; None: as stored where the device computes in it, else float32
@@ -55,7 +55,7 @@ class PredictOptions:
             raise UserError(f"limit must be >= 1, got {self.limit}")
         if self.min_side < 0 or self.max_pixels < 1:
             raise UserError("need min_side >= 0 and max_pixels >= 1")
-        from ..model.drafting import SPECULATIVE_MODES
+        from ..decoding.drafting import SPECULATIVE_MODES
 
         if self.speculative not in SPECULATIVE_MODES:
             raise UserError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, not {self.speculative!r}")
@@ -71,7 +71,7 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     """
     from tqdm import tqdm
 
-    from ..model.generation import SpeculationStats
+    from ..decoding.scheduler import SpeculationStats
 
     opts = opts or PredictOptions()
     opts.validate()

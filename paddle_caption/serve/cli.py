@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
+from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure, run_cli
 from .engine import EngineOptions

@@ -121,7 +121,7 @@ class CaptionEngine:
     (optional) is a `ServiceMetrics` it reports into."""
 
     def __init__(self, model, pad_id: int, options: EngineOptions | None = None, metrics=None, drafter=None):
-        from ..model.generation import ContinuousBatch, SpeculationStats
+        from ..decoding.scheduler import ContinuousBatch, SpeculationStats
 
         self.model, self.options, self.metrics = model, options or EngineOptions(), metrics
         self.options.validate()
@@ -265,7 +265,7 @@ class CaptionEngine:
             self._run_beams(group)
 
     def _run_beams(self, group: list[Sequence]) -> None:
-        from ..model.generation import generate
+        from ..decoding.generate import generate
 
         try:
             outputs = generate(self.model, [s.prompt for s in group], self._pixels(group), group[0].config)

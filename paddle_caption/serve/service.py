@@ -109,7 +109,7 @@ class CaptionService:
         """`options` is either request schema: both name their decoding settings alike (do_sample,
         num_beams, temperature, top_p, top_k, repetition_penalty, length_penalty, seed); only the
         maximum length differs in name, so it comes separately with the name errors should use."""
-        from ..model.generation import GenerationConfig
+        from ..decoding.config import GenerationConfig
 
         limits, o = self.limits, options
         max_new = limits.default_max_tokens if max_new_tokens is None else max_new_tokens
@@ -120,15 +120,14 @@ class CaptionService:
             raise ApiError(400, f"num_beams {o.num_beams} exceeds the limit {limits.max_num_beams} (--max_num_beams)",
                            param="num_beams")
         base = self.predictor.gen_config
-        cfg = GenerationConfig(
+        try:
+            cfg = GenerationConfig(
             max_new_tokens=max_new, do_sample=o.do_sample, num_beams=o.num_beams,
             temperature=o.temperature if o.do_sample and o.temperature else 1.0,
             top_p=o.top_p if o.top_p is not None else 1.0, top_k=o.top_k or 0,
             repetition_penalty=o.repetition_penalty, length_penalty=o.length_penalty,
             stop_ids=base.stop_ids, pad_id=base.pad_id,
             seed=secrets.randbits(31) if o.seed is None else o.seed)
-        try:
-            cfg.validate()
         except ValueError as err:
             raise ApiError(400, str(err)) from None
         return cfg
