@@ -130,11 +130,6 @@ def test_file_level_batched_equals_one_by_one(tmp_path, predictor, reference):
     assert not (tmp_path / "one.txt.partial").exists()
 
 
-def test_batches_by_length_sorts_stably_and_restores_nothing_itself():
-    assert inputs.batches_by_length([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
-    assert inputs.batches_by_length([5] * 5, 2) == [[0, 1], [2, 3], [4]]
-
-
 def test_clean_caption_and_prompt_sources(tmp_path):
     assert predictor_mod.clean_caption(" a\tb\r\nc\u2028d ") == "a b c d"
     default = load_template(tmp_path)

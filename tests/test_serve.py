@@ -492,7 +492,7 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     try:
         def job(i, n):
             seq = Sequence(predictor.prompt_ids, [predictor.preprocess(decode_image(images[i]))],
-                           predictor.complete(GenerationConfig(max_new_tokens=n)))
+                           predictor.fill_stop_and_pad_ids(GenerationConfig(max_new_tokens=n)))
             return Job([seq])
 
         long_job, short_job = job(0, 12), job(1, 3)
@@ -520,6 +520,42 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     assert metric(text, "paddle_caption_prefill_batch_size_count") == 2
     assert metric(text, "paddle_caption_decode_batch_size_count") == 12  # one step per token of the long row
     assert metric(text, "paddle_caption_decode_batch_size_bucket", le="1.0") == 12 - 3  # 3 steps of two rows
+
+
+def test_a_beam_request_joins_the_running_batch_with_one_row_per_beam(predictor, images):
+    """Beam search runs in the engine's one batch: a 3-beam request arriving mid-decode takes three
+    rows next to the running greedy row, and both get what they get alone (generate_ids)."""
+    from paddle_caption.data.images import decode_image
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.serve.engine import Job, Sequence
+
+    service, metrics, _ = build(predictor, engine_options=EngineOptions(max_batch_size=4, max_wait_ms=0))
+    engine = service.engine
+    gate = Gate(engine)
+    engine.start()
+    greedy_cfg, beam_cfg = GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=NEW, num_beams=3)
+    pixels = [[predictor.preprocess(decode_image(images[i]))] for i in (0, 1)]
+    try:
+        greedy_job = Job([Sequence(predictor.prompt_ids, pixels[0], predictor.fill_stop_and_pad_ids(greedy_cfg))])
+        beam_job = Job([Sequence(predictor.prompt_ids, pixels[1], predictor.fill_stop_and_pad_ids(beam_cfg))])
+        engine.submit(greedy_job)
+        gate.release(2)
+        wait_until(lambda: engine.status().steps == 2)
+        engine.submit(beam_job)
+        gate.release(1)
+        wait_until(lambda: engine.running == 4)  # the greedy row and three beam rows
+        gate.open()
+        (greedy,) = greedy_job.future.result(10)
+        (beam,) = beam_job.future.result(10)
+    finally:
+        gate.open()
+        engine.stop(10)
+    assert greedy.tokens == predictor.generate_ids(pixels[0], config=greedy_cfg)[0]
+    assert beam.tokens == predictor.generate_ids(pixels[1], config=beam_cfg)[0]
+    assert beam.finish_reason in ("stop", "length")
+    text = metrics.render().decode()
+    assert metric(text, "paddle_caption_decode_batch_size_bucket", le="2.0") < metric(
+        text, "paddle_caption_decode_batch_size_count")  # some steps decoded four rows
 
 
 def test_speculative_engine_answers_the_same_captions(predictor, images, alone):

@@ -109,6 +109,11 @@ class ContinuousBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def requests(self) -> list[Row]:
+        """The running requests, once each (a beam request holds several cache rows)."""
+        return list({id(row): row for row in self.rows}.values())
+
     def add(self, prompts: list[list[int]], images, configs: list[GenerationConfig], tags=None,
             rng: np.random.Generator | None = None) -> list[Row]:
         """Prefill `prompts` (`images` [n_images, 3, S, S] for their `<img>` spans, in order) as new
