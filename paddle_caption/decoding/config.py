@@ -80,7 +80,3 @@ class GenerationConfig:
         """Decoder rows one prompt takes: its beams, or its samples."""
         return self.num_beams if self.num_beams > 1 else self.num_return_sequences
 
-
-def public_options() -> list[dataclasses.Field]:
-    """The options a user sets (CLI flags, request fields), in declaration order."""
-    return [f for f in dataclasses.fields(GenerationConfig) if f.metadata.get(PUBLIC)]
