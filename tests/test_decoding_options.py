@@ -88,3 +88,19 @@ def test_openai_names_map_onto_the_options_at_the_chat_edge():
     assert chat(max_tokens=7).requested_max_tokens == 7
     seeds = {chat(temperature=1.0).generation.seed for _ in range(4)}
     assert len(seeds) > 1  # no seed: a random one per request
+
+
+def test_the_pseudo_label_ops_decoding_parameters_are_the_options():
+    from paddle_caption.curate.ops.pseudo_label import PseudoLabelParams
+    from paddle_caption.decoding.derive import option_values
+    from paddle_caption.runtime import UserError
+
+    declared = {f.name: f for f in dataclasses.fields(GenerationConfig)}
+    params = {f.name: f for f in dataclasses.fields(PseudoLabelParams)}
+    for name in ("temperature", "top_p", "max_new_tokens"):
+        assert params[name].metadata == declared[name].metadata  # help and bounds, declared once
+    ok = PseudoLabelParams(recaption_below=0.1)
+    ok.validate("stage 2")
+    assert option_values(ok) == {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}  # its own defaults
+    with pytest.raises(UserError, match="stage 2: top_p must be <= 1"):
+        PseudoLabelParams(recaption_below=0.1, top_p=1.5).validate("stage 2")

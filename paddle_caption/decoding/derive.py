@@ -2,9 +2,10 @@
 
 `GenerationConfig` declares each option once (type, default, bounds, help: `config.option`); this
 module turns its public fields into argparse flags (`add_flags`, read back by `config_from_args`)
-and into pydantic fields (`options_model`), the way `typed_config.py` turns JSON into a dataclass.
+into pydantic fields (`options_model`), and into fields of other configs (`option_field`), the way `typed_config.py` turns JSON into a dataclass.
 So `predict_batch.py` and both service endpoints offer exactly the dataclass's options, with its
-bounds, and a new option appears everywhere at once (tested with a dataclass that adds one).
+bounds, and a new option appears everywhere at once (tested with a dataclass that adds one); the
+curation ops that decode (`pseudo_label`) declare theirs with `option_field`.
 Both functions take the dataclass as an argument (default `GenerationConfig`).
 
 Paddle-free; pydantic is imported only by `options_model` (the service's dependency).
@@ -55,6 +56,25 @@ def config_from_args(args, cls=GenerationConfig, **fixed):
     """The `cls` the parsed flags of `add_flags` describe (`fixed` sets non-public fields); raises
     ValueError naming a bad option (a config checks itself when made)."""
     return cls(**{f.name: getattr(args, f.name) for f in public_fields(cls)}, **fixed)
+
+
+def option_field(name: str, default=dataclasses.MISSING, cls=GenerationConfig):
+    """A field of another dataclass (e.g. a curation op's parameters) that *is* the decoding option
+    `name`: its help and bounds, with that dataclass's own default. `check_options` checks it."""
+    declared = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return dataclasses.field(default=declared.default if default is dataclasses.MISSING else default,
+                             metadata=declared.metadata)
+
+
+def option_values(obj, cls=GenerationConfig) -> dict:
+    """{option: value} of the fields of dataclass `obj` that are options of `cls` (by name)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name in names}
+
+
+def check_options(obj, cls=GenerationConfig) -> None:
+    """Check `obj`'s decoding options as `cls` does (ValueError naming the option)."""
+    cls(**option_values(obj, cls))
 
 
 def options_model(name: str, cls=GenerationConfig, *, base=None, exclude=(), optional=()):
