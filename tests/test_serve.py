@@ -558,6 +558,19 @@ def test_a_beam_request_joins_the_running_batch_with_one_row_per_beam(predictor,
         text, "paddle_caption_decode_batch_size_count")  # some steps decoded four rows
 
 
+def test_a_beam_request_wider_than_max_batch_size_runs_alone(predictor, images):
+    from paddle_caption.data.images import decode_image
+    from paddle_caption.decoding.config import GenerationConfig
+
+    pixels = [predictor.preprocess(decode_image(images[0]))]
+    beam = predictor.decode(predictor.generate_ids(pixels, config=GenerationConfig(max_new_tokens=NEW, num_beams=3))[0])
+    _, _, app = build(predictor, engine_options=EngineOptions(max_batch_size=2, max_wait_ms=0))
+    with AppClient(app) as c:
+        r = c.post("/v1/captions", json={"images": [b64(images[0])] * 2, "max_new_tokens": NEW, "num_beams": 3})
+        assert r.status_code == 200, r.text
+        assert [item["caption"] for item in r.json()] == [beam, beam]
+
+
 def test_speculative_engine_answers_the_same_captions(predictor, images, alone):
     """With a drafter (here drafting from the images' own greedy ids, so drafts get accepted), the
     service's captions are the plain ones, alone and sharing batches, and /metrics counts drafts."""
