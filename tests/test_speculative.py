@@ -281,6 +281,19 @@ def test_right_drafts_are_all_accepted_and_wrong_ones_rejected(setup, kernels):
     assert stats.accepted == some_wrong.expected_accepted and 0 < stats.accepted < stats.drafted
 
 
+def test_beam_rows_ride_along_with_speculating_greedy_rows(setup, kernels):
+    """Beam requests share the batch with greedy rows that verify drafts (several tokens fed per
+    row, then rolled back): the beams are never drafted and every request's output is unchanged."""
+    model, prompts, images = setup
+    cfgs = [config(), config(num_beams=3), config(), config(num_beams=2, length_penalty=0.7), config(),
+            config(do_sample=True, seed=2)]
+    want, reasons, _ = run_batch(model, prompts, images, cfgs)
+    drafter = ScriptedDrafter(dict(enumerate(want)), 4, wrong_at=lambda step, row: (step + row) % 3)
+    got, got_reasons, stats = run_batch(model, prompts, images, cfgs, drafter)
+    assert got == want and got_reasons == reasons
+    assert stats.accepted > 0 and drafter.calls > 0
+
+
 def test_stop_ids_length_limits_penalties_and_sampling_rows_are_unchanged(setup, kernels):
     """A mixed batch: greedy rows (one stops on a drafted stop id, one with a repetition penalty,
     one with a short max_new_tokens) and sampling rows riding along; every row's tokens are the

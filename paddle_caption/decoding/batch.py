@@ -26,8 +26,8 @@ def left_pad(prompts: list[list[int]], pad_id: int):
 class DecodeBatch:
     """The rows being decoded together: their KV cache, attention mask and next-token logits.
 
-    This is the state every decoding strategy drives (greedy/sampling in `ContinuousBatch`, beam
-    search, speculative decoding). Its whole API:
+    This is the state every decoding strategy drives (`scheduler.ContinuousBatch`: greedy, sampling,
+    beam groups, speculative decoding). Its whole API:
 
         batch = DecodeBatch(model)          # empty
         new = batch.add(prompts, images)    # prefill new rows; they join the running rows at the end

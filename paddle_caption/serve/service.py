@@ -3,8 +3,8 @@ decoded and checked against the limits, prompts built as in training), jobs are 
 timeout and a watch on the client, and finished sequences become responses.
 
 Captioning goes through the same pieces as predict_batch.py: `Predictor.preprocess` (the image
-transform), the model's training prompt (`load_template` / `build_prompt_ids`), the generation
-code, and `Predictor.decode` (`clean_caption`). So a request's greedy caption equals
+transform), the model's training prompt (`load_template` / `build_prompt_ids`), the decoding
+package, and `Predictor.decode` (`clean_caption`). So a request's greedy caption equals
 predict_batch.py's for the same image (tested).
 
 Status codes: 400 bad input (named), 401 no/wrong API key (routes), 404 unknown model, 413 body,
