@@ -104,3 +104,15 @@ def test_the_pseudo_label_ops_decoding_parameters_are_the_options():
     assert option_values(ok) == {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 64}  # its own defaults
     with pytest.raises(UserError, match="stage 2: top_p must be <= 1"):
         PseudoLabelParams(recaption_below=0.1, top_p=1.5).validate("stage 2")
+
+
+def test_the_options_and_the_command_lines_load_no_paddle():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import paddle_caption.decoding.config, paddle_caption.decoding.derive, paddle_caption.decoding.drafting\n"
+            "import paddle_caption.predict.cli, paddle_caption.serve.cli, paddle_caption.serve.protocol\n"
+            "print('paddle' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
