@@ -56,11 +56,11 @@ def worker(args) -> dict:
     from paddle_caption.data.images import b64decode_strict, decode_image
     from paddle_caption.data.prompts import PromptTemplate
     from paddle_caption.data.synthetic import generate_split
-    from paddle_caption.model.config import MgenVLConfig
-    from paddle_caption.decoding.drafting import load_drafter
     from paddle_caption.decoding.config import GenerationConfig
-    from paddle_caption.decoding.scheduler import SpeculationStats
+    from paddle_caption.decoding.drafting import load_drafter
     from paddle_caption.decoding.output_head import keep_transposed_head
+    from paddle_caption.decoding.scheduler import SpeculationStats
+    from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
     from paddle_caption.predict.predictor import Predictor, load_predictor
     from paddle_caption.predict.run import PredictOptions, predict_tsv

@@ -49,7 +49,8 @@ def test_the_flags_and_request_fields_are_exactly_the_public_options():
     assert caption_fields == set(PUBLIC) | {"prompt", "system"}
     chat_only = set(PUBLIC) - set(protocol.CHAT_ALIASED)
     assert chat_only <= set(protocol.ChatCompletionRequest.model_fields)
-    assert {"max_tokens", "max_completion_tokens", "temperature", "n"} <= set(protocol.ChatCompletionRequest.model_fields)
+    openai_names = {"max_tokens", "max_completion_tokens", "temperature", "n"}
+    assert openai_names <= set(protocol.ChatCompletionRequest.model_fields)
     assert "do_sample" not in protocol.ChatCompletionRequest.model_fields and "max_new_tokens" not in \
         protocol.ChatCompletionRequest.model_fields  # OpenAI's names only, on the chat endpoint
     # the same defaults and bounds on the flag and on the field

@@ -105,8 +105,8 @@ def test_dropped_rows_leave_and_free_their_cache(setup):
 
 
 def test_finish_reasons_and_the_stop_id_is_not_returned(setup):
-    from paddle_caption.decoding.scheduler import ContinuousBatch
     from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.scheduler import ContinuousBatch
 
     model, prompts, images = setup
     free = alone(model, prompts, images, 1, config())
@@ -144,7 +144,8 @@ beam tests."""
     stop = set(cfg.stop_ids)
     done = np.zeros(n, dtype=bool)
     for step in range(cfg.max_new_tokens):
-        seen = [np.union1d(seen_base[i], np.asarray(tokens_so_far[i][b], dtype=np.int64)) for i in range(n) for b in range(beams)]
+        seen = [np.union1d(seen_base[i], np.asarray(tokens_so_far[i][b], dtype=np.int64))
+                for i in range(n) for b in range(beams)]
         logits = apply_repetition_penalty(decoder.logits, seen, cfg.repetition_penalty)
         logp = log_softmax(logits).reshape(n, beams, -1)
         vocab = logp.shape[-1]

@@ -1,12 +1,13 @@
 """Command-line flags and request fields derived from the decoding options' dataclass.
 
 `GenerationConfig` declares each option once (type, default, bounds, help: `config.option`); this
-module turns its public fields into argparse flags (`add_flags`, read back by `config_from_args`)
-into pydantic fields (`options_model`), and into fields of other configs (`option_field`), the way `typed_config.py` turns JSON into a dataclass.
+module turns its public fields into argparse flags (`add_flags`, read back by `config_from_args`),
+into pydantic fields (`options_model`) and into fields of other configs (`option_field`), the way
+`typed_config.py` turns JSON into a dataclass.
 So `predict_batch.py` and both service endpoints offer exactly the dataclass's options, with its
 bounds, and a new option appears everywhere at once (tested with a dataclass that adds one); the
-curation ops that decode (`pseudo_label`) declare theirs with `option_field`.
-Both functions take the dataclass as an argument (default `GenerationConfig`).
+curation ops that decode (`pseudo_label`) declare theirs with `option_field`. Every function
+takes the dataclass as an argument (default `GenerationConfig`).
 
 Paddle-free; pydantic is imported only by `options_model` (the service's dependency).
 """

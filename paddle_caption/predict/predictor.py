@@ -88,9 +88,10 @@ class Predictor:
         return [self.decode(ids) for ids in self.generate_ids(images, prompts, config)]
 
 
-def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | None = None, prompt_file: str | None = None,
-                   system_file: str | None = None, dtype: str | None = None, speculative: str = "none",
-                   draft_source=None, num_draft_tokens: int | None = None, log=None) -> Predictor:
+def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | None = None,
+                   prompt_file: str | None = None, system_file: str | None = None, dtype: str | None = None,
+                   speculative: str = "none", draft_source=None, num_draft_tokens: int | None = None,
+                   log=None) -> Predictor:
     """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor.
 
     `dtype`: None loads as stored where this device computes in it, else float32

@@ -4,8 +4,9 @@ RESULTS.txt gets one `id \\t caption` line per input id, in input order; tabs an
 inside a caption become spaces. A row that cannot be used gets an empty caption and a line
 `id \\t reason` in RESULTS.txt.rejects (always written, empty if none); see `inputs.py`.
 
-Batching: rows are cut into batches in input order (every row has the same prompt); each batch's images are decoded and preprocessed together (the next batch's on a second
-thread while this one generates) and encoded once. Crash safety, resume and several processes:
+Batching: rows are cut into batches in input order (every row has the same prompt, so there is no
+length to sort by); each batch's images are decoded and preprocessed together (the next batch's on
+a second thread while this one generates) and encoded once. Crash safety, resume and several processes:
 `shards.py`.
 """
 from __future__ import annotations
