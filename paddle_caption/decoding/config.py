@@ -77,6 +77,7 @@ class GenerationConfig:
 
     @property
     def rows(self) -> int:
-        """Decoder rows one prompt takes: its beams, or its samples."""
-        return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+        """Cache rows one request with this config takes in the scheduler: one per beam (`generate`
+        makes each of n sampled candidates a request of its own)."""
+        return self.num_beams
 
