@@ -4,7 +4,7 @@
 
 The tiny model's real-vocabulary head: [rows, 64] x [64, 151936] float32, under `paddle.no_grad()`
 as in generation. "plain" is the numpy product `project` always used; "frozen" is `project` inside
-`frozen_head` (what generation and a `load_predictor` model use): 2-32 rows go through a
+`transposed_head` (decoding/output_head.py: what generation and a `load_predictor` model use): 2-32 rows go through a
 transposed copy of the weight, the layout OpenBLAS handles well for few rows. The copy itself is
 made once per freeze and timed separately. Times are best-of CPU time of this process (a shared
 machine moves wall time much more), per call.
@@ -29,7 +29,8 @@ def main() -> int:
     from paddle_caption.runtime import configure
 
     paddle = configure(args.threads)
-    from paddle_caption.model.head import FEW_ROWS, frozen_head, project
+    from paddle_caption.decoding.output_head import FEW_ROWS, transposed_head
+    from paddle_caption.model.head import project
 
     paddle.seed(0)
     head = paddle.nn.Linear(64, 151936, bias_attr=False)
@@ -46,13 +47,13 @@ def main() -> int:
     results = []
     with paddle.no_grad():
         start = time.process_time()
-        with frozen_head(head):
+        with transposed_head(head):
             project(paddle.randn([2, 64]), head)  # the first few-rows call makes the copy
         copy_ms = 1e3 * (time.process_time() - start)
         for rows in rows_list:
             hidden = paddle.randn([rows, 64])
             plain = best_cpu(lambda: project(hidden, head))
-            with frozen_head(head):
+            with transposed_head(head):
                 project(hidden, head)
                 frozen = best_cpu(lambda: project(hidden, head))
             results.append({"rows": rows, "plain_ms": round(1e3 * plain, 3), "frozen_ms": round(1e3 * frozen, 3),

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from common import ROOT, best_of, best_of_with_cpu, cpu_model  # noqa: E402  (bench/ is on sys.path as a script)
 
-from paddle_caption.model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES  # noqa: E402 (no paddle import)
+from paddle_caption.decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES  # noqa: E402 (no paddle import)
 
 RESULTS = ROOT / "bench" / "results" / "predict.json"
 TINY = ROOT / "config" / "model" / "tiny.json"
@@ -56,10 +56,11 @@ def worker(args) -> dict:
     from paddle_caption.data.images import b64decode_strict, decode_image
     from paddle_caption.data.prompts import PromptTemplate
     from paddle_caption.data.synthetic import generate_split
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.drafting import load_drafter
+    from paddle_caption.decoding.output_head import keep_transposed_head
+    from paddle_caption.decoding.scheduler import SpeculationStats
     from paddle_caption.model.config import MgenVLConfig
-    from paddle_caption.model.drafting import load_drafter
-    from paddle_caption.model.generation import GenerationConfig, SpeculationStats
-    from paddle_caption.model.head import freeze_head
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
     from paddle_caption.predict.predictor import Predictor, load_predictor
     from paddle_caption.predict.run import PredictOptions, predict_tsv
@@ -72,7 +73,7 @@ def worker(args) -> dict:
         paddle.seed(0)
         model = MgenVLForCausalLM(MgenVLConfig.from_pretrained(TINY))
         model.eval()
-        freeze_head(model.lm_head)  # as load_predictor does: this model only predicts
+        keep_transposed_head(model.lm_head)  # as load_predictor does: this model only predicts
         predictor = Predictor(model, QWenVLTokenizer.for_model(model.config), PromptTemplate.from_files(), gen)
     drafter = load_drafter(args.speculative, args.model, predictor.tokenizer, args.draft_source,
                            args.num_draft_tokens)

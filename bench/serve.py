@@ -67,7 +67,7 @@ def percentile(values: list[float], q: float) -> float:
 def direct_latencies(model_dir: Path, payloads: list[str], max_new_tokens: int) -> tuple[list[float], list[str]]:
     """Each image captioned alone by a Predictor in this process (decode + preprocess included)."""
     from paddle_caption.data.images import b64decode_strict, decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
     from paddle_caption.predict.predictor import load_predictor
 
     predictor = load_predictor(model_dir, GenerationConfig(max_new_tokens=max_new_tokens))

@@ -48,11 +48,11 @@ def build(predictor, limits=None, engine_options=None, api_key=None, model_name=
     """A fresh (service, metrics, app) over an already-loaded predictor (`drafter`: speculative)."""
     from paddle_caption.serve.app import create_app
     from paddle_caption.serve.engine import CaptionEngine
-    from paddle_caption.serve.metrics import ServiceMetrics
+    from paddle_caption.serve.telemetry import ServiceMetrics
     from paddle_caption.serve.service import CaptionService
 
     metrics = ServiceMetrics()
-    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics, drafter)
+    engine = CaptionEngine(predictor if drafter is None else predictor.with_drafter(drafter), engine_options, metrics)
     service = CaptionService(predictor, engine, limits, model_name)
     return service, metrics, create_app(service, metrics, api_key=api_key, stop_timeout=10)
 

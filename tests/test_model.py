@@ -46,7 +46,8 @@ def test_loss_matches_reference(reference_model, reference_io, kernels):
 
 
 def test_greedy_tokens_match_reference(reference_model, reference_io, kernels):
-    from paddle_caption.model.generation import GenerationConfig, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
 
     inputs, outputs = reference_io
     prompt = inputs["input_ids"][0].tolist()
@@ -121,7 +122,7 @@ def test_left_padding_matches_unpadded(reference_model, kernels):
     short = image_prompt(rng.integers(0, 900, 3), rng.integers(0, 900, 5))
     long = image_prompt(rng.integers(0, 900, 9), rng.integers(0, 900, 12))
     images = paddle.to_tensor(rng.standard_normal((2, 3, 56, 56)).astype("float32"))
-    from paddle_caption.model.generation import left_pad
+    from paddle_caption.decoding.batch import left_pad
 
     ids, mask = left_pad([short, long], pad_id=0)
     with paddle.no_grad():
@@ -155,7 +156,7 @@ def test_kv_cache_matches_full_forward(reference_model, kernels):
 def test_last_logits_only_prefill_gives_the_same_logits_and_cache(reference_model, kernels):
     """Generation's prefill runs the last layer for the last row only; its logits and every
     layer's cached keys/values must equal the full forward's, left padding included."""
-    from paddle_caption.model.generation import left_pad
+    from paddle_caption.decoding.batch import left_pad
 
     rng = np.random.default_rng(7)
     prompts = [image_prompt(rng.integers(0, 900, 2), rng.integers(0, 900, 4)),
@@ -205,10 +206,11 @@ def test_supervised_only_head_gives_the_full_loss_and_gradients(reference_io, ke
         np.testing.assert_allclose(sparse_grads[name], grad, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_frozen_head_few_rows_route_equals_the_plain_product_and_is_dropped_after():
-    """generate() freezes lm_head: 2-32 rows go through a transposed copy of its weight (the fast
-    BLAS layout); the same logits, and the copy lives only as long as the freeze."""
-    from paddle_caption.model.head import FEW_ROWS, freeze_head, frozen_head, project
+def test_transposed_head_few_rows_route_equals_the_plain_product_and_is_dropped_after():
+    """generate() keeps lm_head transposed: 2-32 rows go through a transposed copy of its weight
+    (the fast BLAS layout); the same logits, and the copy lives only as long as the block."""
+    from paddle_caption.decoding.output_head import FEW_ROWS, keep_transposed_head, transposed_head
+    from paddle_caption.model.head import project
 
     paddle.seed(4)
     head = paddle.nn.Linear(48, 20000, bias_attr=False)
@@ -216,16 +218,16 @@ def test_frozen_head_few_rows_route_equals_the_plain_product_and_is_dropped_afte
         for rows in (1, 2, 7, FEW_ROWS[1], FEW_ROWS[1] + 1):
             hidden = paddle.randn([rows, 48])
             want = head(hidden).numpy()
-            with frozen_head(head):
-                with frozen_head(head):  # nests
+            with transposed_head(head):
+                with transposed_head(head):  # nests
                     got = project(hidden, head).numpy()
-                assert head._paddle_caption_frozen_weight is not None
-            assert head._paddle_caption_frozen_weight is None
+                assert head._paddle_caption_transposed_weight is not None
+            assert head._paddle_caption_transposed_weight is None
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-        freeze_head(head)
-        with frozen_head(head):
+        keep_transposed_head(head)
+        with transposed_head(head):
             pass
-        assert head._paddle_caption_frozen_weight is not None  # a model loaded for inference keeps it
+        assert head._paddle_caption_transposed_weight is not None  # a model loaded for inference keeps it
 
 
 def test_logits_index_returns_the_logits_of_those_positions_only(reference_model, reference_io, kernels):

@@ -48,7 +48,7 @@ def read_results(path: Path) -> list[tuple[str, str]]:
 
 
 def quiet(**kw) -> run.PredictOptions:
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     kw.setdefault("generation", GenerationConfig(max_new_tokens=MAX_NEW))
     return run.PredictOptions(progress=False, poll_seconds=0.01, **kw)
@@ -61,7 +61,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(model_dir):
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     return predictor_mod.load_predictor(model_dir, GenerationConfig(max_new_tokens=MAX_NEW))
 
@@ -78,7 +78,8 @@ def reference(tmp_path_factory, predictor):
 # ------------------------------------------------------------------------------------ batched == one-by-one
 # (both kernel paths: the `kernels` fixture also runs them with Paddle's own kernels, as on a GPU)
 def test_generate_batched_equals_one_by_one_for_prompts_of_different_lengths(kernels):
-    from paddle_caption.model.generation import GenerationConfig, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
     import paddle
     paddle.seed(1)
@@ -127,11 +128,6 @@ def test_file_level_batched_equals_one_by_one(tmp_path, predictor, reference):
     assert len({caption for _, caption in expected}) > 1  # images matter: a row mix-up would show
     assert (tmp_path / "one.txt.rejects").read_text() == ""
     assert not (tmp_path / "one.txt.partial").exists()
-
-
-def test_batches_by_length_sorts_stably_and_restores_nothing_itself():
-    assert inputs.batches_by_length([3, 1, 2, 1, 3], 2) == [[1, 3], [2, 0], [4]]
-    assert inputs.batches_by_length([5] * 5, 2) == [[0, 1], [2, 3], [4]]
 
 
 def test_clean_caption_and_prompt_sources(tmp_path):
@@ -193,7 +189,7 @@ def test_resume_after_crash_predicts_each_id_once(tmp_path, predictor, reference
 
 
 def test_resume_refuses_a_partial_file_from_other_settings(tmp_path, predictor, reference):
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     tsv, _ = reference
     out = tmp_path / "results.txt"
@@ -340,7 +336,8 @@ def test_cli_speculative_retrieval_writes_the_same_results(tmp_path, capsys, mod
 
 def test_num_return_sequences_gives_n_candidates_per_prompt():
     """n best beams (the first is the usual beam-search result) or n samples, one prompt's after another."""
-    from paddle_caption.model.generation import GenerationConfig, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
     paddle.seed(2)

@@ -36,7 +36,7 @@ def captioned(predictor):
     Predictor) all differ, so that a caption given to the wrong request cannot go unnoticed.
     A random micro model reads little of its image: about half of all noise images qualify."""
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=NEW)
     chosen = {}
@@ -186,7 +186,7 @@ def test_models_health_metrics_and_the_page(client, images):
 
 def test_beam_and_sampling_options(client, predictor, images):
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     pixels = [predictor.preprocess(decode_image(images[0]))]
     beam = predictor.decode(predictor.generate_ids(pixels, config=GenerationConfig(max_new_tokens=NEW, num_beams=3))[0])
@@ -210,7 +210,7 @@ def test_greedy_captions_equal_predict_batch(tmp_path, model_dir, predictor, ima
     under concurrent requests that share batches, give the same caption for every image."""
     import httpx
 
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
     from paddle_caption.predict import run as P
 
     tsv = tmp_path / "test.tsv"
@@ -482,7 +482,7 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     """A short request arriving mid-decode joins the running batch at a step boundary, leaves when
     done, and both captions are the ones each image gets alone."""
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
     from paddle_caption.serve.engine import Job, Sequence
 
     service, metrics, _ = build(predictor, engine_options=EngineOptions(max_batch_size=4, max_wait_ms=0))
@@ -492,7 +492,7 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     try:
         def job(i, n):
             seq = Sequence(predictor.prompt_ids, [predictor.preprocess(decode_image(images[i]))],
-                           predictor.complete(GenerationConfig(max_new_tokens=n)))
+                           predictor.fill_stop_and_pad_ids(GenerationConfig(max_new_tokens=n)))
             return Job([seq])
 
         long_job, short_job = job(0, 12), job(1, 3)
@@ -522,12 +522,61 @@ def test_new_requests_join_the_running_decode_batch(predictor, images):
     assert metric(text, "paddle_caption_decode_batch_size_bucket", le="1.0") == 12 - 3  # 3 steps of two rows
 
 
+def test_a_beam_request_joins_the_running_batch_with_one_row_per_beam(predictor, images):
+    """Beam search runs in the engine's one batch: a 3-beam request arriving mid-decode takes three
+    rows next to the running greedy row, and both get what they get alone (generate_ids)."""
+    from paddle_caption.data.images import decode_image
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.serve.engine import Job, Sequence
+
+    service, metrics, _ = build(predictor, engine_options=EngineOptions(max_batch_size=4, max_wait_ms=0))
+    engine = service.engine
+    gate = Gate(engine)
+    engine.start()
+    greedy_cfg, beam_cfg = GenerationConfig(max_new_tokens=12), GenerationConfig(max_new_tokens=NEW, num_beams=3)
+    pixels = [[predictor.preprocess(decode_image(images[i]))] for i in (0, 1)]
+    try:
+        greedy_job = Job([Sequence(predictor.prompt_ids, pixels[0], predictor.fill_stop_and_pad_ids(greedy_cfg))])
+        beam_job = Job([Sequence(predictor.prompt_ids, pixels[1], predictor.fill_stop_and_pad_ids(beam_cfg))])
+        engine.submit(greedy_job)
+        gate.release(2)
+        wait_until(lambda: engine.status().steps == 2)
+        engine.submit(beam_job)
+        gate.release(1)
+        wait_until(lambda: engine.running == 4)  # the greedy row and three beam rows
+        gate.open()
+        (greedy,) = greedy_job.future.result(10)
+        (beam,) = beam_job.future.result(10)
+    finally:
+        gate.open()
+        engine.stop(10)
+    assert greedy.tokens == predictor.generate_ids(pixels[0], config=greedy_cfg)[0]
+    assert beam.tokens == predictor.generate_ids(pixels[1], config=beam_cfg)[0]
+    assert beam.finish_reason in ("stop", "length")
+    text = metrics.render().decode()
+    assert metric(text, "paddle_caption_decode_batch_size_bucket", le="2.0") < metric(
+        text, "paddle_caption_decode_batch_size_count")  # some steps decoded four rows
+
+
+def test_a_beam_request_wider_than_max_batch_size_runs_alone(predictor, images):
+    from paddle_caption.data.images import decode_image
+    from paddle_caption.decoding.config import GenerationConfig
+
+    pixels = [predictor.preprocess(decode_image(images[0]))]
+    beam = predictor.decode(predictor.generate_ids(pixels, config=GenerationConfig(max_new_tokens=NEW, num_beams=3))[0])
+    _, _, app = build(predictor, engine_options=EngineOptions(max_batch_size=2, max_wait_ms=0))
+    with AppClient(app) as c:
+        r = c.post("/v1/captions", json={"images": [b64(images[0])] * 2, "max_new_tokens": NEW, "num_beams": 3})
+        assert r.status_code == 200, r.text
+        assert [item["caption"] for item in r.json()] == [beam, beam]
+
+
 def test_speculative_engine_answers_the_same_captions(predictor, images, alone):
     """With a drafter (here drafting from the images' own greedy ids, so drafts get accepted), the
     service's captions are the plain ones, alone and sharing batches, and /metrics counts drafts."""
     from paddle_caption.data.images import decode_image
-    from paddle_caption.model.drafting import DraftDatastore, RetrievalDrafter
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.drafting import DraftDatastore, RetrievalDrafter
 
     tok = predictor.tokenizer
     ids = [predictor.generate_ids([predictor.preprocess(decode_image(img))], config=GenerationConfig(max_new_tokens=NEW))[0]

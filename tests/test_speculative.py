@@ -15,7 +15,7 @@ NEW = 12
 
 # ------------------------------------------------------------------------------------ the datastore
 def test_suffix_array_sorts_every_suffix_by_its_first_depth_tokens():
-    from paddle_caption.model.drafting import suffix_array
+    from paddle_caption.decoding.drafting import suffix_array
 
     rng = np.random.default_rng(0)
     for n, vocab, depth in ((1, 3, 4), (50, 2, 4), (300, 5, 8), (400, 40, 16)):
@@ -27,7 +27,7 @@ def test_suffix_array_sorts_every_suffix_by_its_first_depth_tokens():
 
 
 def build_store(captions: list[list[int]], depth: int = 16):
-    from paddle_caption.model.drafting import DraftDatastore
+    from paddle_caption.decoding.drafting import DraftDatastore
 
     return DraftDatastore.build(captions, depth=depth)
 
@@ -38,7 +38,7 @@ def occurrences(store, pattern) -> list[int]:
 
 
 def test_find_returns_exactly_the_occurrences_and_most_frequent_the_mode():
-    from paddle_caption.model.drafting import START
+    from paddle_caption.decoding.drafting import START
 
     rng = np.random.default_rng(1)
     captions = [list(rng.integers(0, 6, rng.integers(1, 12))) for _ in range(200)]
@@ -63,7 +63,7 @@ def test_wide_ranges_pick_the_mode_from_a_sample_and_narrow_exactly():
 
 
 def test_save_load_round_trip_and_format_errors(tmp_path):
-    from paddle_caption.model.drafting import DraftDatastore
+    from paddle_caption.decoding.drafting import DraftDatastore
     from paddle_caption.runtime import UserError
 
     store = build_store([[1, 2, 3], [1, 2, 4], [5]])
@@ -81,14 +81,19 @@ def test_save_load_round_trip_and_format_errors(tmp_path):
 
 
 def test_captions_files_and_their_errors(tmp_path):
-    from paddle_caption.model.drafting import DraftDatastore, load_datastore, read_captions
+    from paddle_caption.decoding.drafting import DraftDatastore, load_datastore, read_captions
     from paddle_caption.runtime import UserError
     from paddle_caption.tokenizer import QWenVLTokenizer
 
     (tmp_path / "caps.txt").write_text("卡通风格。图片中间是一个红色的圆形。\n\n写实风格。\n", encoding="utf-8")
     assert read_captions(tmp_path / "caps.txt") == ["卡通风格。图片中间是一个红色的圆形。", "写实风格。"]
-    (tmp_path / "r.jsonl").write_text('{"id": "a", "caption": "x"}\n{"id": "b"}\n', encoding="utf-8")
-    with pytest.raises(UserError, match=r"r.jsonl:2: expected an object with a \"caption\""):
+    # records.jsonl is read as records (data.records.load_records): each line a full record
+    record = {"id": "a", "caption": "x", "tsv": "t.tsv", "offset": 0, "length": 9, "width": 64, "height": 48}
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n\n" + json.dumps({**record, "id": "b", "caption": "y"})
+                                      + "\n", encoding="utf-8")
+    assert read_captions(tmp_path / "r.jsonl") == ["x", "y"]
+    (tmp_path / "r.jsonl").write_text(json.dumps(record) + "\n" + '{"id": "b"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"r.jsonl:2: key 'caption' missing"):
         read_captions(tmp_path / "r.jsonl")
     tok = QWenVLTokenizer.from_pretrained()
     store = DraftDatastore.from_file(tmp_path / "caps.txt", tok)
@@ -106,7 +111,7 @@ class FakeRow:
 
 
 def test_retrieval_drafter_follows_the_longest_matching_suffix():
-    from paddle_caption.model.drafting import RetrievalDrafter
+    from paddle_caption.decoding.drafting import RetrievalDrafter
 
     stop = 99
     captions = [[1, 2, 3, 4, 5, stop]] * 3 + [[1, 2, 3, 6, 7, stop], [8, 3, 4, 9, stop]]
@@ -148,7 +153,7 @@ def setup():
 
 
 def config(**kw):
-    from paddle_caption.model.generation import GenerationConfig
+    from paddle_caption.decoding.config import GenerationConfig
 
     kw.setdefault("max_new_tokens", NEW)
     return GenerationConfig(pad_id=0, stop_ids=kw.pop("stop_ids", ()), **kw)
@@ -157,7 +162,7 @@ def config(**kw):
 def test_step_many_and_rollback_give_the_logits_of_one_token_steps(setup, kernels):
     """Rows fed several tokens at once, then rolled back by different amounts (holes, cuts, a
     compaction, a row joining in between): every row's logits equal its one-token steps alone."""
-    from paddle_caption.model.generation import DecodeBatch
+    from paddle_caption.decoding.batch import DecodeBatch
 
     model, prompts, images = setup
     rng = np.random.default_rng(5)
@@ -236,7 +241,7 @@ class ScriptedDrafter:
 
 
 def run_batch(model, prompts, images, configs, drafter=None):
-    from paddle_caption.model.generation import ContinuousBatch, SpeculationStats
+    from paddle_caption.decoding.scheduler import ContinuousBatch, SpeculationStats
 
     stats = SpeculationStats()
     batch = ContinuousBatch(model, pad_id=0, drafter=drafter, stats=stats)
@@ -276,6 +281,19 @@ def test_right_drafts_are_all_accepted_and_wrong_ones_rejected(setup, kernels):
     assert stats.accepted == some_wrong.expected_accepted and 0 < stats.accepted < stats.drafted
 
 
+def test_beam_rows_ride_along_with_speculating_greedy_rows(setup, kernels):
+    """Beam requests share the batch with greedy rows that verify drafts (several tokens fed per
+    row, then rolled back): the beams are never drafted and every request's output is unchanged."""
+    model, prompts, images = setup
+    cfgs = [config(), config(num_beams=3), config(), config(num_beams=2, length_penalty=0.7), config(),
+            config(do_sample=True, seed=2)]
+    want, reasons, _ = run_batch(model, prompts, images, cfgs)
+    drafter = ScriptedDrafter(dict(enumerate(want)), 4, wrong_at=lambda step, row: (step + row) % 3)
+    got, got_reasons, stats = run_batch(model, prompts, images, cfgs, drafter)
+    assert got == want and got_reasons == reasons
+    assert stats.accepted > 0 and drafter.calls > 0
+
+
 def test_stop_ids_length_limits_penalties_and_sampling_rows_are_unchanged(setup, kernels):
     """A mixed batch: greedy rows (one stops on a drafted stop id, one with a repetition penalty,
     one with a short max_new_tokens) and sampling rows riding along; every row's tokens are the
@@ -298,8 +316,9 @@ def test_stop_ids_length_limits_penalties_and_sampling_rows_are_unchanged(setup,
 def test_retrieval_drafting_on_random_prompts_equals_plain_greedy(setup, kernels):
     """The datastore holds the plain outputs of half the prompts and noise: drafts are partly
     right. One-by-one and batched, the output is plain greedy's."""
-    from paddle_caption.model.drafting import RetrievalDrafter
-    from paddle_caption.model.generation import SpeculationStats, generate
+    from paddle_caption.decoding.drafting import RetrievalDrafter
+    from paddle_caption.decoding.scheduler import SpeculationStats
+    from paddle_caption.decoding.generate import generate
 
     model, prompts, images = setup
     cfg = config(max_new_tokens=16)
@@ -318,7 +337,7 @@ def test_retrieval_drafting_on_random_prompts_equals_plain_greedy(setup, kernels
 def test_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
     """Beyond seq_length Qwen's dynamic NTK depends on the forward's width: no forward may cross
     it, so drafting shrinks and then stops there, and the output stays plain greedy's."""
-    from paddle_caption.model.generation import generate
+    from paddle_caption.decoding.generate import generate
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
     model, prompts, images = setup
@@ -360,7 +379,8 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_trained_model_100_images_speculative_equals_greedy_one_by_one_and_batched(trained, kernels):
-    from paddle_caption.model.generation import GenerationConfig, SpeculationStats
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.scheduler import SpeculationStats
     from paddle_caption.predict.inputs import load_batch, read_test_rows
     from paddle_caption.predict.predictor import load_predictor
 
@@ -387,7 +407,9 @@ def test_trained_model_100_images_speculative_equals_greedy_one_by_one_and_batch
 def test_trained_model_random_text_prompts_equal_greedy(trained, kernels):
     """Prompts the model never saw (random text instead of the instruction): drafts from the
     training captions are mostly wrong there, and the output is still plain greedy's."""
-    from paddle_caption.model.generation import GenerationConfig, SpeculationStats, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.scheduler import SpeculationStats
+    from paddle_caption.decoding.generate import generate
     from paddle_caption.predict.predictor import load_predictor
 
     spec = load_predictor(trained / "model", GenerationConfig(max_new_tokens=24), speculative="retrieval")

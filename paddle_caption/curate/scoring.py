@@ -105,7 +105,7 @@ def pooled_features(predictor, images: list[np.ndarray]) -> np.ndarray:
 def candidates(predictor, images: list[np.ndarray], n: int, strategy: str, *, max_new_tokens: int,
                temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
     """n captions per image: the n best beams (`strategy="beam"`) or n samples (`"sample"`)."""
-    from ..model.generation import GenerationConfig
+    from ..decoding.config import GenerationConfig
 
     if strategy == "beam":
         gen = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=max(n, 2) if n > 1 else 1,

@@ -4,9 +4,7 @@
 - `visual.py`: ViT + resampler (`visual.*`); `qwen.py`: the QWen decoder (`transformer.llm.*`);
 - `mgen_vl.py`: the two joined by one scatter, plus `lm_head`;
 - `attention.py` / `head.py` / `numpy_bridge.py`: attention core, RoPE and output layer (numpy on CPU);
-- `generation.py`: batched greedy / sampling / beam generation with a KV cache, and speculative
-  greedy decoding (draft, verify, roll the cache back); `drafting.py`: the retrieval datastore and
-  drafter it drafts with;
+  decoding (generation, beam search, speculative decoding) lives in `paddle_caption.decoding`;
 - `checkpoint.py`: safetensors weights on disk, and the one state-dict checker.
 
 Importing these modules configures nothing; commands call `paddle_caption.runtime.configure` first.

@@ -12,23 +12,15 @@ of each row's target, for scoring captions (data curation's image-text consisten
 Paddle elsewhere, the same values (tested).
 
 Tensors cross between Paddle and numpy without copying (`numpy_bridge.py`). Inference logits
-(generation, evaluation) use the same numpy product. For 2-32 rows (batched decoding, speculative
-verification) OpenBLAS multiplies [rows, hidden] by the [hidden, vocab] weight 3-5x slower than it
-multiplies a [vocab, hidden] copy by [hidden, rows] (it handles the wide output badly): inside
-`frozen_head(linear)` (generation; the weight cannot change there) or after `freeze_head(linear)`
-(a model loaded for inference only) `project` takes that route, in vocabulary blocks that stay in
-cache, with one transposed copy of the weight made on first use (8-17 ms for the real vocabulary
-at width 64; `bench/head.py`, docs/benchmarks.md). The copy costs the output layer's size in
-memory again while it lives (39 MB for the tiny model, 2.5 GB for a float32 7B model on a CPU);
-on a GPU, or with Paddle's kernels, no copy is made.
+(generation, evaluation) use the same numpy product; while decoding, `project` may take the
+transposed-weight route of `decoding/output_head.py` for few rows.
 """
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import paddle
 
+from ..decoding.output_head import few_rows_logits
 from .numpy_bridge import as_numpy, from_numpy, numpy_capable
 from .precision import float32_compute
 
@@ -86,55 +78,6 @@ def linear_cross_entropy(rows, linear, targets: np.ndarray):
     return cross_entropy(linear(rows), paddle.to_tensor(targets))
 
 
-FEW_ROWS = (2, 32)  # row counts that take the transposed-weight route when the head is frozen
-_BLOCK = 8192  # vocabulary rows per block of that route
-
-
-class _TransposedWeight:
-    """A contiguous [vocab, hidden] copy of a frozen Linear's weight, made on first use."""
-
-    def __init__(self, weight):
-        self.weight, self.array = weight, None
-
-    def get(self) -> np.ndarray:
-        if self.array is None:
-            self.array = np.ascontiguousarray(as_numpy(self.weight).T)
-        return self.array
-
-
-_FROZEN = "_paddle_caption_frozen_weight"
-
-
-@contextlib.contextmanager
-def frozen_head(linear):
-    """Within this block `linear`'s weight does not change (generation: eval mode, no grad), so
-    `project` may keep a transposed copy of it; the copy is dropped at the end. Nests."""
-    if getattr(linear, _FROZEN, None) is not None:
-        yield
-        return
-    freeze_head(linear)
-    try:
-        yield
-    finally:
-        setattr(linear, _FROZEN, None)
-
-
-def freeze_head(linear) -> None:
-    """For a model that only predicts from now on (e.g. loaded by `load_predictor`): `project`
-    keeps a transposed copy of `linear`'s weight for good. Never use it on a model that trains."""
-    if getattr(linear, _FROZEN, None) is None:
-        setattr(linear, _FROZEN, _TransposedWeight(linear.weight))
-
-
-def _few_rows_product(flat: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
-    """flat @ weight_t.T, computed block by block as weight_t_block @ flat.T (the fast layout)."""
-    out = np.empty((len(flat), len(weight_t)), dtype=np.float32)
-    columns = np.ascontiguousarray(flat.T)
-    for start in range(0, len(weight_t), _BLOCK):
-        out[:, start:start + _BLOCK] = (weight_t[start:start + _BLOCK] @ columns).T
-    return out
-
-
 def linear_target_logprobs(rows, linear, targets: np.ndarray) -> np.ndarray:
     """log softmax(linear(rows))[i, targets[i]] for every row i, as float32 numpy [rows]; no autograd."""
     targets = np.ascontiguousarray(targets, dtype=np.int64)
@@ -160,11 +103,8 @@ def project(hidden, linear):
         return linear(hidden)
     width = hidden.shape[-1]
     flat = as_numpy(hidden.astype("float32").reshape([-1, width]))
-    frozen = getattr(linear, _FROZEN, None)
-    if frozen is not None and FEW_ROWS[0] <= len(flat) <= FEW_ROWS[1]:
-        logits = from_numpy(_few_rows_product(flat, frozen.get()))
-    else:
-        logits = from_numpy(flat @ as_numpy(linear.weight))
+    few = few_rows_logits(flat, linear)
+    logits = from_numpy(few if few is not None else flat @ as_numpy(linear.weight))
     return logits.reshape([*hidden.shape[:-1], logits.shape[-1]])
 
 

@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
+from ..decoding.config import GenerationConfig
+from ..decoding.derive import add_flags, config_from_args
+from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure
 from .run import PredictOptions
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(decoding=GenerationConfig) -> argparse.ArgumentParser:
+    """The flags; the decoding ones are derived from `decoding` (a GenerationConfig dataclass)."""
     p = argparse.ArgumentParser(prog="predict_batch.py", description=__doc__.split("\n\n")[0].strip("`"))
     p.add_argument("test_tsv", help="id<TAB>base64 rows (a third column is ignored)")
     p.add_argument("results", help="output: id<TAB>caption per input id, in input order")
     p.add_argument("model_dir", help="config.json + model.safetensors [+ prompt.json, qwen.tiktoken]")
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--do_sample", action="store_true")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (batch k uses seed + k)")
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--length_penalty", type=float, default=1.0, help="beam search only")
+    add_flags(p.add_argument_group("decoding (GenerationConfig)"), decoding)
     p.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none",
                    help="draft-and-verify greedy decoding, same captions in fewer forwards: 'retrieval' "
                         "drafts from the training captions (MODEL_DIR/draft_datastore or --draft_source)")
@@ -63,15 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     configure(args.num_threads)
-    from ..model.generation import GenerationConfig
     from .run import format_summary, predict_file
 
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                           num_beams=args.num_beams, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                           length_penalty=args.length_penalty, seed=args.seed)
-    try:
-        gen.validate()  # before the model loads
+    try:  # the one validation, before the model loads
+        gen = config_from_args(args)
     except ValueError as err:
         raise UserError(str(err)) from None
     opts = PredictOptions(batch_size=args.batch_size, generation=gen, prompt_file=args.prompt_file,

@@ -69,9 +69,3 @@ def load_batch(fd: int, batch: list[TestRow], preprocess, *, max_pixels: int,
             rejects[row.id] = err.reason
     return images, rejects
 
-
-def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices sorted by length (stable: equal lengths keep their order), cut into batches, so that
-    rows padded together have similar lengths."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

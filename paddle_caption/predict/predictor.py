@@ -3,12 +3,13 @@
 Every caption the kit writes goes through it: `predict_batch.py`, evaluation during training, the
 demo and the caption service. Images are preprocessed float32 arrays [3, S, S] (`preprocess`);
 each image gets the model's single-image training prompt unless per-image prompt ids are given.
-A batch is encoded once, in the prefill of `model.generation.generate` (left padding, KV cache,
+A batch is encoded once, in the prefill of `decoding.generate` (left padding, KV cache,
 finished rows leave the batch), so greedy output does not depend on the batch. With a `drafter`
-(`model.drafting.load_drafter`), greedy decoding is speculative: same tokens, fewer forwards.
+(`decoding.drafting.load_drafter`), greedy decoding is speculative: same tokens, fewer forwards.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import numpy as np
 from ..data.images import preprocess_image
 from ..data.prompts import PromptTemplate, load_template
 from ..data.samples import build_prompt_ids
+from ..decoding.config import GenerationConfig
 from ..runtime import UserError
 
 # Characters that some reader would take as a column or line break inside a caption.
@@ -31,46 +33,52 @@ def clean_caption(text: str) -> str:
 
 
 class Predictor:
-    def __init__(self, model, tokenizer, template: PromptTemplate, gen_config=None,
+    def __init__(self, model, tokenizer, template: PromptTemplate, gen_config: GenerationConfig | None = None,
                  source: str = "in-memory model", drafter=None):
-        from ..model.generation import GenerationConfig
-
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.drafter = drafter  # None: plain decoding
-        self.gen_config = self.complete(gen_config or GenerationConfig())
+        self.gen_config = self.fill_stop_and_pad_ids(gen_config or GenerationConfig())
         self.prompt_ids = build_prompt_ids(tokenizer, template)
         self.image_size = int(model.config.visual.image_size)
         self.source = source  # what the model is, for the resume/merge fingerprint
 
-    def complete(self, config):
-        """`config` with this tokenizer's stop and pad ids filled in where unset, validated."""
-        config = config.with_tokenizer(self.tokenizer)
-        try:
-            config.validate()
-        except ValueError as err:
-            raise UserError(str(err)) from None
-        return config
+    def with_drafter(self, drafter) -> "Predictor":
+        """This predictor (same model, tokenizer, prompt and settings) decoding with `drafter`."""
+        other = copy.copy(self)
+        other.drafter = drafter
+        return other
+
+    def fill_stop_and_pad_ids(self, config: GenerationConfig) -> GenerationConfig:
+        """`config` with this tokenizer's stop and pad ids where it sets none (a config is valid
+        once made: `GenerationConfig` checks itself)."""
+        return config.with_tokenizer(self.tokenizer)
 
     def preprocess(self, img) -> np.ndarray:
+        """A decoded image -> the float32 array [3, S, S] the model reads."""
         return preprocess_image(img, self.image_size)
 
-    def generate_ids(self, images: list[np.ndarray], prompts: list[list[int]] | None = None,
-                     config=None, stats=None) -> list[list[int]]:
-        """New token ids per image (stop id excluded); the images are encoded once, as one batch.
-        `stats` (a `SpeculationStats`) accumulates what drafting did."""
+    def pixels(self, images: list[np.ndarray]):
+        """Preprocessed images -> one tensor [n, 3, S, S] in the model's dtype (None for none): the
+        step every caption takes to the model, here and in the caption service's engine."""
         import paddle
 
-        from ..model.generation import generate
+        if not images:
+            return None
+        return paddle.to_tensor(np.stack(images)).astype(next(iter(self.model.parameters())).dtype)
+
+    def generate_ids(self, images: list[np.ndarray], prompts: list[list[int]] | None = None,
+                     config: GenerationConfig | None = None, stats=None) -> list[list[int]]:
+        """New token ids per image (stop id excluded); the images are encoded once, as one batch.
+        `stats` (a `SpeculationStats`) accumulates what drafting did."""
+        from ..decoding.generate import generate
 
         if not images:
             return []
         prompts = [self.prompt_ids] * len(images) if prompts is None else prompts
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        dtype = next(iter(self.model.parameters())).dtype
-        pixels = paddle.to_tensor(np.stack(images)).astype(dtype)
-        config = self.gen_config if config is None else self.complete(config)
-        return generate(self.model, [list(p) for p in prompts], pixels, config, self.drafter, stats)
+        config = self.gen_config if config is None else self.fill_stop_and_pad_ids(config)
+        return generate(self.model, [list(p) for p in prompts], self.pixels(images), config, self.drafter, stats)
 
     def decode(self, ids: list[int]) -> str:
         return clean_caption(self.tokenizer.decode(ids, skip_special_tokens=True))
@@ -80,18 +88,19 @@ class Predictor:
         return [self.decode(ids) for ids in self.generate_ids(images, prompts, config)]
 
 
-def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: str | None = None,
-                   system_file: str | None = None, dtype: str | None = None, speculative: str = "none",
-                   draft_source=None, num_draft_tokens: int | None = None, log=None) -> Predictor:
+def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | None = None,
+                   prompt_file: str | None = None, system_file: str | None = None, dtype: str | None = None,
+                   speculative: str = "none", draft_source=None, num_draft_tokens: int | None = None,
+                   log=None) -> Predictor:
     """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor.
 
     `dtype`: None loads as stored where this device computes in it, else float32
     (`precision.default_load_dtype`); a dtype this device cannot compute in (bfloat16/float16 on a
     CPU) is refused in one line before anything loads. `speculative` "retrieval" drafts from
     `draft_source` (a captions file or datastore directory; default MODEL_DIR/draft_datastore), see
-    `model.drafting.load_drafter`."""
-    from ..model.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
-    from ..model.head import freeze_head
+    `decoding.drafting.load_drafter`."""
+    from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
+    from ..decoding.output_head import keep_transposed_head
     from ..model.mgen_vl import MgenVLForCausalLM
     from ..model.precision import require_compute
     from ..tokenizer import QWenVLTokenizer
@@ -107,7 +116,7 @@ def load_predictor(model_dir: str | os.PathLike, gen_config=None, prompt_file: s
         tokenizer = QWenVLTokenizer.for_model(model.config, model_dir)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_dir}: {err}") from None
-    freeze_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
+    keep_transposed_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
     drafter = load_drafter(speculative, model_dir, tokenizer, draft_source,
                            num_draft_tokens or DEFAULT_DRAFT_TOKENS, log=log)
     return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir),

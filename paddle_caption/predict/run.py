@@ -4,9 +4,9 @@ RESULTS.txt gets one `id \\t caption` line per input id, in input order; tabs an
 inside a caption become spaces. A row that cannot be used gets an empty caption and a line
 `id \\t reason` in RESULTS.txt.rejects (always written, empty if none); see `inputs.py`.
 
-Batching: rows are sorted by prompt length (stable, so equal lengths keep input order) and cut into
-batches; each batch's images are decoded and preprocessed together (the next batch's on a second
-thread while this one generates) and encoded once. Crash safety, resume and several processes:
+Batching: rows are cut into batches in input order (every row has the same prompt, so there is no
+length to sort by); each batch's images are decoded and preprocessed together (the next batch's on
+a second thread while this one generates) and encoded once. Crash safety, resume and several processes:
 `shards.py`.
 """
 from __future__ import annotations
@@ -19,17 +19,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..distributed import rank_and_world
+from ..decoding.config import GenerationConfig
 from ..runtime import UserError
 from .predictor import Predictor, load_predictor
 from .shards import (PartialWriter, fingerprint, partial_path, read_partial, rejects_path, shard_rows,
                      wait_for_shards, write_outputs)
-from .inputs import TestRow, batches_by_length, load_batch, read_test_rows
+from .inputs import TestRow, load_batch, read_test_rows
 
 
 @dataclass
 class PredictOptions:
     batch_size: int = 16
-    generation: object = None  # a GenerationConfig; None: the predictor's (greedy, 128 new tokens)
+    generation: GenerationConfig | None = None  # None: the predictor's (greedy, 128 new tokens)
     prompt_file: str | None = None  # replaces the model's training instruction
     system_file: str | None = None  # replaces the model's system message
     resume: bool = False
@@ -42,7 +43,7 @@ class PredictOptions:
     # from draft_source (a captions file or datastore dir; default MODEL_DIR/draft_datastore).
     speculative: str = "none"
     draft_source: str | None = None
-    num_draft_tokens: int | None = None  # None: model.drafting.DEFAULT_DRAFT_TOKENS
+    num_draft_tokens: int | None = None  # None: decoding.drafting.DEFAULT_DRAFT_TOKENS
     progress: bool = True
     merge_timeout: float = 24 * 3600.0  # rank 0: seconds to wait for the other shards
     dtype: str | None = None  # the model's dtype; None: as stored where the device computes in it, else float32
@@ -55,7 +56,7 @@ class PredictOptions:
             raise UserError(f"limit must be >= 1, got {self.limit}")
         if self.min_side < 0 or self.max_pixels < 1:
             raise UserError("need min_side >= 0 and max_pixels >= 1")
-        from ..model.drafting import SPECULATIVE_MODES
+        from ..decoding.drafting import SPECULATIVE_MODES
 
         if self.speculative not in SPECULATIVE_MODES:
             raise UserError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}, not {self.speculative!r}")
@@ -71,13 +72,13 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     """
     from tqdm import tqdm
 
-    from ..model.generation import SpeculationStats
+    from ..decoding.scheduler import SpeculationStats
 
     opts = opts or PredictOptions()
     opts.validate()
     test_tsv, results_path = Path(test_tsv), Path(results_path)
     rank, world = rank_and_world(opts.rank, opts.world_size)
-    gen = predictor.gen_config if opts.generation is None else predictor.complete(opts.generation)
+    gen = predictor.gen_config if opts.generation is None else predictor.fill_stop_and_pad_ids(opts.generation)
     rows = read_test_rows(test_tsv, opts.limit)
     mine = shard_rows(rows, rank, world)
     fp = fingerprint(test_tsv, len(rows), {
@@ -99,24 +100,22 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     limits = {"max_pixels": opts.max_pixels, "min_side": opts.min_side}
     try:
         if todo:
-            prompts = [predictor.prompt_ids] * len(todo)  # one prompt per row; the TSV has no other
-            batches = [([todo[i] for i in b], [prompts[i] for i in b])
-                       for b in batches_by_length([len(p) for p in prompts], opts.batch_size)]
+            batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
             with open(test_tsv, "rb") as handle, ThreadPoolExecutor(1) as loader, \
                     tqdm(total=len(todo), unit="img", disable=not opts.progress, dynamic_ncols=True,
                          desc=f"predict rank {rank}/{world}" if world > 1 else "predict") as bar:
                 # The next batch's images are decoded on the other core while this batch generates
                 # (PIL releases the GIL); ~5 ms per image that no longer adds to the run time.
                 def submit(batch_no: int):
-                    return loader.submit(load_batch, handle.fileno(), batches[batch_no][0],
+                    return loader.submit(load_batch, handle.fileno(), batches[batch_no],
                                          predictor.preprocess, **limits)
 
                 pending = submit(0)
-                for batch_no, (batch, batch_prompts) in enumerate(batches):
+                for batch_no, batch in enumerate(batches):
                     images, rejects = pending.result()
                     if batch_no + 1 < len(batches):
                         pending = submit(batch_no + 1)
-                    writer.add(_caption_batch(predictor, batch, batch_prompts, images, rejects, gen, batch_no, stats))
+                    writer.add(_caption_batch(predictor, batch, images, rejects, gen, batch_no, stats))
                     bar.update(len(batch))
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(tok_s=f"{stats['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -151,18 +150,19 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     return summary
 
 
-def _caption_batch(predictor: Predictor, batch: list[TestRow], prompts: list[list[int]], images: dict,
-                   rejects: dict, gen, batch_no: int, stats: dict) -> list[tuple[str, str, str]]:
-    """Caption the batch's good images together; (id, caption, reject reason) per row."""
+def _caption_batch(predictor: Predictor, batch: list[TestRow], images: dict, rejects: dict,
+                   gen: GenerationConfig, batch_no: int, stats: dict) -> list[tuple[str, str, str]]:
+    """Caption the batch's good images together (the model's prompt for each); (id, caption,
+    reject reason) per row."""
     captions = {}
-    keep = [(row, prompt) for row, prompt in zip(batch, prompts) if row.id in images]
+    keep = [row for row in batch if row.id in images]
     if keep:
         config = gen
         if config.do_sample:  # a fresh, reproducible random stream per batch
             config = replace(config, seed=config.seed + batch_no)
-        token_ids = predictor.generate_ids([images[row.id] for row, _ in keep], [p for _, p in keep], config,
+        token_ids = predictor.generate_ids([images[row.id] for row in keep], config=config,
                                            stats=stats["speculation"])
-        for (row, _), ids in zip(keep, token_ids):
+        for row, ids in zip(keep, token_ids):
             captions[row.id] = predictor.decode(ids)
             stats["tokens"] += len(ids)
     stats["predicted"] += len(keep)

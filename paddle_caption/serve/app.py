@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..fonts import cjk_font_ttf_bytes
-from .metrics import ServiceMetrics
+from .telemetry import ServiceMetrics
 from .protocol import ApiError, CaptionOptions, CaptionRequest, ChatCompletionRequest, validation_message
 from .service import CaptionService, ClientGone
 

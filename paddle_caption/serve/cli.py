@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..model.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
+from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure, run_cli
 from .engine import EngineOptions
@@ -89,7 +89,7 @@ def build_service(model_dir, limits: ServiceLimits | None = None, engine_options
                   num_draft_tokens: int | None = None):
     """Load MODEL_DIR -> (CaptionService, ServiceMetrics); the engine thread starts with the app."""
     from .engine import CaptionEngine
-    from .metrics import ServiceMetrics
+    from .telemetry import ServiceMetrics
     from ..predict.predictor import load_predictor
     from .service import CaptionService
 
@@ -97,7 +97,7 @@ def build_service(model_dir, limits: ServiceLimits | None = None, engine_options
                                speculative=speculative, draft_source=draft_source,
                                num_draft_tokens=num_draft_tokens)
     metrics = ServiceMetrics()
-    engine = CaptionEngine(predictor.model, predictor.tokenizer.pad_id, engine_options, metrics, predictor.drafter)
+    engine = CaptionEngine(predictor, engine_options, metrics)
     root = Path(model_dir).resolve()
     service = CaptionService(predictor, engine, limits, model_name or str(model_dir), str(root))
     return service, metrics

@@ -7,13 +7,14 @@ sequences (refused with `QueueFull` past `max_queue`); the engine thread then lo
    `max_wait_ms` for more, until `max_batch_size` rows are waiting (dynamic batching). While a
    batch is decoding, whatever is waiting joins it at the next step boundary, up to
    `max_batch_size` rows (continuous batching): the new rows are prefilled together and their KV
-   caches merged into the running batch (`model.generation.ContinuousBatch`), with their own
-   max_new_tokens and greedy/sampling settings. Beam-search sequences run as a batch of their own
-   through `generate` (beam search reorders cache rows every step, so it does not mix).
+   caches merged into the running batch (`decoding.scheduler.ContinuousBatch`), with their own
+   settings. Every kind of request shares that batch: a greedy or sampling sequence takes one row,
+   a beam-search sequence `num_beams` rows that the scheduler re-selects every step; rows are
+   counted against `max_batch_size` (a sequence wider than that runs when the batch is empty).
 2. One decode step for every running row; rows that stop or reach their max_new_tokens leave the
    batch, and a job's future resolves when its last sequence is done. With a drafter
    (`--speculative retrieval`), a step verifies drafted tokens too and may add several tokens to a
-   greedy row: the same tokens, fewer steps (model/generation.py).
+   greedy row: the same tokens, fewer steps (decoding/scheduler.py).
 3. Rows of jobs that were cancelled (client gone, timeout) are dropped at the step boundary, which
    frees their slots at once; their queued sequences are removed when the job is cancelled.
 
@@ -22,8 +23,10 @@ traceback) and the engine carries on with an empty batch. `status()` reports whe
 alive and when it last made progress; the service's /health turns 503 on either. `stop()` stops
 admitting new jobs, finishes everything queued and running, and ends the thread.
 
-A sequence's greedy tokens do not depend on which others share its batch (the generation tests
-show it), so a request's caption equals predict_batch.py's for the same image.
+The engine reads everything from the `Predictor` it is given: the model, the pad id, the drafter
+and `Predictor.pixels` (the images-to-tensor step predict_batch.py takes). A sequence's tokens do
+not depend on which others share its batch (the generation tests show it), so a request's caption
+equals predict_batch.py's for the same image.
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
+from ..decoding.config import GenerationConfig
 
 log = logging.getLogger("paddle_caption.serve")
 
@@ -69,7 +72,7 @@ class Sequence:
 
     prompt: list
     images: list  # float32 arrays [3, S, S]
-    config: object  # GenerationConfig
+    config: GenerationConfig  # stop and pad ids filled in
     job: "Job" = None
     tokens: list | None = None
     finish_reason: str | None = None
@@ -117,17 +120,19 @@ class EngineStatus:
 
 
 class CaptionEngine:
-    """Owns `model` on one thread (see the module docstring); `pad_id` is the tokenizer's; `metrics`
-    (optional) is a `ServiceMetrics` it reports into."""
+    """Owns `predictor.model` on one thread (see the module docstring); `metrics` (optional) is a
+    `telemetry.ServiceMetrics` it reports into."""
 
-    def __init__(self, model, pad_id: int, options: EngineOptions | None = None, metrics=None, drafter=None):
-        from ..model.generation import ContinuousBatch, SpeculationStats
+    def __init__(self, predictor, options: EngineOptions | None = None, metrics=None):
+        from ..decoding.scheduler import ContinuousBatch, SpeculationStats
 
-        self.model, self.options, self.metrics = model, options or EngineOptions(), metrics
+        self.predictor, self.options, self.metrics = predictor, options or EngineOptions(), metrics
         self.options.validate()
+        model = self.model = predictor.model
         model.eval()
         self.speculation = SpeculationStats()  # tokens generated, and what drafting did
-        self._new_batch = lambda: ContinuousBatch(model, pad_id, drafter, self.speculation)
+        self._new_batch = lambda: ContinuousBatch(model, predictor.tokenizer.pad_id, predictor.drafter,
+                                                  self.speculation)
         self._batch = self._new_batch()
         self._queue: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
@@ -138,7 +143,6 @@ class CaptionEngine:
         self._error: str | None = None  # why the thread died, if it did
         self._token_log: collections.deque = collections.deque()  # (time, tokens) of the last 10 s
         self._token_lock = threading.Lock()
-        self._dtype = next(iter(model.parameters())).dtype
         if metrics is not None:
             metrics.watch(self)
 
@@ -219,7 +223,7 @@ class CaptionEngine:
             self._error = f"{type(err).__name__}: {err}"
             with self._cv:
                 waiting, self._queue = list(self._queue), collections.deque()
-            for seq in waiting + [row.tag for row in self._batch.rows]:
+            for seq in waiting + [row.tag for row in self._batch.requests]:
                 _resolve(seq.job.future, error=EngineError(f"the engine died: {self._error}"))
 
     def _admit(self) -> list[Sequence] | None:
@@ -238,45 +242,28 @@ class CaptionEngine:
                     if left <= 0:
                         break
                     self._cv.wait(left)
-            room = opts.max_batch_size - len(self._batch)
+            room = opts.max_batch_size - len(self._batch)  # cache rows: a beam sequence takes num_beams
             admitted = []
-            while self._queue and len(admitted) < room:
-                seq = self._queue.popleft()
+            while self._queue:
+                seq = self._queue[0]
+                if seq.config.rows > room and (admitted or self._batch):
+                    break  # first come, first served: it waits for rows to free up
+                self._queue.popleft()
                 if not seq.job.cancelled:
                     admitted.append(seq)
+                    room -= seq.config.rows
             return admitted
 
     def _prefill(self, sequences: list[Sequence]) -> None:
         now = time.monotonic()
         if self.metrics is not None:
             self.metrics.on_prefill(len(sequences), [now - s.job.arrived for s in sequences])
-        beams = [s for s in sequences if s.config.num_beams > 1]
-        rows = [s for s in sequences if s.config.num_beams == 1]
-        if rows:
-            try:
-                self._batch.add([s.prompt for s in rows], self._pixels(rows), [s.config for s in rows], tags=rows)
-            except Exception as err:  # noqa: BLE001 - a model failure fails these jobs, not the engine
-                log.exception("prefill failed")
-                self._fail(rows, err)
-        groups: dict[object, list[Sequence]] = {}
-        for seq in beams:  # same settings decode together
-            groups.setdefault(repr(seq.config), []).append(seq)
-        for group in groups.values():
-            self._run_beams(group)
-
-    def _run_beams(self, group: list[Sequence]) -> None:
-        from ..model.generation import generate
-
         try:
-            outputs = generate(self.model, [s.prompt for s in group], self._pixels(group), group[0].config)
-        except Exception as err:  # noqa: BLE001
-            log.exception("beam search failed")
-            self._fail(group, err)
-            return
-        max_new = group[0].config.max_new_tokens
-        self._count_tokens(sum(len(ids) for ids in outputs))
-        for seq, ids in zip(group, outputs):
-            self._finish(seq, ids, "length" if len(ids) >= max_new else "stop")
+            pixels = self.predictor.pixels([image for seq in sequences for image in seq.images])
+            self._batch.add([s.prompt for s in sequences], pixels, [s.config for s in sequences], tags=sequences)
+        except Exception as err:  # noqa: BLE001 - a model failure fails these jobs, not the engine
+            log.exception("prefill failed")
+            self._fail(sequences, err)
 
     def _step(self) -> None:
         self._drop_cancelled()
@@ -288,7 +275,7 @@ class CaptionEngine:
             finished = self._batch.step()
         except Exception as err:  # noqa: BLE001
             log.exception("decode step failed")
-            failed = [row.tag for row in self._batch.rows]
+            failed = [row.tag for row in self._batch.requests]
             self._batch = self._new_batch()
             self._fail(failed, err)
             return
@@ -304,17 +291,11 @@ class CaptionEngine:
             self._finish(row.tag, row.tokens, row.finish_reason)
 
     def _drop_cancelled(self) -> None:
-        gone = [row for row in self._batch.rows if row.tag.job.cancelled]
+        gone = [row for row in self._batch.requests if row.tag.job.cancelled]
         if gone:
             self._batch.drop(gone)
             if self.metrics is not None:
                 self.metrics.on_cancel(len(gone))
-
-    def _pixels(self, sequences: list[Sequence]):
-        import paddle
-
-        images = [image for seq in sequences for image in seq.images]
-        return paddle.to_tensor(np.stack(images)).astype(self._dtype) if images else None
 
     def _finish(self, seq: Sequence, tokens: list, reason: str) -> None:
         seq.tokens, seq.finish_reason = list(tokens), reason

@@ -6,12 +6,23 @@ content is a string or a list of `{"type": "text", "text": ...}` and
 fields, the kit's decoding options use PaddleNLP's names (`num_beams`, `top_k`,
 `repetition_penalty`, `length_penalty`). Every request model refuses unknown fields: a misspelt
 option is an error, not a silent default.
+
+The decoding fields of both endpoints are derived from `decoding.config.GenerationConfig`
+(`decoding.derive.options_model`: its types, defaults, bounds and help), and each request builds
+its `GenerationConfig` while it is parsed (`generation`), so a bad combination of options is a 400
+from the parse. Only the OpenAI names are this module's own, and only on the chat endpoint:
+`max_tokens`/`max_completion_tokens` (max_new_tokens), `temperature` (0 or omitted: greedy, i.e.
+do_sample), `n` (num_return_sequences, 1 only) and an omitted `seed` (a random one).
 """
 from __future__ import annotations
 
+import secrets
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from ..decoding.config import GenerationConfig
+from ..decoding.derive import options_model
 
 
 class ApiError(Exception):
@@ -118,23 +129,28 @@ class ChatMessage(Strict):
     name: Optional[str] = None
 
 
-class ChatCompletionRequest(Strict):
+# The chat endpoint's own names for these options (OpenAI's), mapped in `ChatCompletionRequest.generation`.
+CHAT_ALIASED = ("max_new_tokens", "do_sample", "temperature")
+
+
+def chat_options_model(decoding=GenerationConfig):
+    """The decoding fields of /v1/chat/completions: `decoding`'s options but the OpenAI-named ones;
+    top_p, top_k and seed accept null (OpenAI clients send it for "unset")."""
+    return options_model("ChatDecodingOptions", decoding, base=Strict, exclude=CHAT_ALIASED,
+                         optional=("top_p", "top_k", "seed"))
+
+
+class ChatCompletionRequest(chat_options_model()):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     # Omitted or 0: greedy, as predict_batch.py (a caption service wants the model's best caption).
     temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
     n: int = 1
     stream: bool = False
-    seed: Optional[int] = None
     user: Optional[str] = None
-    # the kit's options (PaddleNLP names)
-    top_k: Optional[int] = Field(None, ge=0)
-    num_beams: int = Field(1, ge=1)
-    length_penalty: float = 1.0
-    repetition_penalty: float = Field(1.0, gt=0)
+    _generation: GenerationConfig = PrivateAttr()
 
     @field_validator("n")
     @classmethod
@@ -151,11 +167,22 @@ class ChatCompletionRequest(Strict):
         return stream
 
     @model_validator(mode="after")
-    def _one_max(self):
+    def _options(self):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        values = self.decoding_values()
+        values.setdefault("seed", secrets.randbits(31))  # OpenAI: no seed, no reproducibility promise
+        sample = self.do_sample
+        self._generation = self.decoding_class(
+            **values, do_sample=sample, temperature=self.temperature if sample and self.temperature else 1.0,
+            num_return_sequences=self.n)  # max_new_tokens: the service's default or requested_max_tokens
         return self
+
+    @property
+    def generation(self) -> GenerationConfig:
+        """The decoding options of this request (checked at parse); the service sets max_new_tokens."""
+        return self._generation
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -197,20 +224,30 @@ class ChatCompletionResponse(BaseModel):
 
 
 # ------------------------------------------------------------------------------------ captions
-class CaptionOptions(Strict):
-    """Decoding options of `/v1/captions` (predict_batch.py's flags); the default is greedy."""
+def caption_options_model(decoding=GenerationConfig):
+    """The decoding fields of /v1/captions: every option of `decoding` by its own name (as
+    predict_batch.py's flags); max_new_tokens may be omitted (the service's default)."""
+    return options_model("CaptionDecodingOptions", decoding, base=Strict, optional=("max_new_tokens",))
 
-    max_new_tokens: Optional[int] = Field(None, ge=1)
-    num_beams: int = Field(1, ge=1)
-    do_sample: bool = False
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    length_penalty: float = 1.0
-    seed: int = 0  # image k of a request samples with seed + k
+
+class CaptionOptions(caption_options_model()):
+    """Decoding options of `/v1/captions` (predict_batch.py's flags; image k of a request samples
+    with seed + k); the default is greedy."""
+
     prompt: Optional[str] = None  # replaces the model's training instruction
     system: Optional[str] = None  # replaces the model's system message
+    _generation: GenerationConfig = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _options(self):
+        self._generation = self.decoding_class(**self.decoding_values())
+        return self
+
+    @property
+    def generation(self) -> GenerationConfig:
+        """The decoding options of this request (checked at parse); max_new_tokens is the dataclass
+        default when omitted: the service replaces it with its own (`max_new_tokens` stays None)."""
+        return self._generation
 
 
 class CaptionImage(Strict):

@@ -3,8 +3,8 @@ decoded and checked against the limits, prompts built as in training), jobs are 
 timeout and a watch on the client, and finished sequences become responses.
 
 Captioning goes through the same pieces as predict_batch.py: `Predictor.preprocess` (the image
-transform), the model's training prompt (`load_template` / `build_prompt_ids`), the generation
-code, and `Predictor.decode` (`clean_caption`). So a request's greedy caption equals
+transform), the model's training prompt (`load_template` / `build_prompt_ids`), the decoding
+package, and `Predictor.decode` (`clean_caption`). So a request's greedy caption equals
 predict_batch.py's for the same image (tested).
 
 Status codes: 400 bad input (named), 401 no/wrong API key (routes), 404 unknown model, 413 body,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import secrets
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ import numpy as np
 from ..data.images import ImageRejected, b64decode_strict, decode_image
 from ..data.prompts import PromptTemplate
 from ..data.samples import build_prompt_ids
+from ..decoding.config import GenerationConfig
 from .engine import CaptionEngine, EngineError, EngineStopped, Job, QueueFull, Sequence
 from .protocol import (ApiError, AssistantMessage, CaptionOptions, CaptionResult, ChatChoice,
                        ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList, TextPart, Usage)
@@ -105,33 +105,20 @@ class CaptionService:
                                 "(--max_images_per_request)")
 
     # ---- generation settings -------------------------------------------------------------------
-    def generation_config(self, options, *, max_new_tokens: int | None, max_name: str):
-        """`options` is either request schema: both name their decoding settings alike (do_sample,
-        num_beams, temperature, top_p, top_k, repetition_penalty, length_penalty, seed); only the
-        maximum length differs in name, so it comes separately with the name errors should use."""
-        from ..model.generation import GenerationConfig
-
-        limits, o = self.limits, options
+    def generation_config(self, options: GenerationConfig, *, max_new_tokens: int | None,
+                          max_name: str) -> GenerationConfig:
+        """A request's decoding options (`options`, checked when the request was parsed) within
+        this service's limits, with its maximum length (the default when None; `max_name` is the
+        name errors use) and the tokenizer's stop and pad ids."""
+        limits = self.limits
         max_new = limits.default_max_tokens if max_new_tokens is None else max_new_tokens
         if max_new > limits.max_tokens_cap:
             raise ApiError(400, f"{max_name} {max_new} exceeds the limit {limits.max_tokens_cap} (--max_tokens_cap)",
                            param=max_name)
-        if o.num_beams > limits.max_num_beams:
-            raise ApiError(400, f"num_beams {o.num_beams} exceeds the limit {limits.max_num_beams} (--max_num_beams)",
-                           param="num_beams")
-        base = self.predictor.gen_config
-        cfg = GenerationConfig(
-            max_new_tokens=max_new, do_sample=o.do_sample, num_beams=o.num_beams,
-            temperature=o.temperature if o.do_sample and o.temperature else 1.0,
-            top_p=o.top_p if o.top_p is not None else 1.0, top_k=o.top_k or 0,
-            repetition_penalty=o.repetition_penalty, length_penalty=o.length_penalty,
-            stop_ids=base.stop_ids, pad_id=base.pad_id,
-            seed=secrets.randbits(31) if o.seed is None else o.seed)
-        try:
-            cfg.validate()
-        except ValueError as err:
-            raise ApiError(400, str(err)) from None
-        return cfg
+        if options.num_beams > limits.max_num_beams:
+            raise ApiError(400, f"num_beams {options.num_beams} exceeds the limit {limits.max_num_beams} "
+                                "(--max_num_beams)", param="num_beams")
+        return self.predictor.fill_stop_and_pad_ids(replace(options, max_new_tokens=max_new))
 
     def _check_context(self, prompt: list[int], cfg) -> None:
         if len(prompt) + cfg.max_new_tokens > self.context:
@@ -178,7 +165,7 @@ class CaptionService:
         text = "\n".join(t for t in texts if t.strip())
         prompt = build_prompt_ids(self.predictor.tokenizer, PromptTemplate(
             system="\n".join(systems) if systems else template.system, prompt=text or template.prompt), len(images))
-        cfg = self.generation_config(req, max_new_tokens=req.requested_max_tokens, max_name="max_tokens")
+        cfg = self.generation_config(req.generation, max_new_tokens=req.requested_max_tokens, max_name="max_tokens")
         self._check_context(prompt, cfg)
         return Job([Sequence(prompt, images, cfg)], arrived)
 
@@ -193,7 +180,7 @@ class CaptionService:
             template = PromptTemplate(system=template.system if opts.system is None else opts.system,
                                       prompt=template.prompt if opts.prompt is None else opts.prompt)
         prompt = build_prompt_ids(self.predictor.tokenizer, template, 1)
-        cfg = self.generation_config(opts, max_new_tokens=opts.max_new_tokens, max_name="max_new_tokens")
+        cfg = self.generation_config(opts.generation, max_new_tokens=opts.max_new_tokens, max_name="max_new_tokens")
         self._check_context(prompt, cfg)
         sequences = []
         for k, (_, payload, at) in enumerate(items):

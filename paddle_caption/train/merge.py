@@ -22,7 +22,7 @@ architecture is rebuilt in the run's dtype (its exact initial weights) and cast 
 
 OUT also gets `draft_datastore/`, built from the run's training records (its train_config.json's
 `train_records`, when that file is readable): what `predict_batch.py --speculative retrieval`
-drafts from (`model/drafting.py`).
+drafts from (`decoding/drafting.py`).
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
 def build_draft_datastore(out: Path, model_config, base_dir: Path | None, ckpt: Path, log=print) -> bool:
     """OUT/draft_datastore from the run's training records; a note (not an error) when there are
     none to read (e.g. a LoRA directory without its run, or records moved away)."""
-    from ..model.drafting import DATASTORE_DIR, DraftDatastore
+    from ..decoding.drafting import DATASTORE_DIR, DraftDatastore
     from ..tokenizer import QWenVLTokenizer
 
     train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json") or {}

@@ -150,7 +150,7 @@ class Trainer:
 
     def build_predictor(self):
         """The evaluation captioner: the Predictor every caption of the kit goes through."""
-        from ..model.generation import GenerationConfig
+        from ..decoding.config import GenerationConfig
         from ..predict.predictor import Predictor
 
         return Predictor(self.model, self.tokenizer, self.template,

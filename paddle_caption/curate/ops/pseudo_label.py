@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...data.contest_tsv import RowError, iter_rows
+from ...decoding.derive import check_options, option_field, option_values
 from ...runtime import UserError
 from ..samples import load_image
 from ..thresholds import Moments, check_bound, describe_bound, moments, needs_data, resolve_bound
@@ -34,9 +35,10 @@ class PseudoLabelParams(BaselineParams):
     recaption_below: object = None
     num_candidates: int = 3
     strategy: str = "beam"  # beam | sample
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_new_tokens: int = 64
+    # decoding options: GenerationConfig's (help, bounds), with this op's defaults
+    temperature: float = option_field("temperature", 0.7)
+    top_p: float = option_field("top_p", 0.9)
+    max_new_tokens: int = option_field("max_new_tokens", 64)
     min: object = None
     max_length: int = 2048
 
@@ -47,6 +49,10 @@ class PseudoLabelParams(BaselineParams):
             raise UserError(f"{where}: unlabeled_tsv {self.unlabeled_tsv} not found")
         if self.strategy not in ("beam", "sample") or self.num_candidates < 1:
             raise UserError(f"{where}: strategy is beam or sample, num_candidates >= 1")
+        try:
+            check_options(self)
+        except ValueError as err:
+            raise UserError(f"{where}: {err}") from None
         check_bound(self.recaption_below, f"{where}: recaption_below")
         check_bound(self.min, f"{where}: min")
         self.validate_baseline(where)
@@ -119,8 +125,7 @@ class PseudoLabel(Op):
         p = self.params
         predictor = self.ctx.models.get(p.model_dir)
         images = [predictor.preprocess(img) for img in images]
-        texts = candidates(predictor, images, p.num_candidates, p.strategy, max_new_tokens=p.max_new_tokens,
-                           temperature=p.temperature, top_p=p.top_p, seed=self.ctx.seed)
+        texts = candidates(predictor, images, p.num_candidates, p.strategy, **option_values(p), seed=self.ctx.seed)
         flat_samples = [{"id": s["id"], "stats": {}} for s in todo for _ in range(p.num_candidates)]
         flat_images = [img for img in images for _ in range(p.num_candidates)]
         flat_texts = [t or " " for ts in texts for t in ts]

@@ -12,7 +12,7 @@ frequent continuation is the longest run of equal tokens in it, found again by b
 marker + generated tokens) that occurs in the datastore, with its range, and extends it as tokens
 are accepted (one binary search per token; a fresh search only when the text leaves every stored
 caption). It drafts by following the most frequent continuation for up to `num_draft_tokens`
-tokens. The drafts only decide speed: `generation.ContinuousBatch` verifies every draft against the
+tokens. The drafts only decide speed: `scheduler.ContinuousBatch` verifies every draft against the
 model's own greedy choice, so the output is plain greedy's whatever the datastore holds.
 
 On disk (a directory, written atomically): `tokens.npy`, `suffix_array.npy` (int32, memory-mapped
@@ -34,7 +34,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ..files import write_json
+from ..data.records import load_records
+from ..files import iter_text_lines, write_json
 from ..runtime import UserError
 
 DATASTORE_DIR = "draft_datastore"
@@ -287,29 +288,12 @@ class RetrievalDrafter:
 
 
 def read_captions(path: str | os.PathLike) -> list[str]:
-    """The captions of a `.jsonl` file (each line an object with a "caption" string, as
-    records.jsonl) or of a text file (one caption per line); blank lines are skipped."""
+    """The captions of a records file (`.jsonl`, read by `data.records.load_records`, which checks
+    every record) or of a text file (one caption per line); blank lines are skipped."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise UserError(f"cannot read captions file {path}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    if path.suffix.lower() != ".jsonl":
-        return [line.strip() for line in lines if line.strip()]
-    captions = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: not JSON ({err.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("caption"), str):
-            raise UserError(f"{path}:{lineno}: expected an object with a \"caption\" string")
-        captions.append(item["caption"])
-    return captions
+    if path.suffix.lower() == ".jsonl":
+        return [record["caption"] for record in load_records(path)]
+    return [where_line[1].strip() for where_line in iter_text_lines(path, "captions file")]
 
 
 def load_datastore(model_dir: str | os.PathLike | None, tokenizer, source: str | os.PathLike | None = None,

@@ -1,0 +1,15 @@
+"""Decoding: turning a loaded model and prompts into caption tokens. One module, one job:
+
+- `config.py`: `GenerationConfig`, every decoding option declared once (type, default, bounds, help;
+  paddle-free); `derive.py` builds predict_batch.py's flags and the service's request fields from it;
+- `logits.py`: logits processing (repetition penalty, log-softmax, temperature/top-k/top-p sampling);
+- `batch.py`: `DecodeBatch`, the KV-cache rows decoded together (add, step, step_many + rollback, keep);
+- `beam.py`: `BeamSearch`, one prompt's beam search advanced one step at a time;
+- `scheduler.py`: `ContinuousBatch`, greedy, sampling and beam requests joining and leaving one
+  batch at step boundaries, with speculative verification of drafted tokens;
+- `generate.py`: `generate`, the one-call API on top of the scheduler;
+- `drafting.py`: the retrieval datastore and drafter speculative decoding drafts with;
+- `output_head.py`: the output layer's transposed weight kept while decoding (fast few-row logits).
+
+Importing `config`, `derive` and `drafting` loads no Paddle (command lines parse before the model loads).
+"""

@@ -1,0 +1,70 @@
+"""A transposed copy of the output layer's weight, kept while decoding, for few-row logits.
+
+Why: for 2-32 rows (batched decoding, speculative verification) OpenBLAS multiplies [rows, hidden]
+by the [hidden, vocab] weight 3-5x slower than it multiplies a [vocab, hidden] copy by
+[hidden, rows] (it handles the wide output badly). Inside `transposed_head(linear)` (decoding: the
+weight cannot change there) or after `keep_transposed_head(linear)` (a model loaded for inference
+only), `model.head.project` takes that route, in vocabulary blocks that stay in cache, with one
+transposed copy of the weight made on first use (8-17 ms for the real vocabulary at width 64;
+`bench/head.py`, docs/benchmarks.md). The copy costs the output layer's size in memory again while
+it lives (39 MB for the tiny model, 2.5 GB for a float32 7B model on a CPU); on a GPU, or with
+Paddle's kernels, no copy is made (`project` only asks here on its numpy path).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from ..model.numpy_bridge import as_numpy
+
+FEW_ROWS = (2, 32)  # row counts that take the transposed-weight route
+_BLOCK = 8192  # vocabulary rows per block of that route
+_ATTRIBUTE = "_paddle_caption_transposed_weight"
+
+
+class _TransposedWeight:
+    """A contiguous [vocab, hidden] copy of a Linear's weight, made on first use."""
+
+    def __init__(self, weight):
+        self.weight, self.array = weight, None
+
+    def get(self) -> np.ndarray:
+        if self.array is None:
+            self.array = np.ascontiguousarray(as_numpy(self.weight).T)
+        return self.array
+
+
+@contextlib.contextmanager
+def transposed_head(linear):
+    """Within this block `linear`'s weight does not change (decoding: eval mode, no grad), so
+    `project` may keep a transposed copy of it; the copy is dropped at the end. Nests."""
+    if getattr(linear, _ATTRIBUTE, None) is not None:
+        yield
+        return
+    keep_transposed_head(linear)
+    try:
+        yield
+    finally:
+        setattr(linear, _ATTRIBUTE, None)
+
+
+def keep_transposed_head(linear) -> None:
+    """For a model that only predicts from now on (e.g. loaded by `load_predictor`): `project`
+    keeps a transposed copy of `linear`'s weight for good. Never use it on a model that trains."""
+    if getattr(linear, _ATTRIBUTE, None) is None:
+        setattr(linear, _ATTRIBUTE, _TransposedWeight(linear.weight))
+
+
+def few_rows_logits(flat: np.ndarray, linear) -> np.ndarray | None:
+    """flat @ weight [rows, vocab] through the transposed copy when `linear` keeps one and the row
+    count is in FEW_ROWS; None otherwise (the caller does the plain product)."""
+    cache = getattr(linear, _ATTRIBUTE, None)
+    if cache is None or not FEW_ROWS[0] <= len(flat) <= FEW_ROWS[1]:
+        return None
+    weight_t = cache.get()
+    out = np.empty((len(flat), len(weight_t)), dtype=np.float32)
+    columns = np.ascontiguousarray(flat.T)
+    for start in range(0, len(weight_t), _BLOCK):  # weight_t_block @ flat.T: the fast layout
+        out[:, start:start + _BLOCK] = (weight_t[start:start + _BLOCK] @ columns).T
+    return out
