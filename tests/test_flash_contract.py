@@ -134,7 +134,8 @@ def decoder_calls(calls):
 
 @pytest.mark.parametrize("equal", [True, False], ids=["equal_length", "left_padded"])
 def test_prefill_and_cached_decode(recorded, model, equal):
-    from paddle_caption.model.generation import GenerationConfig, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
 
     prompts, images = prompts_for(model, equal)
     cfg = GenerationConfig(max_new_tokens=4, stop_ids=(), pad_id=0)
@@ -148,7 +149,8 @@ def test_prefill_and_cached_decode(recorded, model, equal):
 
 def test_equal_length_batch_decodes_like_one_by_one(recorded, model):
     """The batch-axis fix changes no token: batched greedy = one-by-one greedy, on Paddle's kernels."""
-    from paddle_caption.model.generation import GenerationConfig, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
 
     prompts, images = prompts_for(model, equal=True)
     cfg = GenerationConfig(max_new_tokens=5, stop_ids=(), pad_id=0)
@@ -179,7 +181,9 @@ class EchoDrafter:
 
 @pytest.mark.parametrize("equal", [True, False], ids=["equal_length", "left_padded"])
 def test_speculative_verify_and_continuous_batching(recorded, model, equal):
-    from paddle_caption.model.generation import ContinuousBatch, GenerationConfig, generate
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
+    from paddle_caption.decoding.scheduler import ContinuousBatch
 
     prompts, images = prompts_for(model, equal, n=3)
     cfg = GenerationConfig(max_new_tokens=6, stop_ids=(), pad_id=0)

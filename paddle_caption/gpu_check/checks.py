@@ -200,7 +200,7 @@ def decode_prompts(config, equal: bool):
 def prefill_logits(model, prompts, images) -> np.ndarray:
     import paddle
 
-    from ..model.generation import left_pad
+    from ..decoding.batch import left_pad
 
     ids, mask = left_pad(prompts, 0)
     with paddle.no_grad():
@@ -210,7 +210,8 @@ def prefill_logits(model, prompts, images) -> np.ndarray:
 
 
 def decoding(model_dir: Path, dtype: str, new_tokens: int = 12) -> list[Item]:
-    from ..model.generation import GenerationConfig, generate
+    from ..decoding.config import GenerationConfig
+    from ..decoding.generate import generate
     from ..model.mgen_vl import MgenVLForCausalLM
 
     reference = MgenVLForCausalLM.from_pretrained(model_dir, dtype="float32")
