@@ -82,7 +82,7 @@ class TorchTensor:
             return np.array(self.storage[self.offset])
         view = np.lib.stride_tricks.as_strided(self.storage[self.offset:], shape=self.shape,
                                                strides=tuple(s * item for s in self.stride), writeable=False)
-        return np.ascontiguousarray(view)
+        return np.array(view, order="C")  # a copy: the storage is a view of a map that closes
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
