@@ -433,7 +433,7 @@ def test_consistency_sign_with_a_trained_model(tmp_path):
     from paddle_caption.data.synthetic import write_dataset
     from paddle_caption.predict.predictor import load_predictor
     from paddle_caption.train.config import TrainConfig
-    from paddle_caption.train.merge import main as merge_main
+    from paddle_caption.train.cli import merge_main
     from paddle_caption.train.trainer import Trainer
 
     from .conftest import micro_model_json

@@ -279,7 +279,7 @@ def test_mismatching_checkpoint_names_the_key(reference_model, tmp_path):
 
 def test_unknown_format_and_unknown_config_key(tmp_path):
     from paddle_caption import MgenVLConfig
-    from paddle_caption.model.checkpoint import load_model_state
+    from paddle_caption.model.weights_io import load_model_state
 
     (tmp_path / "weights.onnx").write_bytes(b"x")
     with pytest.raises(UserError, match="unknown checkpoint format"):

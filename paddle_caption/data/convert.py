@@ -39,8 +39,6 @@ An image with no entry in the jsonl is rejected as `no_reference`.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import heapq
 import itertools
 import json
@@ -59,10 +57,9 @@ from pathlib import Path
 from ..files import atomic_write, remove_stale_temps
 from ..runtime import UserError, cpu_count
 from .clean_rules import REASONS, CleanConfig, check_caption, check_row, is_val
-from .contest_tsv import DEFAULT_MAX_ROW_BYTES, iter_lines, read_muge_captions
-from .images import VERIFY_MODES
+from .contest_tsv import iter_lines, read_muge_captions
 from .records import dump_record
-from .stats import STYLE_PATTERN, LengthHistogram
+from .stats import LengthHistogram
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
 PART_RECORDS, PART_REJECTS, PART_OUTLIERS = ".records.partial", ".rejects.partial", ".outliers.partial"
@@ -463,65 +460,3 @@ def format_summary(summary: dict) -> str:
         lines.append(f"k-sigma: kept caption lengths in [{k['low']}, {k['high']}] characters (K={k['k']})")
     lines.append("wrote " + ", ".join(summary["files"].values()))
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Clean a contest TSV (id \\t base64 \\t caption) into records.jsonl + rejects.tsv + summary.json.",
-        epilog="Cleaning options override --config, which overrides the defaults. Reasons: " + ", ".join(REASONS))
-    parser.add_argument("input", help="contest TSV, UTF-8, no header")
-    parser.add_argument("out_dir", help="output directory")
-    s = argparse.SUPPRESS  # cleaning options default to "not given", so that --config can supply them
-    rules = parser.add_argument_group("cleaning rules (also settable in --config)")
-    rules.add_argument("--config", help="JSON file with CleanConfig keys, e.g. {\"min_side\": 64}")
-    rules.add_argument("--style-check", dest="require_style", action=argparse.BooleanOptionalAction, default=s,
-                       help="reject captions without a style phrase (default: on)")
-    rules.add_argument("--style-pattern", default=s, help=f"regex of the style phrase (default {STYLE_PATTERN})")
-    rules.add_argument("--empty-caption-check", dest="drop_empty_caption", action=argparse.BooleanOptionalAction,
-                       default=s, help="reject empty captions (default: on)")
-    rules.add_argument("--dedup", dest="dedup_ids", action=argparse.BooleanOptionalAction, default=s,
-                       help="reject rows repeating a kept id (default: on)")
-    rules.add_argument("--verify", choices=VERIFY_MODES, default=s,
-                       help="image check: full decode, fast (JPEG at 1/8 scale, same rejects), or header only "
-                            "(default: fast)")
-    rules.add_argument("--min-side", type=int, default=s, help="minimum image side in pixels; 0 disables (default 32)")
-    rules.add_argument("--max-pixels", type=int, default=s, help="maximum width*height (default 16777216)")
-    rules.add_argument("--max-row-bytes", type=int, default=s,
-                       help=f"longer rows are rejected unread (default {DEFAULT_MAX_ROW_BYTES})")
-    rules.add_argument("--ksigma", type=float, default=s,
-                       help="reject captions whose length is outside mean +- K*std of kept captions (default: off)")
-    rules.add_argument("--val-fraction", type=float, default=s,
-                       help="route this share of kept rows (by sha1 of id) to val_records.jsonl (default 0)")
-    rules.add_argument("--captions", default=s,
-                       help="MUGE ECommerce-IC layout: INPUT is IC_*.tsv (image_id, base64) and the captions "
-                            "come from this IC_*.jsonl ({image_id, text: [captions]})")
-    rules.add_argument("--references-per-image", type=int, default=s,
-                       help="MUGE layout: training records per image, one per reference (default 0: all)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=0, help="processes (default: the core count)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT_DIR")
-    run.add_argument("--chunk-mb", type=float, default=8.0, help="input range per task in MB (default 8)")
-    run.add_argument("--checkpoint-seconds", type=float, default=10.0,
-                     help="how often progress is made durable for --resume (default 10)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = CleanConfig()
-    if args.config:
-        cfg.update_from_file(args.config)
-    for f in dataclasses.fields(cfg):
-        if hasattr(args, f.name):
-            setattr(cfg, f.name, getattr(args, f.name))
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.chunk_mb <= 0:
-        raise UserError(f"--chunk-mb must be > 0, got {args.chunk_mb}")
-    opts = RunOptions(workers=args.workers, chunk_bytes=int(args.chunk_mb * (1 << 20)),
-                      checkpoint_seconds=args.checkpoint_seconds, resume=args.resume, progress=not args.quiet)
-    summary = convert(args.input, args.out_dir, cfg, opts)
-    print(format_summary(summary))
-    return 0

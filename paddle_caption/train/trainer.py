@@ -43,7 +43,7 @@ import numpy as np
 from ..distributed import rank_and_world
 from ..files import atomic_write, write_json
 from ..runtime import UserError, configure
-from . import checkpoints as ckpt
+from . import run_checkpoints as ckpt
 from .config import TrainConfig, resolve_path
 from .schedule import lr_at
 
@@ -322,7 +322,7 @@ class Trainer:
         this at the same step: the decision to save is rank 0's, shared in `agree`)."""
         name = ckpt.FINAL_DIR if final else f"{ckpt.CHECKPOINT_PREFIX}{state.step:06d}"
         if self.sharded:
-            from ..model.checkpoint import save_safetensors
+            from ..model.weights_io import save_safetensors
 
             if self.rank == 0:
                 ckpt.begin_checkpoint(self.output_dir, name)
@@ -346,7 +346,7 @@ class Trainer:
 
     def maybe_resume(self, state: LoopState) -> str | None:
         """Continue from the newest complete checkpoint in output_dir, if any."""
-        from ..model.checkpoint import load_safetensors
+        from ..model.weights_io import load_safetensors
 
         latest = ckpt.latest_checkpoint(self.output_dir)
         if latest is None:
