@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from paddle_caption import shards
 from paddle_caption.curate.ops import OpContext, build_op
 from paddle_caption.curate.ops.cluster import proportional_quotas
 from paddle_caption.curate.recipe import Recipe, load_recipe
@@ -386,7 +387,8 @@ def test_model_stage_resumes_inside_its_shard(noisy_world, micro_model, tmp_path
     stage.mkdir(parents=True)
     marked = [json.dumps({**json.loads(x), "caption": json.loads(x)["caption"] + "(resumed)"}, ensure_ascii=False) + "\n"
               for x in lines[:4]]
-    (stage / "stats.rank0-of-1.jsonl").write_text("".join(marked) + lines[4][:20])
+    header = json.dumps({"format": shards.FORMAT, "fingerprint": stage.name}) + "\n"
+    shards.shard_path(stage / "stats.jsonl", 0, 1).write_text(header + "".join(marked) + lines[4][:20])
     run.run()
     resumed = list(iter_samples(stage / "stats.jsonl"))
     assert len(resumed) == 9 and sum(s["caption"].endswith("(resumed)") for s in resumed) == 4
