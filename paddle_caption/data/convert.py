@@ -58,7 +58,7 @@ from ..files import atomic_write, remove_stale_temps
 from ..runtime import UserError, cpu_count
 from .clean_rules import REASONS, CleanConfig, check_caption, check_row, is_val
 from .contest_tsv import iter_lines, read_muge_captions
-from .records import dump_record
+from .records import dump_record, new_record
 from .stats import LengthHistogram
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
@@ -110,9 +110,8 @@ def process_range(bounds: tuple[int, int]) -> RangeResult:
             if reason:
                 rejects.append((index, rid, reason))
             else:
-                kept.append((index, rid, dump_record({
-                    "id": rid, "caption": caption, "tsv": tsv, "offset": line.offset,
-                    "length": line.length, "width": width, "height": height})))
+                kept.append((index, rid, dump_record(
+                    new_record(rid, caption, tsv, line.offset, line.length, width, height))))
     return RangeResult(end, index, kept, rejects)
 
 
