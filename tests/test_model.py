@@ -284,7 +284,7 @@ def test_unknown_format_and_unknown_config_key(tmp_path):
     (tmp_path / "weights.onnx").write_bytes(b"x")
     with pytest.raises(UserError, match="unknown checkpoint format"):
         load_model_state(tmp_path / "weights.onnx")
-    with pytest.raises(UserError, match="unknown model config key 'hiden_size'"):
+    with pytest.raises(UserError, match="model config: unknown key 'hiden_size'"):
         MgenVLConfig.from_dict({"hiden_size": 3})
 
 
