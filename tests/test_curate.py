@@ -508,7 +508,7 @@ def test_curate_demo_end_to_end_small(tmp_path):
 
 
 def test_filter_detection_counts_only_the_rows_the_filter_scored(tmp_path):
-    from paddle_caption.curate.demo import filter_detection
+    from paddle_caption.demo.curate_demo import filter_detection
 
     noise = tmp_path / "noise.tsv"
     noise.write_text("m1\tmismatched_caption\tx\nm2\tmismatched_caption\tx\nm3\tmismatched_caption\tx\n"

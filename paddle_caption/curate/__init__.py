@@ -14,5 +14,8 @@ so the report, the ledger and the filter read the same numbers.
 - `scoring.py`: the model side: batches of samples through the Predictor's model (log-probabilities,
   pooled vision features, candidate captions); `shards.py`: the work of several processes;
 - `runner.py`: stages, ledger, resume, outputs; `report.py`: report.md and the PNG plots;
-- `formats.py`: data-juicer jsonl export/import; `cli.py`: the command line; `demo.py`: `make curate-demo`.
+- `formats.py`: data-juicer jsonl export/import; `cli.py`: the command line.
+
+`make curate-demo` (raw noisy rows against curated rows) sits with the other demos:
+`paddle_caption/demo/curate_demo.py`.
 """

@@ -62,7 +62,7 @@ def run_command(cmd: list[str], log_path: Path | None = None) -> None:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         output = log_path.read_text(encoding="utf-8", errors="replace")
     if done.returncode != 0:
-        raise UserError(f"stage failed: {' '.join(cmd[2:4])} …: {_last_line(output)}")
+        raise UserError(f"stage failed: {' '.join(cmd[2:4])} …: {last_line(output)}")
 
 
 def _reap(proc: subprocess.Popen):
@@ -76,12 +76,12 @@ def _reap(proc: subprocess.Popen):
     return proc.returncode, usage
 
 
-def _last_line(text: str) -> str:
+def last_line(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
 
 
-# ---- stages, shared with the curation demo (paddle_caption/curate/demo.py) ---------------------------
+# ---- stages, shared with the curation demo (paddle_caption/demo/curate_demo.py) ---------------------------
 def make_data(out: Path, counts: dict, seed: int, extra: list[str] | None = None) -> bool:
     """The synthetic world in out/data (make-data with `extra` flags); False if it is already there.
     Converted splits of an older dataset are invalidated: their records point at other bytes."""
@@ -157,7 +157,7 @@ def train_runs(config: Path, runs: dict, val_records: Path, minutes: float, max_
     finally:
         bar.close()
     for name, code in failed:
-        tail = _last_line((runs[name].run_dir / "train.log").read_text(errors="replace"))
+        tail = last_line((runs[name].run_dir / "train.log").read_text(errors="replace"))
         raise UserError(f"training {name} failed (exit {code}): {tail}")
     summaries = {}
     for name, run in runs.items():
@@ -208,7 +208,7 @@ def predict_concurrently(test_tsv: Path, run_dirs: list[Path], batch_size: int, 
         proc.wait()
         handle.close()
         if proc.returncode != 0:
-            tail = _last_line((run_dir / "predict.log").read_text(errors="replace"))
+            tail = last_line((run_dir / "predict.log").read_text(errors="replace"))
             raise UserError(f"predict_batch {run_dir.name} failed (exit {proc.returncode}): {tail}")
     return time.time() - t0
 

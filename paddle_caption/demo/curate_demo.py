@@ -31,10 +31,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..demo.pipeline import (TrainRun, _last_line, command, convert_split, evaluate_runs, make_data, merge_run,
-                             predict_concurrently, results_table, train_runs)
 from ..files import atomic_write, write_json
 from ..runtime import UserError
+from .pipeline import (TrainRun, command, convert_split, evaluate_runs, last_line, make_data, merge_run,
+                       predict_concurrently, results_table, train_runs)
 
 RUNS = {"raw": "(a) raw noisy rows", "curated": "(b) curated rows"}
 BARS = {"precision": 0.80, "recall": 0.80}
@@ -167,7 +167,7 @@ class CurateDemo:
 
     def recipe(self, name: str, model: Path, process: list) -> Path:
         recipe = {
-            "_comment": "written by the curation demo (paddle_caption/curate/demo.py)",
+            "_comment": "written by the curation demo (paddle_caption/demo/curate_demo.py)",
             "dataset": str(self.out / "train" / "records.jsonl"),
             "export_dir": str(self.out / name),
             "model_dir": str(model),
@@ -200,7 +200,7 @@ class CurateDemo:
                 proc.wait()
                 handle.close()
                 if proc.returncode != 0:
-                    tail = _last_line((self.out / f"curate_{name}.rank{rank}.log").read_text(errors="replace"))
+                    tail = last_line((self.out / f"curate_{name}.rank{rank}.log").read_text(errors="replace"))
                     raise UserError(f"curation rank {rank} failed (exit {proc.returncode}): {tail}")
             wall = (time.time() - t0) / 60
         summary = json.loads(summary_path.read_text())
