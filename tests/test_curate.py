@@ -16,8 +16,8 @@ from paddle_caption.curate.ops.cluster import proportional_quotas
 from paddle_caption.curate.recipe import Recipe, load_recipe
 from paddle_caption.curate.runner import CurationRun, curate
 from paddle_caption.curate.samples import iter_samples
-from paddle_caption.curate.thresholds import exact_quantiles, moments, resolve_bound
-from paddle_caption.data.stats import LengthHistogram
+from paddle_caption.curate.thresholds import resolve_bound
+from paddle_caption.data.distribution import LengthHistogram, exact_quantiles, moments
 from paddle_caption.runtime import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

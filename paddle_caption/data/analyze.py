@@ -17,8 +17,8 @@ from pathlib import Path
 from ..files import atomic_write
 from ..fonts import INSTALL_HINT, matplotlib_cjk_family
 from ..runtime import UserError
-from .stats import (DEFAULT_MAX_NEW_TOKENS, DatasetStats, LengthHistogram, build_summary, collect_stats,
-                    summary_text)
+from .distribution import LengthHistogram
+from .stats import DEFAULT_MAX_NEW_TOKENS, DatasetStats, build_summary, collect_stats, summary_text
 
 # ASCII names for the synthetic world's styles, used when no CJK font is available for plots.
 STYLE_ASCII = {"卡通风格": "cartoon", "写实风格": "realistic", "像素风格": "pixel-art", "水彩风格": "watercolour",

@@ -59,7 +59,7 @@ from ..runtime import UserError, cpu_count
 from .clean_rules import REASONS, CleanConfig, check_caption, check_row, is_val
 from .contest_tsv import iter_lines, read_muge_captions
 from .records import dump_record, new_record
-from .stats import LengthHistogram
+from .distribution import LengthHistogram
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
 PART_RECORDS, PART_REJECTS, PART_OUTLIERS = ".records.partial", ".rejects.partial", ".outliers.partial"

@@ -21,7 +21,8 @@ from typing import Callable, ClassVar, Iterable, Iterator
 
 from ...runtime import UserError
 from ...typed_config import from_mapping
-from ..thresholds import Moments, check_bound, describe_bound, moments, needs_data, resolve_bound
+from ...data.distribution import Moments, moments
+from ..thresholds import check_bound, describe_bound, needs_data, resolve_bound
 
 OPS: dict[str, type["Op"]] = {}
 

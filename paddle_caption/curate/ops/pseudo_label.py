@@ -22,7 +22,8 @@ from pathlib import Path
 from ...data.contest_tsv import RowError, iter_rows
 from ...runtime import UserError
 from ..samples import load_image
-from ..thresholds import Moments, check_bound, describe_bound, moments, needs_data, resolve_bound
+from ...data.distribution import Moments, moments
+from ..thresholds import check_bound, describe_bound, needs_data, resolve_bound
 from .base import Op, register
 from .consistency import BaselineParams, baseline_references, score_samples
 

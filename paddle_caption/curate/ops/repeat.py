@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...runtime import UserError
-from ..thresholds import exact_quantiles, moments
+from ...data.distribution import exact_quantiles, moments
 from .base import Op, register
 
 
