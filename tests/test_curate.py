@@ -131,6 +131,36 @@ def test_length_filter_thresholds_and_ledger(noisy_world, tmp_path):
         assert (tmp_path / "out" / name).is_file(), name
 
 
+def test_the_converters_cleaning_rules_run_as_curation_ops(noisy_world, tmp_path):
+    """The cleaning ops decide in a recipe as in the converter: the image read back through its
+    record, reject codes of REJECT_REASONS in the ledger, duplicate ids after their first row."""
+    from paddle_caption.data.reject_reasons import REJECT_REASONS
+
+    records = [json.loads(line) for line in noisy_world["records"].read_text().splitlines()]
+    passing = [r for r in records if min(r["width"], r["height"]) >= 400 and "卡通风格" in r["caption"]]
+    dataset = tmp_path / "with_dups.jsonl"  # three rows that pass the first two ops, repeated
+    dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + passing[:3]),
+                       encoding="utf-8")
+    summary = run_recipe(tmp_path, dataset, [
+        {"image_validity_filter": {"min_side": 400, "verify": "full"}},
+        {"style_phrase_filter": {"pattern": "卡通风格"}},
+        {"duplicate_id_filter": {}},
+        {"empty_caption_filter": {}},
+        {"caption_length_outlier_filter": {"k": 1.5}}])
+    small = {r["id"] for r in records if min(r["width"], r["height"]) < 400}
+    reasons = {(e["id"], e["reason"]) for e in ledger(summary)}
+    assert small and {rid for rid, reason in reasons if reason == "image_too_small"} == small
+    assert {rid for rid, reason in reasons if reason == "no_style_phrase"} == {
+        r["id"] for r in records if r["id"] not in small and "卡通风格" not in r["caption"]}
+    assert all(reason in REJECT_REASONS for _, reason in reasons)
+    assert sorted(rid for rid, reason in reasons if reason == "duplicate_id") == sorted(r["id"] for r in passing[:3])
+    kept = [json.loads(line) for line in Path(summary["output"]["files"]["records"]).read_text().splitlines()]
+    assert kept and len({r["id"] for r in kept}) == len(kept)
+    lengths = [len(r["caption"]) for r in records if r["id"] not in small and "卡通风格" in r["caption"]]
+    mean, std = float(np.mean(lengths)), float(np.std(lengths))
+    assert all(mean - 1.5 * std <= len(r["caption"]) <= mean + 1.5 * std for r in kept)
+
+
 def test_stages_resume_and_a_changed_op_reruns(noisy_world, tmp_path):
     process = [{"image_shape_filter": {"min_width": 400}}, {"caption_length_filter": {"unit": "words", "min": 15}}]
     first = run_recipe(tmp_path, noisy_world["records"], process)

@@ -8,17 +8,18 @@ import argparse
 import dataclasses
 
 from ..runtime import UserError
-from .clean_rules import REASONS, CleanConfig
+from .clean_rules import CleanConfig
 from .contest_tsv import DEFAULT_MAX_ROW_BYTES
 from .convert import RunOptions, convert, format_summary
-from .images import VERIFY_MODES
+from .images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES
+from .reject_reasons import REJECT_REASONS
 from .stats import STYLE_PATTERN
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Clean a contest TSV (id \\t base64 \\t caption) into records.jsonl + rejects.tsv + summary.json.",
-        epilog="Cleaning options override --config, which overrides the defaults. Reasons: " + ", ".join(REASONS))
+        epilog="Cleaning options override --config, which overrides the defaults. Reasons: " + ", ".join(REJECT_REASONS))
     parser.add_argument("input", help="contest TSV, UTF-8, no header")
     parser.add_argument("out_dir", help="output directory")
     s = argparse.SUPPRESS  # cleaning options default to "not given", so that --config can supply them
@@ -34,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("--verify", choices=VERIFY_MODES, default=s,
                        help="image check: full decode, fast (JPEG at 1/8 scale, same rejects), or header only "
                             "(default: fast)")
-    rules.add_argument("--min-side", type=int, default=s, help="minimum image side in pixels; 0 disables (default 32)")
-    rules.add_argument("--max-pixels", type=int, default=s, help="maximum width*height (default 16777216)")
+    rules.add_argument("--min-side", type=int, default=s, help=f"minimum image side in pixels; 0 disables (default {MIN_IMAGE_SIDE})")
+    rules.add_argument("--max-pixels", type=int, default=s, help=f"maximum width*height (default {MAX_IMAGE_PIXELS})")
     rules.add_argument("--max-row-bytes", type=int, default=s,
                        help=f"longer rows are rejected unread (default {DEFAULT_MAX_ROW_BYTES})")
     rules.add_argument("--ksigma", type=float, default=s,

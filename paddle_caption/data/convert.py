@@ -14,17 +14,18 @@ input order, so the output does not depend on `--workers`. At most 2 x workers r
 so memory stays flat whatever the input size. The main process drops duplicate ids and appends to
 partial files; the final files appear (by rename) only when everything succeeded.
 
-What is checked, and in which order, is `clean_rules.py` (`REASONS`, `check_row`, `CleanConfig`);
-this module is the engine that applies the rules to a 100 GB file.
+What is checked, and in which order, is the default recipe of curation's cleaning operations
+(`clean_rules.py`: `CleanConfig`, `default_recipe`, `check_row`; the codes are `REJECT_REASONS`);
+this module is the engine that applies it to a 100 GB file.
 
 Resume: every `--checkpoint-seconds` the partial outputs are flushed and fsynced, then a state file
 records the input offset reached, the line count, the partial files' sizes and the counters.
 `--resume` truncates the partial files back to those sizes, rebuilds the seen-id set from the
 partial records and continues from that offset, so the result equals an uninterrupted run's.
 
-k-sigma (`--ksigma K`): runs after the pass over INPUT, on the rows kept so far. Their caption
-lengths (characters) are read back from the partial records (megabytes, not the 100 GB input) into
-analyze's `LengthHistogram`; rows outside mean +- K * std (population std) are rejected as
+k-sigma (`--ksigma K`, the recipe's `caption_length_outlier_filter`): runs after the pass over
+INPUT, on the rows kept so far. Their caption lengths (characters) are read back from the partial
+records (megabytes, not the 100 GB input) into a `LengthHistogram`; rows outside mean +- K * std (population std) are rejected as
 `caption_length_outlier`. Duplicate ids are decided before it.
 
 Memory: besides the in-flight ranges, only the seen-id set grows (~100 B per id, ~100 MB for 1M
@@ -44,7 +45,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import signal
 import time
 from collections import Counter, deque
@@ -56,10 +56,11 @@ from pathlib import Path
 
 from ..files import atomic_write, remove_stale_temps
 from ..runtime import UserError, cpu_count
-from .clean_rules import REASONS, CleanConfig, check_caption, check_row, is_val
+from .clean_rules import CleanConfig, build_recipe, check_caption, check_row, is_val
 from .contest_tsv import iter_lines, read_muge_captions
 from .records import dump_record, new_record
 from .distribution import LengthHistogram
+from .reject_reasons import REJECT_REASONS
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
 PART_RECORDS, PART_REJECTS, PART_OUTLIERS = ".records.partial", ".rejects.partial", ".outliers.partial"
@@ -85,19 +86,19 @@ class RangeResult:
     rejects: list  # (row index in range, id, reason)
 
 
-_WORKER: tuple | None = None  # (tsv path, CleanConfig, compiled style regex), set per process
+_WORKER: tuple | None = None  # (tsv path, CleanConfig, the recipe's operations), set per process
 
 
 def _init_worker(tsv: str, cfg: CleanConfig, ignore_sigint: bool = True) -> None:
     global _WORKER
     if ignore_sigint:  # Ctrl-C is handled once, by the main process
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER = (tsv, cfg, re.compile(cfg.style_pattern))
+    _WORKER = (tsv, cfg, build_recipe(cfg))
 
 
 def process_range(bounds: tuple[int, int]) -> RangeResult:
     """Check the rows that start in [start, end) of the worker's TSV."""
-    tsv, cfg, style_re = _WORKER
+    tsv, cfg, ops = _WORKER
     start, end = bounds
     kept, rejects = [], []
     index = 0
@@ -106,7 +107,7 @@ def process_range(bounds: tuple[int, int]) -> RangeResult:
             if line.data is None:
                 rejects.append((index, "", "row_too_long"))
                 continue
-            reason, rid, caption, width, height = check_row(line.data, cfg, style_re)
+            reason, rid, caption, width, height = check_row(line.data, ops, muge=bool(cfg.captions))
             if reason:
                 rejects.append((index, rid, reason))
             else:
@@ -189,13 +190,13 @@ class Conversion:
             self.captions = read_muge_captions(cfg.captions)
             cap_stat = Path(cfg.captions).stat()
             self.identity["captions"] = [str(Path(cfg.captions).resolve()), cap_stat.st_size, cap_stat.st_mtime_ns]
-            self.style_re = re.compile(cfg.style_pattern)
         # Progress, restored from a checkpoint on --resume.
         self.offset = 0
         self.lines = 0
         self.kept = 0
         self.rejected: Counter = Counter()
-        self.seen: set[str] = set()
+        self.ops = build_recipe(cfg, self.out)  # the main process's: references, duplicate ids, k-sigma
+        self.dedup = self.ops.get("duplicate_id_filter")
         self.resumed = False
 
     def path(self, name: str) -> Path:
@@ -232,10 +233,10 @@ class Conversion:
         self.offset, self.lines, self.kept = state["offset"], state["lines"], state["kept"]
         self.rejected = Counter(state["rejected"])
         self.resumed = True
-        if self.cfg.dedup_ids:
+        if self.dedup is not None:
             with open(self.path(PART_RECORDS), "rb") as handle:
                 for line in handle:
-                    self.seen.add(json.loads(line.split(b"\t", 1)[1])["id"])
+                    self.dedup.process({"id": json.loads(line.split(b"\t", 1)[1])["id"]})
         print(f"resuming at byte {self.offset:,} of {self.size:,} (line {self.lines:,}, {self.kept:,} kept so far)")
         return records, rejects
 
@@ -281,11 +282,10 @@ class Conversion:
     def _merge(self, result: RangeResult, records, rejects) -> None:
         dups = []
         for index, rid, line in result.kept:
-            if self.cfg.dedup_ids:
-                if rid in self.seen:
-                    dups.append((index, rid, "duplicate_id"))
-                    continue
-                self.seen.add(rid)
+            reason = self.dedup.process({"id": rid}) if self.dedup is not None else None
+            if reason:
+                dups.append((index, rid, reason))
+                continue
             lines = [line] if self.captions is None else self._references(index, rid, line, dups)
             for one in lines:
                 records.write(f"{self.lines + index}\t{one}\n".encode("utf-8"))
@@ -309,7 +309,7 @@ class Conversion:
         for caption in refs:
             if len(out) >= wanted:
                 break
-            reason = check_caption(caption, self.cfg, self.style_re)
+            reason = check_caption(caption, self.ops)
             if reason:
                 rejects.append((index, rid, reason))
             else:
@@ -353,27 +353,40 @@ class Conversion:
                 lineno, line = raw.rstrip("\n").split("\t", 1)
                 yield int(lineno), line, json.loads(line)
 
+    def _partial_samples(self):
+        """(line number, records.jsonl line, the record as a sample) of the partial records."""
+        for lineno, line, record in self._iter_partial_records():
+            yield lineno, line, {**record, "stats": {}}
+
     def _finalize(self) -> dict:
         cfg = self.cfg
-        lengths = LengthHistogram()  # caption lengths of the kept rows, before the k-sigma filter
+        outlier_filter = self.ops.get("caption_length_outlier_filter")
         bounds = None
-        if cfg.ksigma > 0:
-            for _, _, record in self._iter_partial_records():
-                lengths.add(len(record["caption"]))
-            bounds = lengths.ksigma_bounds(cfg.ksigma)
+        if outlier_filter is not None:
+            def read():
+                for _, _, sample in self._partial_samples():
+                    outlier_filter.compute_stats(sample)
+                    yield sample
+
+            outlier_filter.prepare(read)
+            lengths, bounds = outlier_filter.lengths, outlier_filter.bounds  # before the k-sigma filter
+        else:
+            lengths = LengthHistogram()  # caption lengths of the kept rows
         n_train = n_val = n_outliers = 0
         with ExitStack() as stack:
             train = stack.enter_context(atomic_write(self.path(RECORDS)))
             val = stack.enter_context(atomic_write(self.path(VAL_RECORDS))) if cfg.val_fraction > 0 else None
             outliers = stack.enter_context(open(self.path(PART_OUTLIERS), "w+", encoding="utf-8"))
-            for lineno, line, record in self._iter_partial_records():
-                length = len(record["caption"])
-                if bounds is None:
-                    lengths.add(length)
-                elif not bounds[0] <= length <= bounds[1]:
-                    outliers.write(f"{lineno}\t{record['id']}\tcaption_length_outlier\n")
-                    n_outliers += 1
-                    continue
+            for lineno, line, record in self._partial_samples():
+                if outlier_filter is None:
+                    lengths.add(len(record["caption"]))
+                else:
+                    outlier_filter.compute_stats(record)
+                    reason = outlier_filter.process(record)
+                    if reason:
+                        outliers.write(f"{lineno}\t{record['id']}\t{reason}\n")
+                        n_outliers += 1
+                        continue
                 if val is not None and is_val(record["id"], cfg.val_fraction):
                     val.write(line + "\n")
                     n_val += 1
@@ -411,7 +424,7 @@ class Conversion:
         except OSError as err:
             raise UserError(f"I/O error: {err.filename or ''} {err.strerror or err}".strip()) from None
         seconds = time.perf_counter() - t0
-        rejected = {r: self.rejected[r] for r in REASONS if self.rejected[r]}
+        rejected = {r: self.rejected[r] for r in REJECT_REASONS if self.rejected[r]}
         summary = {
             "input": str(self.src),
             "input_bytes": self.size,

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator
 
+from ...data.distribution import Moments, moments
 from ...runtime import UserError
 from ...typed_config import from_mapping
-from ...data.distribution import Moments, moments
 from ..thresholds import check_bound, describe_bound, needs_data, resolve_bound
 
 OPS: dict[str, type["Op"]] = {}

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...data.contest_tsv import RowError, iter_rows
+from ...data.distribution import Moments, moments
 from ...runtime import UserError
 from ..samples import load_image
-from ...data.distribution import Moments, moments
 from ..thresholds import check_bound, describe_bound, needs_data, resolve_bound
 from .base import Op, register
 from .consistency import BaselineParams, baseline_references, score_samples

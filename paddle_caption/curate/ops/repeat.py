@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...runtime import UserError
 from ...data.distribution import exact_quantiles, moments
+from ...runtime import UserError
 from .base import Op, register
 
 
