@@ -10,7 +10,7 @@ import dataclasses
 from ..runtime import UserError
 from .clean_rules import CleanConfig
 from .contest_tsv import DEFAULT_MAX_ROW_BYTES
-from .convert import RunOptions, convert, format_summary
+from .convert import RunOptions, convert
 from .images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES
 from .reject_reasons import REJECT_REASONS
 from .stats import STYLE_PATTERN
@@ -75,3 +75,21 @@ def convert_main(argv=None) -> int:
     summary = convert(args.input, args.out_dir, cfg, opts)
     print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    run = summary["run"]
+    lines = [
+        f"read {summary['rows_read']:,} rows ({summary['input_bytes'] / 1e6:,.1f} MB) in {run['seconds']:.1f} s: "
+        f"{run['rows_per_s']:,.0f} rows/s, {run['mb_per_s']:,.1f} MB/s, {run['workers']} worker(s)"
+        + (" (resumed; rates cover this session)" if run["resumed"] else ""),
+        f"kept {summary['kept']:,}" + (f" (train {summary['kept_train']:,}, val {summary['kept_val']:,})"
+                                       if "val_records" in summary["files"] else "")
+        + f"; rejected {summary['rejected']:,}" + (":" if summary["rejected"] else ""),
+    ]
+    lines += [f"  {reason:<24}{n:>10,}" for reason, n in summary["rejected_by_reason"].items()]
+    if summary["ksigma"]:
+        k = summary["ksigma"]
+        lines.append(f"k-sigma: kept caption lengths in [{k['low']}, {k['high']}] characters (K={k['k']})")
+    lines.append("wrote " + ", ".join(summary["files"].values()))
+    return "\n".join(lines)

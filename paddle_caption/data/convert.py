@@ -9,7 +9,7 @@ Input rows are `id \\t base64-image \\t caption` (UTF-8, no header); the real fi
 - `summary.json`: counts per reason, caption-length statistics, the configuration, timing.
 
 How: INPUT is cut into byte ranges (`--chunk-mb`); a process pool checks the ranges, each worker
-reading its own range (image bytes never cross a pipe), and the main process takes the results in
+reading its own range (image bytes never cross a pipe; `convert_ranges.py`), and the main process takes the results in
 input order, so the output does not depend on `--workers`. At most 2 x workers ranges are in flight,
 so memory stays flat whatever the input size. The main process drops duplicate ids and appends to
 partial files; the final files appear (by rename) only when everything succeeded.
@@ -45,7 +45,6 @@ import itertools
 import json
 import multiprocessing as mp
 import os
-import signal
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -56,10 +55,12 @@ from pathlib import Path
 
 from ..files import atomic_write, remove_stale_temps
 from ..runtime import UserError, cpu_count
-from .clean_rules import CleanConfig, build_recipe, check_caption, check_row, is_val
-from .contest_tsv import iter_lines, read_muge_captions
-from .records import dump_record, new_record
+from .clean_rules import CleanConfig, build_recipe, check_caption, is_val
+from .contest_tsv import read_muge_captions
+from .convert_input import check_input, prepare_out_dir, sniff_utf8
+from .convert_ranges import RangeResult, init_worker, process_range
 from .distribution import LengthHistogram
+from .records import dump_record
 from .reject_reasons import REJECT_REASONS
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
@@ -77,109 +78,15 @@ class RunOptions:
     progress: bool = True
 
 
-# --------------------------------------------------------------------------------- workers
-@dataclass
-class RangeResult:
-    end: int  # the range's end offset: the next range starts there
-    lines: int  # rows that start inside the range
-    kept: list  # (row index in range, id, records.jsonl line)
-    rejects: list  # (row index in range, id, reason)
-
-
-_WORKER: tuple | None = None  # (tsv path, CleanConfig, the recipe's operations), set per process
-
-
-def _init_worker(tsv: str, cfg: CleanConfig, ignore_sigint: bool = True) -> None:
-    global _WORKER
-    if ignore_sigint:  # Ctrl-C is handled once, by the main process
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER = (tsv, cfg, build_recipe(cfg))
-
-
-def process_range(bounds: tuple[int, int]) -> RangeResult:
-    """Check the rows that start in [start, end) of the worker's TSV."""
-    tsv, cfg, ops = _WORKER
-    start, end = bounds
-    kept, rejects = [], []
-    index = 0
-    with open(tsv, "rb", buffering=0) as handle:
-        for index, line in enumerate(iter_lines(handle, start, end, max_row_bytes=cfg.max_row_bytes), 1):
-            if line.data is None:
-                rejects.append((index, "", "row_too_long"))
-                continue
-            reason, rid, caption, width, height = check_row(line.data, ops, muge=bool(cfg.captions))
-            if reason:
-                rejects.append((index, rid, reason))
-            else:
-                kept.append((index, rid, dump_record(
-                    new_record(rid, caption, tsv, line.offset, line.length, width, height))))
-    return RangeResult(end, index, kept, rejects)
-
-
-# --------------------------------------------------------------------------------- input checks
-def _check_input(path) -> tuple[Path, int]:
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            handle.read(1)
-        size = path.stat().st_size
-    except IsADirectoryError:
-        raise UserError(f"cannot read input {path}: is a directory") from None
-    except OSError as err:
-        raise UserError(f"cannot read input {path}: {err.strerror or err}") from None
-    if size == 0:
-        raise UserError(f"input {path} is empty")
-    return path.resolve(), size
-
-
-def _sniff_utf8(path: Path, sample_bytes: int = 1 << 20) -> None:
-    """Refuse a file that is not UTF-8 *at all* (UTF-16, GBK, compressed...); a few bad rows in a
-    UTF-8 file are per-row rejects instead."""
-    with open(path, "rb") as handle:
-        head = handle.read(sample_bytes)
-        at_eof = not handle.read(1)
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise UserError(f"{path} is UTF-16 text, not UTF-8 (convert it, e.g. iconv -f UTF-16 -t UTF-8)")
-    if head[:2] == b"\x1f\x8b":
-        raise UserError(f"{path} is gzip-compressed; decompress it first")
-    if head.count(b"\x00") > len(head) // 100:
-        raise UserError(f"{path} is not UTF-8 text (it contains NUL bytes)")
-    lines = head.split(b"\n")
-    if not at_eof and len(lines) > 1:
-        lines = lines[:-1]  # the sample cut the last row
-    bad = 0
-    for line in lines:
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            bad += 1
-    if bad * 2 > len(lines):
-        raise UserError(f"{path} is not UTF-8 text ({bad} of the first {len(lines)} rows do not decode; "
-                        f"convert it, e.g. iconv -f GBK -t UTF-8)")
-
-
-def _prepare_out_dir(out_dir) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output directory {out_dir} exists and is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output directory {out_dir}: {err.strerror or err}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"output directory {out_dir} is not writable")
-    return out_dir
-
-
 # --------------------------------------------------------------------------------- the run
 class Conversion:
     """One conversion of `src` into `out_dir`; `run()` returns the summary dict."""
 
     def __init__(self, src, out_dir, cfg: CleanConfig, opts: RunOptions):
         cfg.validate()
-        self.src, self.size = _check_input(src)
-        _sniff_utf8(self.src)
-        self.out = _prepare_out_dir(out_dir)
+        self.src, self.size = check_input(src)
+        sniff_utf8(self.src)
+        self.out = prepare_out_dir(out_dir)
         self.cfg, self.opts = cfg, opts
         self.workers = opts.workers or cpu_count()
         stat = self.src.stat()
@@ -253,11 +160,11 @@ class Conversion:
     def _executor(self):
         """A process pool (None for one worker: ranges are then checked in this process)."""
         if self.workers == 1:
-            _init_worker(str(self.src), self.cfg, ignore_sigint=False)
+            init_worker(str(self.src), self.cfg, ignore_sigint=False)
             return None
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("fork" if "fork" in methods else methods[0])
-        executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+        executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
                                        initargs=(str(self.src), self.cfg))
         executor.submit(int)  # with fork, the first submit forks every worker: do it while we are small
         return executor
@@ -454,21 +361,3 @@ class Conversion:
 def convert(src, out_dir, cfg: CleanConfig | None = None, opts: RunOptions | None = None) -> dict:
     """Convert `src` (contest TSV) into `out_dir`; returns the summary (also written as summary.json)."""
     return Conversion(src, out_dir, cfg or CleanConfig(), opts or RunOptions()).run()
-
-
-def format_summary(summary: dict) -> str:
-    run = summary["run"]
-    lines = [
-        f"read {summary['rows_read']:,} rows ({summary['input_bytes'] / 1e6:,.1f} MB) in {run['seconds']:.1f} s: "
-        f"{run['rows_per_s']:,.0f} rows/s, {run['mb_per_s']:,.1f} MB/s, {run['workers']} worker(s)"
-        + (" (resumed; rates cover this session)" if run["resumed"] else ""),
-        f"kept {summary['kept']:,}" + (f" (train {summary['kept_train']:,}, val {summary['kept_val']:,})"
-                                       if "val_records" in summary["files"] else "")
-        + f"; rejected {summary['rejected']:,}" + (":" if summary["rejected"] else ""),
-    ]
-    lines += [f"  {reason:<24}{n:>10,}" for reason, n in summary["rejected_by_reason"].items()]
-    if summary["ksigma"]:
-        k = summary["ksigma"]
-        lines.append(f"k-sigma: kept caption lengths in [{k['low']}, {k['high']}] characters (K={k['k']})")
-    lines.append("wrote " + ", ".join(summary["files"].values()))
-    return "\n".join(lines)
