@@ -19,7 +19,7 @@
    CPU-minutes per phase), and the consistency filter's precision and recall on the rows known to
    be noisy (round 1's too).
 
-Every stage is the user-facing command (the stages of `demo/pipeline.py`); a rerun skips what is done.
+Every stage is the user-facing command (the stages of `demo/stages.py`); a rerun skips what is done.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ from pathlib import Path
 
 from ..files import atomic_write, write_json
 from ..runtime import UserError
-from .pipeline import (TrainRun, command, convert_split, evaluate_runs, last_line, make_data, merge_run,
-                       predict_concurrently, results_table, train_runs)
+from .pipeline import results_table
+from .stages import (TrainRun, command, convert_split, evaluate_runs, last_line, make_data, merge_run,
+                     predict_concurrently, train_runs)
 
 RUNS = {"raw": "(a) raw noisy rows", "curated": "(b) curated rows"}
 BARS = {"precision": 0.80, "recall": 0.80}
