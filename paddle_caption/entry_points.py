@@ -14,7 +14,7 @@ from .runtime import run_cli
 COMMANDS = {
     "convert": ("paddle_caption.data.cli:convert_main", "clean a contest TSV into records.jsonl (+ rejects ledger)"),
     "make-data": ("paddle_caption.data.synthetic.cli:main", "write the synthetic ad-image dataset"),
-    "analyze": ("paddle_caption.data.analyze:main", "dataset statistics and plots"),
+    "analyze": ("paddle_caption.data.cli:analyze_main", "dataset statistics and plots"),
     "train": ("paddle_caption.train.cli:main", "supervised fine-tuning from a JSON config"),
     "merge": ("paddle_caption.train.cli:merge_main", "merge trained local parameters / LoRA into a model directory"),
     "predict": ("paddle_caption.predict.cli:main", "caption a test TSV for submission"),

@@ -1,7 +1,5 @@
-"""The data commands' command lines: `convert` (tools/convert_labels.py).
-
-`make-data` is `synthetic/cli.py`, `analyze` is `analyze.py`'s `main`.
-"""
+"""The data commands' command lines: `convert` (tools/convert_labels.py) and `analyze`
+(tools/analyze_data.py). `make-data` is the synthetic world's own (`synthetic/cli.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,12 +8,14 @@ import dataclasses
 from ..runtime import UserError
 from .clean_rules import CleanConfig
 from .contest_tsv import DEFAULT_MAX_ROW_BYTES
+from .analyze import analyze
 from .convert import RunOptions, convert
 from .images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES
 from .reject_reasons import REJECT_REASONS
-from .stats import STYLE_PATTERN
+from .stats import DEFAULT_MAX_NEW_TOKENS, STYLE_PATTERN
 
 
+# ---- convert ------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Clean a contest TSV (id \\t base64 \\t caption) into records.jsonl + rejects.tsv + summary.json.",
@@ -93,3 +93,22 @@ def format_summary(summary: dict) -> str:
         lines.append(f"k-sigma: kept caption lengths in [{k['low']}, {k['high']}] characters (K={k['k']})")
     lines.append("wrote " + ", ".join(summary["files"].values()))
     return "\n".join(lines)
+
+
+# ---- analyze --------------------------------------------------------------------------------------
+def analyze_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Caption/image statistics and plots for a contest TSV or a records.jsonl (name ending in .jsonl).")
+    parser.add_argument("input", help="contest TSV (id, base64, caption) or records.jsonl from convert_labels")
+    parser.add_argument("out_dir", help="directory for the PNG plots, summary.txt and summary.json")
+    parser.add_argument("--limit", type=int, default=None, help="analyse only the first N rows")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help="generation budget to report coverage for (default %(default)s)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="count characters instead of Qwen tokens")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {args.limit}")
+    analyze(args.input, args.out_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
+            tokenizer=None if args.no_tokenizer else "auto", progress=not args.quiet)
+    return 0

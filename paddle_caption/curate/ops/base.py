@@ -11,7 +11,7 @@ quotas, repeating writes copies) override `select`, which yields `(sample, reaso
 sample yielded more than once is a copy.
 
 Model operations (`uses_model = True`) compute their statistics in batches (`compute_stats_batch`),
-split across the processes of a `paddle.distributed.launch` run (`shards.py`).
+split across the processes of a `paddle.distributed.launch` run (`paddle_caption.shards`).
 """
 from __future__ import annotations
 
