@@ -18,6 +18,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..curate.ops import OpContext, build_op
+from ..curate.ops.cleaning import ImageValidityParams, StylePhraseParams
 from ..files import read_json_object
 from ..runtime import UserError
 from ..typed_config import from_mapping
@@ -49,8 +51,6 @@ class CleanConfig:
     references_per_image: int = 0
 
     def validate(self) -> None:
-        from ..curate.ops.cleaning import ImageValidityParams, StylePhraseParams
-
         # The operations' own checks, so a bad value reads the same from a flag and from a recipe.
         StylePhraseParams(self.style_pattern).validate("config")
         ImageValidityParams(self.verify, self.min_side, self.max_pixels).validate("config")
@@ -97,8 +97,6 @@ def default_recipe(cfg: CleanConfig) -> list[dict]:
 
 def build_recipe(cfg: CleanConfig, work_dir: str | os.PathLike = ".") -> dict:
     """{op name: operation} of `default_recipe(cfg)`, in check order."""
-    from ..curate.ops import OpContext, build_op
-
     ctx = OpContext(work_dir=Path(work_dir))
     ops = [build_op(entry, ctx, f"cleaning recipe[{i}]") for i, entry in enumerate(default_recipe(cfg))]
     return {op.name: op for op in ops}
