@@ -81,7 +81,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     rows = read_test_rows(test_tsv, opts.limit)
     mine = list(share(rows, rank, world))
     fp = fingerprint({
-        "test": file_signature(test_tsv) + [len(rows)], "model": predictor.source, "dtype": predictor.model.dtype, "template": asdict(predictor.template),
+        "test": file_signature(test_tsv) + [len(rows)],
+        "model": predictor.source, "dtype": predictor.model.dtype, "template": asdict(predictor.template),
         "generation": asdict(gen),
         "limit": opts.limit, "world_size": world, "min_side": opts.min_side, "max_pixels": opts.max_pixels})
     results_path.parent.mkdir(parents=True, exist_ok=True)
