@@ -21,7 +21,6 @@ wait for each stage's done.json.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
@@ -33,7 +32,8 @@ from typing import Callable, Iterator
 from ..data.records import dump_record
 from ..files import atomic_write, write_json
 from ..runtime import UserError
-from ..shards import ShardWriter, merge_round_robin, read_shard, shard_path, share, share_size, wait_for_file
+from ..shards import (ShardWriter, file_signature, fingerprint, merge_round_robin, read_shard, shard_path, share,
+                      share_size, wait_for_file)
 from .ops import OpContext, build_op
 from .recipe import Recipe
 from .samples import dump_sample, iter_record_samples, iter_samples, write_samples
@@ -71,11 +71,6 @@ def compute_shard(items: Iterator[dict], compute_batch: Callable[[list[dict]], N
             bar.update(len(batch))
         writer.finish(count)
     return count
-
-
-def _signature(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
 def _model_signature(model_dir: str) -> str:
@@ -136,10 +131,10 @@ class CurationRun:
     def _fingerprint(self, k: int) -> str:
         """What decides stage k: the dataset file, the recipe up to op k, the model directories' files."""
         params = [next(iter(entry.values())) or {} for entry in self.entries[:k]]
-        parts = {"dataset": _signature(Path(self.recipe.dataset)), "format": self.recipe.dataset_format,
+        parts = {"dataset": file_signature(self.recipe.dataset), "format": self.recipe.dataset_format,
                  "process": self.entries[:k], "seed": self.recipe.seed,
                  "models": sorted({_model_signature(p["model_dir"]) for p in params if "model_dir" in p})}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return fingerprint(parts, length=12)
 
     def stage_dir(self, k: int) -> Path:
         return self.work / f"{k:02d}_{self.ops[k - 1].name}_{self._fingerprint(k)}"
