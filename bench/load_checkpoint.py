@@ -76,7 +76,7 @@ def child(directory: str, legacy: bool) -> dict:
     before = rss_bytes()
     start = time.perf_counter()
     if legacy:
-        from paddle_caption.model.checkpoint import load_model_state
+        from paddle_caption.model.weights_io import load_model_state
         from paddle_caption.model.config import MgenVLConfig
 
         model = MgenVLForCausalLM(MgenVLConfig.from_pretrained(directory))

@@ -1,6 +1,6 @@
 """The kit's commands, by name: console scripts (setup.py) and `python -m paddle_caption COMMAND`.
 
-Each command is a module with `main(argv)`; `run_cli` turns a UserError into a one-line message
+Each command is a function `main(argv)` of its package's `cli.py` (`module:function` below); `run_cli` turns a UserError into a one-line message
 and exit status 2. The repository's top-level scripts (`supervised_finetune.py`, `predict_batch.py`,
 `tools/*.py`) call the same mains under the contest workflow's names.
 """
@@ -12,28 +12,33 @@ import sys
 from .runtime import run_cli
 
 COMMANDS = {
-    "convert": ("paddle_caption.data.convert", "clean a contest TSV into records.jsonl (+ rejects ledger)"),
-    "make-data": ("paddle_caption.data.synthetic", "write the synthetic ad-image dataset"),
-    "analyze": ("paddle_caption.data.analyze", "dataset statistics and plots"),
-    "train": ("paddle_caption.train.cli", "supervised fine-tuning from a JSON config"),
-    "merge": ("paddle_caption.train.merge", "merge trained local parameters / LoRA into a model directory"),
-    "predict": ("paddle_caption.predict.cli", "caption a test TSV for submission"),
-    "evaluate": ("paddle_caption.eval.evaluate", "CIDEr-D, BLEU, ROUGE-L of results against references"),
-    "demo": ("paddle_caption.demo.pipeline", "the whole workflow on the embedded default"),
-    "serve": ("paddle_caption.serve.cli", "the caption service: HTTP API and web page"),
-    "plan-memory": ("paddle_caption.train.memory_plan", "GPU memory a training config needs, per GPU"),
-    "convert-checkpoint": ("paddle_caption.model.convert_checkpoint",
+    "convert": ("paddle_caption.data.cli:convert_main", "clean a contest TSV into records.jsonl (+ rejects ledger)"),
+    "make-data": ("paddle_caption.data.synthetic.cli:main", "write the synthetic ad-image dataset"),
+    "analyze": ("paddle_caption.data.cli:analyze_main", "dataset statistics and plots"),
+    "train": ("paddle_caption.train.cli:main", "supervised fine-tuning from a JSON config"),
+    "merge": ("paddle_caption.train.cli:merge_main", "merge trained local parameters / LoRA into a model directory"),
+    "predict": ("paddle_caption.predict.cli:main", "caption a test TSV for submission"),
+    "evaluate": ("paddle_caption.eval.cli:evaluate_main", "CIDEr-D, BLEU, ROUGE-L of results against references"),
+    "demo": ("paddle_caption.demo.pipeline:main", "the whole workflow on the embedded default"),
+    "serve": ("paddle_caption.serve.cli:main", "the caption service: HTTP API and web page"),
+    "plan-memory": ("paddle_caption.train.cli:plan_memory_main", "GPU memory a training config needs, per GPU"),
+    "convert-checkpoint": ("paddle_caption.model.cli:convert_checkpoint_main",
                            "PaddleMIX / Hugging Face Qwen-VL weights -> a safetensors model directory"),
-    "compare-modes": ("paddle_caption.demo.compare_modes", "full / partial / LoRA fine-tuning compared on the embedded default"),
-    "curate": ("paddle_caption.curate.cli", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
-    "curate-demo": ("paddle_caption.curate.demo", "raw noisy rows vs curated rows on the synthetic world"),
-    "gpu-check": ("paddle_caption.gpu_check.cli", "one-minute self-check of the bfloat16 GPU paths against float32"),
+    "compare-modes": ("paddle_caption.demo.compare_modes:main", "full / partial / LoRA fine-tuning compared on the embedded default"),
+    "curate": ("paddle_caption.curate.cli:main", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
+    "curate-demo": ("paddle_caption.demo.curate_demo:main", "raw noisy rows vs curated rows on the synthetic world"),
+    "gpu-check": ("paddle_caption.gpu_check.cli:main", "one-minute self-check of the bfloat16 GPU paths against float32"),
 }
 
 
+def command_main(command: str):
+    """The `main(argv)` of a command, imported only when it runs (most commands import paddle)."""
+    module, _, function = COMMANDS[command][0].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 def run(command: str, argv=None) -> int:
-    module, _ = COMMANDS[command]
-    return run_cli(importlib.import_module(module).main, argv)
+    return run_cli(command_main(command), argv)
 
 
 def dispatch(argv=None) -> int:

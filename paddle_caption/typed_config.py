@@ -30,16 +30,24 @@ def unknown_key(cls, key: str) -> str:
     return f"unknown key {key!r} (known: {', '.join(field_types(cls))})"
 
 
-def from_mapping(cls, data: dict, source: str = "config", base=None):
-    """A `cls` instance from `data`: fields from `base` (or the defaults) updated by `data`."""
+def from_mapping(cls, data: dict, source: str = "config", base=None, ignore=frozenset()):
+    """A `cls` instance from `data`: fields from `base` (or the defaults) updated by `data`.
+
+    A field whose type is a dataclass takes a JSON object, read the same way (`source: key`). Keys in
+    `ignore` are dropped: a format written by other tools (an upstream model config) may carry keys
+    that change nothing here, while any other unknown key stays an error.
+    """
     hints = field_types(cls)
     values = dataclasses.asdict(base) if base is not None else {}
     for key, value in data.items():
-        if key.startswith("_"):
+        if key.startswith("_") or (key in ignore and key not in hints):
             continue
         if key not in hints:
             raise UserError(f"{source}: {unknown_key(cls, key)}")
-        values[key] = check_type(key, value, hints[key], source)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            values[key] = from_mapping(hints[key], value, f"{source}: {key}", ignore=ignore)
+        else:
+            values[key] = check_type(key, value, hints[key], source)
     return cls(**values)
 
 

@@ -10,7 +10,8 @@ from PIL import Image
 
 from paddle_caption.data import analyze as an
 from paddle_caption.data.analyze import analyze
-from paddle_caption.data.stats import LengthHistogram, style_phrase
+from paddle_caption.data.distribution import LengthHistogram
+from paddle_caption.data.stats import style_phrase
 from paddle_caption.data.convert import CleanConfig, RunOptions, convert
 from paddle_caption.runtime import UserError
 

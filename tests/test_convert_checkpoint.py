@@ -104,7 +104,7 @@ def test_the_hf_writer_produces_upstream_names_shapes_and_config(hf_fixture, ref
 
 @pytest.mark.parametrize("source,dtype", [("fp32", None), ("bf16", None), ("fp32", "bfloat16")])
 def test_hf_checkpoints_convert_to_the_same_model(hf_fixture, reference_model, reference_io, tmp_path, source, dtype):
-    from paddle_caption.model.convert_checkpoint import convert
+    from paddle_caption.model.import_weights import convert
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
     root, bf16 = hf_fixture
@@ -131,7 +131,7 @@ def test_hf_checkpoints_convert_to_the_same_model(hf_fixture, reference_model, r
 
 
 def test_a_random_model_round_trips_through_the_hf_layout_with_the_same_logits(tmp_path):
-    from paddle_caption.model.convert_checkpoint import convert
+    from paddle_caption.model.import_weights import convert
     from paddle_caption.model.hf_layout import save_hf_layout
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
@@ -151,7 +151,7 @@ def test_a_random_model_round_trips_through_the_hf_layout_with_the_same_logits(t
 def test_paddlemix_pickles_need_allow_pickle_and_convert_exactly(reference_model, reference_dir, reference_io, tmp_path):
     import shutil
 
-    from paddle_caption.model.convert_checkpoint import convert
+    from paddle_caption.model.import_weights import convert
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
     src = tmp_path / "paddlemix"
@@ -179,7 +179,7 @@ def test_paddlemix_pickles_need_allow_pickle_and_convert_exactly(reference_model
 def test_refusals_name_the_problem(hf_fixture, tmp_path):
     from safetensors.paddle import save_file
 
-    from paddle_caption.model.convert_checkpoint import convert
+    from paddle_caption.model.import_weights import convert
 
     root, _ = hf_fixture
     (tmp_path / "full").mkdir()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paddle_caption.data import convert as conv
+from paddle_caption.data.cli import convert_main
 from paddle_caption.data.convert import CleanConfig, RunOptions, convert, is_val
 from paddle_caption.data.images import ImageRejected, b64decode_strict, decode_image, probe_image
 from paddle_caption.data.contest_tsv import iter_lines
@@ -189,7 +189,7 @@ def test_rules_can_be_switched_off_by_flag_and_config(tmp_path, capsys):
     out = tmp_path / "out"
     argv = [str(tsv), str(out), "--config", str(config), "--no-dedup", "--no-empty-caption-check",
             "--workers", "1", "--quiet"]
-    assert run_cli(conv.main, argv) == 0
+    assert run_cli(convert_main, argv) == 0
     reasons = {rid: reason for _, rid, reason in read_rejects(out / "rejects.tsv")}
     kept = [r["id"] for r in load_records(out / "records.jsonl")]
     # Config turned off the style rule and lowered min_side; flags turned off dedup and empty-caption.
@@ -361,7 +361,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         ([str(good), str(tmp_path / "o"), "--style-pattern", "(["], "not a valid regex"),
     ]
     for argv, needle in cases:
-        assert run_cli(conv.main, argv + ["--quiet"]) == 2, argv
+        assert run_cli(convert_main, argv + ["--quiet"]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
     # And through the real script: no traceback, one line, exit code 2.
@@ -435,6 +435,6 @@ def test_muge_layout_one_record_per_reference(tmp_path):
     one = convert(tsv, tmp_path / "one", CleanConfig(captions=str(captions), references_per_image=1), quiet())
     assert [r["caption"] for r in load_records(tmp_path / "one" / "records.jsonl")] == [STYLE, "像素风格。图片中间是一个黄色的五角星。"]
     assert one["kept"] == 2
-    assert run_cli(conv.main, [str(tsv), str(tmp_path / "cli"), "--captions", str(captions),
+    assert run_cli(convert_main, [str(tsv), str(tmp_path / "cli"), "--captions", str(captions),
                                "--references-per-image", "2", "--quiet", "--workers", "1"]) == 0
     assert len(load_records(tmp_path / "cli" / "records.jsonl")) == 3

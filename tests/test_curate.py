@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from paddle_caption import shards
 from paddle_caption.curate.ops import OpContext, build_op
 from paddle_caption.curate.ops.cluster import proportional_quotas
 from paddle_caption.curate.recipe import Recipe, load_recipe
 from paddle_caption.curate.runner import CurationRun, curate
 from paddle_caption.curate.samples import iter_samples
-from paddle_caption.curate.thresholds import exact_quantiles, moments, resolve_bound
-from paddle_caption.data.stats import LengthHistogram
+from paddle_caption.curate.thresholds import resolve_bound
+from paddle_caption.data.distribution import LengthHistogram, exact_quantiles, moments
 from paddle_caption.runtime import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +129,36 @@ def test_length_filter_thresholds_and_ledger(noisy_world, tmp_path):
     assert len(kept) == stage["kept"] and all(low <= len(r["caption"]) <= high for r in kept)
     for name in ("report.md", "funnel.png", "before_after.png", "scores_01_caption_length_filter.png"):
         assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_the_converters_cleaning_rules_run_as_curation_ops(noisy_world, tmp_path):
+    """The cleaning ops decide in a recipe as in the converter: the image read back through its
+    record, reject codes of REJECT_REASONS in the ledger, duplicate ids after their first row."""
+    from paddle_caption.data.reject_reasons import REJECT_REASONS
+
+    records = [json.loads(line) for line in noisy_world["records"].read_text().splitlines()]
+    passing = [r for r in records if min(r["width"], r["height"]) >= 400 and "卡通风格" in r["caption"]]
+    dataset = tmp_path / "with_dups.jsonl"  # three rows that pass the first two ops, repeated
+    dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + passing[:3]),
+                       encoding="utf-8")
+    summary = run_recipe(tmp_path, dataset, [
+        {"image_validity_filter": {"min_side": 400, "verify": "full"}},
+        {"style_phrase_filter": {"pattern": "卡通风格"}},
+        {"duplicate_id_filter": {}},
+        {"empty_caption_filter": {}},
+        {"caption_length_outlier_filter": {"k": 1.5}}])
+    small = {r["id"] for r in records if min(r["width"], r["height"]) < 400}
+    reasons = {(e["id"], e["reason"]) for e in ledger(summary)}
+    assert small and {rid for rid, reason in reasons if reason == "image_too_small"} == small
+    assert {rid for rid, reason in reasons if reason == "no_style_phrase"} == {
+        r["id"] for r in records if r["id"] not in small and "卡通风格" not in r["caption"]}
+    assert all(reason in REJECT_REASONS for _, reason in reasons)
+    assert sorted(rid for rid, reason in reasons if reason == "duplicate_id") == sorted(r["id"] for r in passing[:3])
+    kept = [json.loads(line) for line in Path(summary["output"]["files"]["records"]).read_text().splitlines()]
+    assert kept and len({r["id"] for r in kept}) == len(kept)
+    lengths = [len(r["caption"]) for r in records if r["id"] not in small and "卡通风格" in r["caption"]]
+    mean, std = float(np.mean(lengths)), float(np.std(lengths))
+    assert all(mean - 1.5 * std <= len(r["caption"]) <= mean + 1.5 * std for r in kept)
 
 
 def test_stages_resume_and_a_changed_op_reruns(noisy_world, tmp_path):
@@ -386,7 +417,8 @@ def test_model_stage_resumes_inside_its_shard(noisy_world, micro_model, tmp_path
     stage.mkdir(parents=True)
     marked = [json.dumps({**json.loads(x), "caption": json.loads(x)["caption"] + "(resumed)"}, ensure_ascii=False) + "\n"
               for x in lines[:4]]
-    (stage / "stats.rank0-of-1.jsonl").write_text("".join(marked) + lines[4][:20])
+    header = json.dumps({"format": shards.FORMAT, "fingerprint": stage.name}) + "\n"
+    shards.shard_path(stage / "stats.jsonl", 0, 1).write_text(header + "".join(marked) + lines[4][:20])
     run.run()
     resumed = list(iter_samples(stage / "stats.jsonl"))
     assert len(resumed) == 9 and sum(s["caption"].endswith("(resumed)") for s in resumed) == 4
@@ -433,7 +465,7 @@ def test_consistency_sign_with_a_trained_model(tmp_path):
     from paddle_caption.data.synthetic import write_dataset
     from paddle_caption.predict.predictor import load_predictor
     from paddle_caption.train.config import TrainConfig
-    from paddle_caption.train.merge import main as merge_main
+    from paddle_caption.train.cli import merge_main
     from paddle_caption.train.trainer import Trainer
 
     from .conftest import micro_model_json
@@ -506,7 +538,7 @@ def test_curate_demo_end_to_end_small(tmp_path):
 
 
 def test_filter_detection_counts_only_the_rows_the_filter_scored(tmp_path):
-    from paddle_caption.curate.demo import filter_detection
+    from paddle_caption.demo.curate_demo import filter_detection
 
     noise = tmp_path / "noise.tsv"
     noise.write_text("m1\tmismatched_caption\tx\nm2\tmismatched_caption\tx\nm3\tmismatched_caption\tx\n"

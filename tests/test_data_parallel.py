@@ -58,7 +58,7 @@ def dp_config(tmp_path, caption_data, name: str, **overrides) -> Path:
 
 
 def final_params(run_dir: Path) -> dict:
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
 
     return {k: v.numpy() for k, v in load_safetensors(run_dir / "final/local_params.safetensors").items()}
 
@@ -198,7 +198,7 @@ def test_kill_and_resume_under_data_parallel_matches_uninterrupted_run(dp_run, c
 
 # ------------------------------------------------------------------------- optimizer-state sharding
 def test_stage1_sharding_matches_data_parallel_and_resumes(dp_run, caption_data):
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
 
     tmp_path = dp_run["tmp"]
     cfg = json.loads((tmp_path / "dp.json").read_text())

@@ -204,3 +204,15 @@ def test_dataloader_workers_match_single_process(tmp_path, tok, template):
     # The resumed epoch continues exactly where a full epoch 1 would be after 2 batches.
     full = LengthGroupedBatchSampler(dataset.lengths, 3, seed=5).epoch_batches(1)
     assert [b["ids"] for b in single[1]] == [[f"ad_{i:03d}" for i in batch] for batch in full[2:]]
+
+
+def test_iter_captions_reads_records_and_names_a_bad_line(tmp_path):
+    from paddle_caption.data.records import iter_captions
+    from paddle_caption.runtime import UserError
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": "a", "caption": "卡通风格。"}\n\n{"caption": "写实风格。"}\n', encoding="utf-8")
+    assert list(iter_captions(path)) == ["卡通风格。", "写实风格。"]
+    path.write_text('{"caption": "卡通风格。"}\n{"caption": 3}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"r.jsonl:2: expected an object with a \"caption\" string"):
+        list(iter_captions(path))

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from paddle_caption.eval.evaluate import evaluate_files, main, read_references
+from paddle_caption.eval.cli import evaluate_main as main
+from paddle_caption.eval.evaluate import evaluate_files, read_references
 from paddle_caption.eval.fields import field_accuracy
 from paddle_caption.runtime import UserError
 

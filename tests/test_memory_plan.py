@@ -9,6 +9,7 @@ import pytest
 
 from paddle_caption.runtime import UserError
 from paddle_caption.train import memory_plan as MP
+from paddle_caption.train.cli import plan_memory_main
 from paddle_caption.train.config import TrainConfig
 from tests.conftest import small_config
 
@@ -163,14 +164,14 @@ def test_the_7b_recipes_fit_as_configured(capsys):
 
 
 def test_cli_report_and_errors(capsys, tmp_path):
-    assert MP.main(["config/mgen_vl/sft_layers_16_31.json", "--model_config", SEVEN_B, "--gpus", "8",
+    assert plan_memory_main(["config/mgen_vl/sft_layers_16_31.json", "--model_config", SEVEN_B, "--gpus", "8",
                     "--recompute", "false"]) == 0
     report = capsys.readouterr().out
     assert "9,656,935,168 parameters" in report and "recompute off" in report
     assert "8 GPUs stage1" in report and "fits 80 GiB" in report
     with pytest.raises(UserError, match="--model_config"):
-        MP.main(["config/mgen_vl/sft_layers_16_31.json"])  # the 7B directory is not on this machine
+        plan_memory_main(["config/mgen_vl/sft_layers_16_31.json"])  # the 7B directory is not on this machine
     with pytest.raises(UserError, match="sharding must be one of"):
-        MP.main(["config/demo.json", "--sharding", "stage3"])
-    assert MP.main(["config/demo.json", "--markdown"]) == 0
+        plan_memory_main(["config/demo.json", "--sharding", "stage3"])
+    assert plan_memory_main(["config/demo.json", "--markdown"]) == 0
     assert capsys.readouterr().out.count("| demo |") == 1

@@ -121,7 +121,7 @@ def test_local_merge_equals_trained_model_via_cli(tmp_path, caption_data):
     # into the same output directory replaces it.
     import paddle
 
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
     from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
@@ -140,7 +140,7 @@ def test_local_merge_equals_trained_model_via_cli(tmp_path, caption_data):
 
 
 def test_merge_refuses_other_architectures_and_foreign_outputs(tmp_path, caption_data):
-    from paddle_caption.model.checkpoint import load_safetensors, save_safetensors
+    from paddle_caption.model.weights_io import load_safetensors, save_safetensors
     from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
@@ -183,7 +183,7 @@ def test_merge_cli_errors_are_one_line(tmp_path):
 def test_lora_run_resumes_from_a_checkpoint_to_the_same_adapters(tmp_path, caption_data):
     import shutil
 
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
 
     cfg = lora_config(tmp_path, caption_data, max_steps=3, save_steps=1, save_total_limit=3)
     train(cfg)
@@ -216,7 +216,7 @@ def bf16_base(tmp_path) -> tuple[Path, dict]:
 def stored(path: Path) -> dict:
     """{name: (dtype, bits)} exactly as a model directory stores them. (Paddle hands bfloat16 to numpy
     as its raw uint16 bits, and `paddle.to_tensor` reads such an array back as bfloat16.)"""
-    from paddle_caption.model.checkpoint import load_model_state
+    from paddle_caption.model.weights_io import load_model_state
 
     return {k: (str(v.dtype), v.numpy().copy()) for k, v in load_model_state(path).items()}
 
@@ -227,8 +227,8 @@ def test_a_bfloat16_base_merges_to_bfloat16_untouched_bits_kept(tmp_path, captio
     float32` keeps the trained values exactly. A from-scratch architecture merges to float32."""
     import paddle
 
-    from paddle_caption.model.checkpoint import checkpoint_dtype, load_safetensors
-    from paddle_caption.train.merge import main
+    from paddle_caption.model.weights_io import checkpoint_dtype, load_safetensors
+    from paddle_caption.train.cli import merge_main as main
 
     base, base_bits = bf16_base(tmp_path)
     cfg = base_config(tmp_path, caption_data, model_config=None, model_name_or_path=str(base),
@@ -268,7 +268,7 @@ def test_lora_merges_into_a_bfloat16_base_in_float32_arithmetic(tmp_path):
     W + A·B·alpha/r in float32, stored as bfloat16; the other parameters keep their bits."""
     import paddle
 
-    from paddle_caption.model.checkpoint import checkpoint_dtype, load_safetensors
+    from paddle_caption.model.weights_io import checkpoint_dtype, load_safetensors
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
     from paddle_caption.train.lora import WEIGHTS_NAME, apply_lora, save_lora
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from paddle_caption.eval.metrics import (bleu, cider_d, cider_length_penalty, lcs_length, rouge_l,
+from paddle_caption.eval.caption_scores import (bleu, cider_d, cider_length_penalty, lcs_length, rouge_l,
                                          score_captions, tokenize)
 
 TINY, SMALL = 1e-15, 1e-9  # pycocoevalcap's BLEU epsilons
@@ -172,7 +172,7 @@ def test_tokenize_drops_punctuation_and_whitespace():
 
 
 def test_jieba_initialises_quietly():
-    code = "from paddle_caption.eval.metrics import tokenize; print(tokenize('图片中间是一个圆形'))"
+    code = "from paddle_caption.eval.caption_scores import tokenize; print(tokenize('图片中间是一个圆形'))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert proc.stderr == ""

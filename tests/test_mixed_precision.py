@@ -18,7 +18,7 @@ import paddle
 import pytest
 
 from paddle_caption.runtime import UserError, run_cli
-from paddle_caption.train import checkpoints as ckpt
+from paddle_caption.train import run_checkpoints as ckpt
 from paddle_caption.train.config import TrainConfig
 
 from .conftest import micro_model_json
@@ -132,7 +132,7 @@ def test_float32_training_has_no_master_weights_and_no_scaler(tmp_path, caption_
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_checkpoints_round_trip_low_precision_weights_master_weights_moments_and_scaler(
         tmp_path, caption_data, gpu_scaler, dtype):
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
     from paddle_caption.train.trainer import LoopState, config_fingerprint
 
     cfg = pretrained_config(tmp_path, caption_data, dtype)

@@ -281,12 +281,12 @@ def test_mismatching_checkpoint_names_the_key(reference_model, tmp_path):
 
 def test_unknown_format_and_unknown_config_key(tmp_path):
     from paddle_caption import MgenVLConfig
-    from paddle_caption.model.checkpoint import load_model_state
+    from paddle_caption.model.weights_io import load_model_state
 
     (tmp_path / "weights.onnx").write_bytes(b"x")
     with pytest.raises(UserError, match="unknown checkpoint format"):
         load_model_state(tmp_path / "weights.onnx")
-    with pytest.raises(UserError, match="unknown model config key 'hiden_size'"):
+    with pytest.raises(UserError, match="model config: unknown key 'hiden_size'"):
         MgenVLConfig.from_dict({"hiden_size": 3})
 
 

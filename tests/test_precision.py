@@ -65,7 +65,7 @@ def test_bfloat16_model_directory_round_trips_bit_for_bit(tmp_path):
 def test_a_stored_dtype_loads_as_float32_on_cpu_unless_asked(tmp_path):
     """On a CPU (no bfloat16 matmul) a bfloat16 checkpoint loads as float32 by default; asking for a
     dtype casts one tensor at a time, either way round."""
-    from paddle_caption.model.checkpoint import checkpoint_dtype
+    from paddle_caption.model.weights_io import checkpoint_dtype
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
     paddle.seed(6)
@@ -85,7 +85,7 @@ def test_a_stored_dtype_loads_as_float32_on_cpu_unless_asked(tmp_path):
 def test_safetensors_package_files_load_and_corrupt_files_are_refused(tmp_path):
     from safetensors.paddle import save_file
 
-    from paddle_caption.model.checkpoint import weight_files
+    from paddle_caption.model.weights_io import weight_files
     from paddle_caption.model.safetensors_io import SafetensorsReader
 
     tensors = {"a": paddle.randn([3, 4]), "b": paddle.randn([5]).astype("bfloat16"),

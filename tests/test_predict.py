@@ -14,7 +14,8 @@ from PIL import Image
 from paddle_caption.data.prompts import PromptTemplate, load_template
 from paddle_caption.data.samples import build_prompt_ids
 from paddle_caption.runtime import UserError, run_cli
-from paddle_caption.predict import cli, inputs, run, shards
+from paddle_caption import shards
+from paddle_caption.predict import cli, inputs, run
 from paddle_caption.predict import predictor as predictor_mod
 
 from .conftest import make_model_dir, random_image_prompts, small_config
@@ -169,8 +170,8 @@ def test_resume_after_crash_predicts_each_id_once(tmp_path, predictor, reference
         run.predict_tsv(crashing, tsv, out, quiet(batch_size=2))
     assert not out.exists()
     partial = out.with_name("results.txt.partial")
-    state = shards.read_partial(partial)
-    assert sorted(state.results) == ["img_000", "img_001", "img_002", "img_003"] and not state.complete
+    state = shards.read_shard(partial, keep_items=True)
+    assert sorted(state.keyed()) == ["img_000", "img_001", "img_002", "img_003"] and not state.complete
     with open(partial, "a", encoding="utf-8") as handle:  # a line torn by the crash
         handle.write('["img_004", "half a capt')
 
@@ -230,7 +231,7 @@ def test_sharded_runs_merge_into_the_single_process_output(tmp_path, predictor, 
     for rank in range(world - 1, 0, -1):  # the other ranks finish first; rank 0 merges
         summary = run.predict_tsv(predictor, tsv, out, quiet(batch_size=2, rank=rank, world_size=world))
         assert summary["images"] == len(range(rank, 7, world)) and summary["results"] is None
-        assert shards.read_partial(shards.partial_path(out, rank, world)).complete
+        assert shards.read_shard(shards.shard_path(out, rank, world)).complete
     assert not out.exists()
     summary = run.predict_tsv(predictor, tsv, out, quiet(batch_size=2, rank=0, world_size=world))
     assert read_results(out) == expected
@@ -241,8 +242,8 @@ def test_sharded_runs_merge_into_the_single_process_output(tmp_path, predictor, 
 def test_rank_0_waits_only_for_complete_shards_of_this_run(tmp_path, predictor, reference, monkeypatch):
     tsv, expected = reference
     out = tmp_path / "results.txt"
-    stale = shards.partial_path(out, 1, 2)
-    stale.write_text(json.dumps({"format": shards.PARTIAL_FORMAT, "fingerprint": "old"}) + "\n"
+    stale = shards.shard_path(out, 1, 2)
+    stale.write_text(json.dumps({"format": shards.FORMAT, "fingerprint": "old"}) + "\n"
                      + json.dumps(["img_001", "stale", ""]) + "\n" + json.dumps({"complete": 1}) + "\n")
     with pytest.raises(UserError, match=r"timed out .*partial\.rank1-of-2"):
         run.predict_tsv(predictor, tsv, out, quiet(rank=0, world_size=2, merge_timeout=0.05))

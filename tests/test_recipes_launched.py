@@ -113,7 +113,7 @@ def test_launched_recipe_equals_one_process(launched, single_process, recipe, sh
 
 
 def lora_params(run: Path) -> dict:
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
 
     files = sorted((run / "final/lora").glob("*.safetensors"))
     assert files, f"no LoRA weights in {run / 'final'}"

@@ -19,9 +19,8 @@ PROBE = textwrap.dedent("""
     import json, sys
     import numpy, threadpoolctl
     from paddle_caption.runtime import UserError
-    from paddle_caption.entry_points import COMMANDS
-    import importlib
-    main = importlib.import_module(COMMANDS[sys.argv[1]][0]).main
+    from paddle_caption.entry_points import command_main
+    main = command_main(sys.argv[1])
     try:
         main(sys.argv[2:])
     except UserError as err:

@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from paddle_caption.data import synthetic as syn
+from paddle_caption.data.synthetic import cli as synthetic_cli
+from paddle_caption.data.synthetic import render
 from paddle_caption.data.images import ImageRejected, b64decode_strict, decode_image
 from paddle_caption.data.synthetic import (BACKGROUNDS, COLOURS, SHAPES, STYLES, CaptionFields, format_caption,
                                            parse_caption, render_ad, sample_fields, write_dataset)
@@ -150,7 +152,7 @@ def render_with_layout(fields: CaptionFields, seed: int):
     rng = np.random.default_rng(seed)
     width, height = (int(v) for v in rng.integers(320, 641, size=2))
     assert img.size == (width, height)
-    return np.asarray(img, dtype=int), syn._layout(fields, width, height, rng)
+    return np.asarray(img, dtype=int), render._layout(fields, width, height, rng)
 
 
 def close(pixel, rgb, tol=6):
@@ -189,7 +191,7 @@ def test_two_objects_sit_in_their_halves_without_overlap():
         arr, (left, right) = render_with_layout(fields, seed)
         w = arr.shape[1]
         assert left.cx < w / 2 < right.cx
-        assert left.cx + left.size / 2 * (1 + 2 * syn.EXTRUDE_OFFSET) < right.cx - right.size / 2
+        assert left.cx + left.size / 2 * (1 + 2 * render.EXTRUDE_OFFSET) < right.cx - right.size / 2
         assert close(arr[int(left.cy), int(left.cx)], COLOURS["红色"])
         assert close(arr[int(right.cy), int(right.cx)], COLOURS["蓝色"])
 
@@ -234,12 +236,12 @@ def test_sample_fields_follows_the_world():
 
 def test_cli_writes_and_reports(tmp_path, capsys):
     out = tmp_path / "data"
-    assert run_cli(syn.main, [str(out), "--train", "30", "--val", "3", "--test", "2", "--seed", "1",
+    assert run_cli(synthetic_cli.main, [str(out), "--train", "30", "--val", "3", "--test", "2", "--seed", "1",
                                "--workers", "1", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "30 rows" in printed and "dirty" in printed and "duplicate_id=" in printed
     assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # no temp files left behind
-    assert run_cli(syn.main, [str(out), "--train", "-1"]) == 2
+    assert run_cli(synthetic_cli.main, [str(out), "--train", "-1"]) == 2
     assert "--train" in capsys.readouterr().err
 
 
@@ -304,3 +306,25 @@ def test_unlabeled_pool_has_images_and_hidden_references(noisy):
 def test_noise_shares_are_checked():
     with pytest.raises(Exception, match="noise shares"):
         syn.NoiseConfig(mismatched=0.8, truncated=0.2).validate()
+
+
+# Digests of the files the generator wrote before it was split into world/render/rows/writer
+# (issue 22): the same seed, counts and noise must keep giving these exact bytes.
+GOLDEN_SHA256 = {
+    "train.tsv": "b90f90ac23853342a2db41729dfb7d4f1f3182d5b14538ffb9c9099c78f778bf",
+    "val.tsv": "6f9059de6f121fe942ba342e50d5164b0b41d6069782be6d26f46cf686d0b86c",
+    "test.tsv": "6421382d91cbd45690e6f798b2c9e21416c9a10bdb0ad90991946ca11ab16af9",
+    "test_refs.tsv": "283ee4ec1f0618d726228bf156391cf6c5cad2cf58160a8bdcd6748aa8095cbf",
+    "train_noise.tsv": "6eb9cb61013712a624e8f380c844d89f485f3d8a0560a89e6709c4d8144a457c",
+    "unlabeled.tsv": "7dd75a7e2922c183fa3f79b5a35baf88cc2da782d111c68724de2b2e8dc29b47",
+    "unlabeled_refs.tsv": "df5a86b3e526cbecd3a78cf2d987bbb5f71f4c0c7dd10aca350cefd4791c1f63",
+}
+
+
+def test_output_bytes_match_the_recorded_digests(tmp_path):
+    import hashlib
+
+    noise = syn.NoiseConfig(mismatched=0.1, wrong_word=0.1, truncated=0.1, near_duplicate=0.1, unlabeled=10)
+    write_dataset(tmp_path, 60, 10, 10, seed=3, workers=1, progress=False, noise=noise)
+    digests = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in GOLDEN_SHA256}
+    assert digests == GOLDEN_SHA256

@@ -150,7 +150,7 @@ def test_checkpoint_contents_and_pruning(tmp_path, caption_data):
     kinds = [json.loads(line)["kind"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert kinds.count("train") == 4 and kinds.count("eval") >= 2
     assert {"val_loss", "CIDEr-D", "BLEU-4", "ROUGE-L"} <= set(summary["eval"])
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
 
     saved = load_safetensors(final / "local_params.safetensors")
     for name, param in trainer.named_trainable:
@@ -169,7 +169,7 @@ def test_a_finished_run_is_not_retrained_and_a_changed_config_is_refused(tmp_pat
 # ------------------------------------------------------------------------------------ resume-after-kill
 @pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, caption_data):
-    from paddle_caption.model.checkpoint import load_safetensors
+    from paddle_caption.model.weights_io import load_safetensors
 
     def config(name):
         cfg = base_config(tmp_path, caption_data, max_steps=8, save_steps=2, save_total_limit=1,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..data.images import ImageRejected, probe_image
+from ..data.records import new_record
 from ..files import atomic_write
 from ..runtime import UserError
 from .samples import image_bytes, iter_samples, new_sample
@@ -100,9 +101,8 @@ def import_data_juicer(path: str | os.PathLike, work_dir: Path) -> Iterator[dict
             line_bytes = f"{row_id}\t".encode("utf-8") + base64.b64encode(data)
             out.write(line_bytes + b"\n")
             stats = row.get(STATS_KEY) if isinstance(row.get(STATS_KEY), dict) else {}
-            samples.append(new_sample({
-                "id": row_id, "caption": " ".join(_TOKENS.sub(" ", text).split()), "tsv": str(tsv),
-                "offset": offset, "length": len(line_bytes), "width": width, "height": height,
-                "stats": stats, "synthetic": bool(row.get("synthetic"))}))
+            record = new_record(row_id, " ".join(_TOKENS.sub(" ", text).split()), str(tsv), offset,
+                                len(line_bytes), width, height)
+            samples.append(new_sample({**record, "stats": stats, "synthetic": bool(row.get("synthetic"))}))
             offset += len(line_bytes) + 1
     return iter(samples)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.stats import LengthHistogram
+from ..data.distribution import LengthHistogram
 from ..files import atomic_write
 from ..fonts import matplotlib_cjk_family
 from ..text import jieba_words

@@ -9,7 +9,7 @@ everything that decides it (the dataset file, the recipe up to that op, the mode
     NN_<op>_<fp>/done.json                     counts, reasons, resolved thresholds, seconds
 
 A stage whose done.json exists is not run again, so an interrupted run resumes at the stage it was
-in (and a model stage within its shards, `shards.py`); changing an op's parameters reruns it and
+in (and a model stage within its shards: `compute_shard`, `paddle_caption.shards`); changing an op's parameters reruns it and
 every stage after it. Then EXPORT_DIR gets `records.jsonl` (what supervised_finetune.py reads;
 pseudo-labels marked `"synthetic": true`), `ledger.jsonl` (every dropped row: stage, op, id,
 reason, score, caption, stats), `summary.json`, the report (`report.py`) and, if asked,
@@ -21,28 +21,56 @@ wait for each stage's done.json.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ..data.records import dump_record
 from ..files import atomic_write, write_json
 from ..runtime import UserError
+from ..shards import (ShardWriter, file_signature, fingerprint, merge_round_robin, read_shard, shard_path, share,
+                      share_size, wait_for_file)
 from .ops import OpContext, build_op
 from .recipe import Recipe
 from .samples import dump_sample, iter_record_samples, iter_samples, write_samples
 from .scoring import ModelCache
-from .shards import compute_shard, merge_shards, wait_for_file
 
 MERGE_TIMEOUT = 24 * 3600.0
 
 
-def _signature(path: Path) -> list:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+def compute_shard(items: Iterator[dict], compute_batch: Callable[[list[dict]], None], output: Path, fingerprint: str,
+                  rank: int, world: int, batch_size: int, *, progress: bool = True, total: int | None = None,
+                  desc: str = "stats") -> int:
+    """Compute this rank's share of `items` in batches into its shard of `output`
+    (`paddle_caption.shards`), after what the shard already holds; returns the share's count."""
+    from tqdm import tqdm
+
+    path = shard_path(output, rank, world)
+    state = read_shard(path)
+    if state.fingerprint != fingerprint:
+        state = None  # no shard yet, or another stage's: start over
+    elif state.complete:
+        return state.count
+    count = state.count if state else 0
+    mine = islice(share(items, rank, world), count, None)  # resume: skip what the shard holds
+    with ShardWriter(path, fingerprint, state) as writer, \
+            tqdm(total=None if total is None else share_size(total, rank, world), initial=count, unit="row",
+                 disable=not progress, dynamic_ncols=True,
+                 desc=desc if world == 1 else f"{desc} rank {rank}/{world}") as bar:
+        while True:
+            batch = list(islice(mine, batch_size))
+            if not batch:
+                break
+            compute_batch(batch)
+            writer.add(batch)
+            count += len(batch)
+            bar.update(len(batch))
+        writer.finish(count)
+    return count
 
 
 def _model_signature(model_dir: str) -> str:
@@ -103,10 +131,10 @@ class CurationRun:
     def _fingerprint(self, k: int) -> str:
         """What decides stage k: the dataset file, the recipe up to op k, the model directories' files."""
         params = [next(iter(entry.values())) or {} for entry in self.entries[:k]]
-        parts = {"dataset": _signature(Path(self.recipe.dataset)), "format": self.recipe.dataset_format,
+        parts = {"dataset": file_signature(self.recipe.dataset), "format": self.recipe.dataset_format,
                  "process": self.entries[:k], "seed": self.recipe.seed,
                  "models": sorted({_model_signature(p["model_dir"]) for p in params if "model_dir" in p})}
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return fingerprint(parts, length=12)
 
     def stage_dir(self, k: int) -> Path:
         return self.work / f"{k:02d}_{self.ops[k - 1].name}_{self._fingerprint(k)}"
@@ -126,11 +154,12 @@ class CurationRun:
         t0 = time.perf_counter()
         if op.uses_model and not stats_path.is_file():  # (a resumed run may find it merged already)
             total = sum(1 for _ in op.input_samples(iter_samples(source))) if self.progress else None
-            compute_shard(op.input_samples(iter_samples(source)), op.compute_stats_batch, stage, self.rank,
-                          self.world, self.recipe.batch_size, progress=self.progress, total=total,
+            # The stage directory's name holds its fingerprint: a shard of other settings is not resumed.
+            compute_shard(op.input_samples(iter_samples(source)), op.compute_stats_batch, stats_path, stage.name,
+                          self.rank, self.world, self.recipe.batch_size, progress=self.progress, total=total,
                           desc=f"[{k}] {op.name}")
             if self.rank == 0:
-                merge_shards(stage, self.world, stats_path, MERGE_TIMEOUT)
+                merge_round_robin(stats_path, self.world, stage.name, MERGE_TIMEOUT)
         elif self.rank == 0 and not stats_path.is_file():
             write_samples(stats_path, self._compute(op, source, k))
         if self.rank != 0:

@@ -19,13 +19,13 @@ import os
 from typing import Iterable, Iterator
 
 from ..data.images import decode_image
-from ..data.records import iter_records, read_image_bytes
+from ..data.records import RECORD_KEYS, iter_records, read_image_bytes
 from ..files import iter_text_lines, write_lines
 from ..runtime import UserError
 
 
 def new_sample(record: dict, *, synthetic: bool = False) -> dict:
-    sample = {k: record[k] for k in ("id", "caption", "tsv", "offset", "length", "width", "height")}
+    sample = {k: record[k] for k in RECORD_KEYS}
     sample["stats"] = dict(record.get("stats") or {})
     sample["synthetic"] = bool(record.get("synthetic", synthetic))
     sample["copy"] = int(record.get("copy", 0))

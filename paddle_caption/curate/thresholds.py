@@ -1,4 +1,4 @@
-"""Bounds for a statistic, fixed or computed on the data itself, and exact streaming quantiles.
+"""Bounds for a statistic, fixed or computed on the data itself.
 
 A bound in a recipe is one of
 - a number: fixed (`"min": 12`);
@@ -6,76 +6,16 @@ A bound in a recipe is one of
 - `{"mean_std": k}`: mean + k * std (population std; k may be negative: `{"mean_std": -1}`);
 - `"mean"`: the mean (`"min": "mean"` drops every row below the mean, the Better Synth cut).
 
-Computed bounds read the statistic from the stage's stats file, streamed: mean and std from running
-sums; quantiles exactly, by a histogram pass that finds the bin holding the wanted rank and a pass
-that collects only that bin's values. Memory is the histogram, whatever the number of rows.
+Computed bounds read the statistic from the stage's stats file, streamed, with the statistics of
+`paddle_caption.data.distribution` (running moments, exact streaming quantiles): memory does not grow
+with the number of rows.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
-
+from ..data.distribution import Moments, exact_quantiles
 from ..runtime import UserError
-
-HISTOGRAM_BINS = 1 << 14
-
-
-@dataclass
-class Moments:
-    n: int = 0
-    mean: float = 0.0
-    std: float = 0.0
-    low: float = math.inf
-    high: float = -math.inf
-
-
-def moments(values: Iterable[float]) -> Moments:
-    """Count, mean, population std, min and max in one pass (Welford)."""
-    n, mean, m2, low, high = 0, 0.0, 0.0, math.inf, -math.inf
-    for value in values:
-        n += 1
-        delta = value - mean
-        mean += delta / n
-        m2 += delta * (value - mean)
-        low, high = min(low, value), max(high, value)
-    return Moments(n, mean, math.sqrt(m2 / n) if n else 0.0, low, high)
-
-
-def exact_quantiles(read: Callable[[], Iterable[float]], qs: list[float], stats: Moments | None = None) -> list[float]:
-    """Nearest-rank quantiles (the smallest value with at least q% of the values <= it, as
-    `stats.LengthHistogram.percentile`) of the values `read()` yields, each call a fresh pass."""
-    stats = stats or moments(read())
-    if stats.n == 0:
-        raise ValueError("no values")
-    if stats.low == stats.high:
-        return [stats.low for _ in qs]
-    ranks = [max(1, math.ceil(q / 100 * stats.n)) for q in qs]
-    width = (stats.high - stats.low) / HISTOGRAM_BINS
-
-    def bin_of(value: float) -> int:
-        return min(HISTOGRAM_BINS - 1, int((value - stats.low) / width))
-
-    counts = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
-    for value in read():
-        counts[bin_of(value)] += 1
-    cumulative = np.cumsum(counts)
-    wanted = {}  # bin -> rank within the bin, per requested rank
-    targets = []
-    for rank in ranks:
-        b = int(np.searchsorted(cumulative, rank))
-        before = int(cumulative[b - 1]) if b else 0
-        targets.append((b, rank - before))
-        wanted.setdefault(b, [])
-    for value in read():
-        b = bin_of(value)
-        if b in wanted:
-            wanted[b].append(value)
-    for values in wanted.values():
-        values.sort()
-    return [wanted[b][k - 1] for b, k in targets]
 
 
 BOUND_HELP = 'a number, {"percentile": q}, {"mean_std": k} or "mean"'

@@ -8,7 +8,6 @@ are computed, streaming, in `stats.py`; this module draws and reports them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -17,8 +16,8 @@ from pathlib import Path
 from ..files import atomic_write
 from ..fonts import INSTALL_HINT, matplotlib_cjk_family
 from ..runtime import UserError
-from .stats import (DEFAULT_MAX_NEW_TOKENS, DatasetStats, LengthHistogram, build_summary, collect_stats,
-                    summary_text)
+from .distribution import LengthHistogram
+from .stats import DEFAULT_MAX_NEW_TOKENS, DatasetStats, build_summary, collect_stats, summary_text
 
 # ASCII names for the synthetic world's styles, used when no CJK font is available for plots.
 STYLE_ASCII = {"卡通风格": "cartoon", "写实风格": "realistic", "像素风格": "pixel-art", "水彩风格": "watercolour",
@@ -145,21 +144,3 @@ def analyze(input_path, out_dir, *, limit: int | None = None, max_new_tokens: in
     print(text, end="")
     print("wrote " + ", ".join(str(p) for p in plots + [out_dir / "summary.txt", out_dir / "summary.json"]))
     return summary
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Caption/image statistics and plots for a contest TSV or a records.jsonl (name ending in .jsonl).")
-    parser.add_argument("input", help="contest TSV (id, base64, caption) or records.jsonl from convert_labels")
-    parser.add_argument("out_dir", help="directory for the PNG plots, summary.txt and summary.json")
-    parser.add_argument("--limit", type=int, default=None, help="analyse only the first N rows")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help="generation budget to report coverage for (default %(default)s)")
-    parser.add_argument("--no-tokenizer", action="store_true", help="count characters instead of Qwen tokens")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {args.limit}")
-    analyze(args.input, args.out_dir, limit=args.limit, max_new_tokens=args.max_new_tokens,
-            tokenizer=None if args.no_tokenizer else "auto", progress=not args.quiet)
-    return 0

@@ -1,45 +1,34 @@
-"""The cleaning rules of label conversion: what makes a contest row unusable, and why.
+"""The cleaning rules of label conversion: which checks run on a contest row, in which order.
 
-`check_row` decides one row; `REASONS` lists the ledger codes in the order rows are checked (the
-first failing check is a row's reason). The row-structure checks (length, UTF-8, three columns,
-non-empty id) belong to the row layout (`contest_tsv.parse_row`) and are always on; the others are
-`CleanConfig` switches, settable by flag or by a JSON `--config` file of its fields. Duplicate ids and
-the caption-length filter need the whole file and are applied by the converter (`convert.py`).
+The checks themselves are curation operations (`paddle_caption.curate.ops.cleaning`: one filter
+system for conversion and curation); `CleanConfig` holds their switches, settable by flag or by a
+JSON `--config` file of its fields, and `default_recipe` turns it into the recipe the converter
+runs. A row's reason is its first failing check, in the order of `REJECT_REASONS`
+(`reject_reasons.py`). The row-structure checks (length, UTF-8, three columns, non-empty id) belong
+to the row layout (`contest_tsv.parse_row`) and are always on; the row operations run in the
+converter's workers (`check_row`); duplicate ids and caption-length outliers need the whole file and
+are applied by the converter (`convert.py`) with the recipe's `duplicate_id_filter` and
+`caption_length_outlier_filter`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
-import re
 from dataclasses import dataclass
+from pathlib import Path
 
-from PIL import Image
-
+from ..curate.ops import OpContext, build_op
+from ..curate.ops.cleaning import ImageValidityParams, StylePhraseParams
 from ..files import read_json_object
 from ..runtime import UserError
 from ..typed_config import from_mapping
 from .contest_tsv import DEFAULT_MAX_ROW_BYTES, RowError, parse_row
-from .images import VERIFY_MODES, ImageRejected, b64decode_strict, probe_image
+from .images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from .stats import STYLE_PATTERN
 
-# Reject reasons in the order rows are checked.
-REASONS = {
-    "row_too_long": "row longer than --max-row-bytes (never read into memory)",
-    "invalid_utf8": "row is not valid UTF-8",
-    "wrong_column_count": "row does not have exactly three tab-separated columns",
-    "empty_id": "id column is empty",
-    "empty_caption": "caption is empty",
-    "no_style_phrase": "caption has no phrase matching the style pattern (default \\S+风格)",
-    "bad_base64": "image column is not strict base64",
-    "empty_image": "image column is empty",
-    "too_many_pixels": "image has more than --max-pixels pixels (read from the header; never decoded)",
-    "undecodable_image": "payload is not an image PIL can decode completely",
-    "image_too_small": "image side shorter than --min-side",
-    "duplicate_id": "id of an earlier kept row (the first one is kept)",
-    "no_reference": "image without a caption in --captions (MUGE layout)",
-    "caption_length_outlier": "caption length outside mean +- K*std of kept captions (--ksigma)",
-}
+CAPTION_OPS = ("empty_caption_filter", "style_phrase_filter")
+ROW_OPS = CAPTION_OPS + ("image_validity_filter",)  # decided row by row, in the workers, in this order
 
 
 @dataclass
@@ -51,8 +40,8 @@ class CleanConfig:
     drop_empty_caption: bool = True
     dedup_ids: bool = True  # reject rows whose id was already kept
     verify: str = "fast"  # full | fast (JPEG checked at 1/8 scale) | header; see images.probe_image
-    min_side: int = 32  # reject images with a side below this; 0 disables
-    max_pixels: int = 4096 * 4096  # bounds decode memory; PIL's own bomb guard stays on above it
+    min_side: int = MIN_IMAGE_SIDE  # reject images with a side below this; 0 disables
+    max_pixels: int = MAX_IMAGE_PIXELS  # bounds decode memory; PIL's own bomb guard stays on above it
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     ksigma: float = 0.0  # 0 disables the caption-length outlier filter
     val_fraction: float = 0.0  # share of kept rows routed to val_records.jsonl
@@ -62,17 +51,9 @@ class CleanConfig:
     references_per_image: int = 0
 
     def validate(self) -> None:
-        if self.verify not in VERIFY_MODES:
-            raise UserError(f"verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
-        try:
-            re.compile(self.style_pattern)
-        except re.error as err:
-            raise UserError(f"style_pattern {self.style_pattern!r} is not a valid regex: {err}") from None
-        if self.min_side < 0:
-            raise UserError(f"min_side must be >= 0, got {self.min_side}")
-        if not 1 <= self.max_pixels <= Image.MAX_IMAGE_PIXELS:
-            raise UserError(f"max_pixels must be in 1..{Image.MAX_IMAGE_PIXELS} (PIL's bomb limit), "
-                            f"got {self.max_pixels}")
+        # The operations' own checks, so a bad value reads the same from a flag and from a recipe.
+        StylePhraseParams(self.style_pattern).validate("config")
+        ImageValidityParams(self.verify, self.min_side, self.max_pixels).validate("config")
         if self.max_row_bytes < 1:
             raise UserError(f"max_row_bytes must be >= 1, got {self.max_row_bytes}")
         if self.ksigma < 0:
@@ -98,31 +79,57 @@ def is_val(record_id: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
-def check_caption(caption: str, cfg: CleanConfig, style_re: re.Pattern) -> str | None:
-    """The caption rules: a reason, or None."""
-    if cfg.drop_empty_caption and not caption:
-        return "empty_caption"
-    if cfg.require_style and not style_re.search(caption):
-        return "no_style_phrase"
+def default_recipe(cfg: CleanConfig) -> list[dict]:
+    """The converter's recipe: the switched-on checks as curation operations, in check order."""
+    recipe = []
+    if cfg.drop_empty_caption:
+        recipe.append({"empty_caption_filter": {}})
+    if cfg.require_style:
+        recipe.append({"style_phrase_filter": {"pattern": cfg.style_pattern}})
+    recipe.append({"image_validity_filter": {"verify": cfg.verify, "min_side": cfg.min_side,
+                                             "max_pixels": cfg.max_pixels}})
+    if cfg.dedup_ids:
+        recipe.append({"duplicate_id_filter": {}})
+    if cfg.ksigma > 0:
+        recipe.append({"caption_length_outlier_filter": {"k": cfg.ksigma}})
+    return recipe
+
+
+def build_recipe(cfg: CleanConfig, work_dir: str | os.PathLike = ".") -> dict:
+    """{op name: operation} of `default_recipe(cfg)`, in check order."""
+    ctx = OpContext(work_dir=Path(work_dir))
+    ops = [build_op(entry, ctx, f"cleaning recipe[{i}]") for i, entry in enumerate(default_recipe(cfg))]
+    return {op.name: op for op in ops}
+
+
+def first_reason(ops, sample: dict) -> str | None:
+    """Compute and decide op by op: the first failing check is the reason, and nothing after it is
+    computed (no image is decoded for a row whose caption already failed)."""
+    for op in ops:
+        op.compute_stats(sample)
+        reason = op.process(sample)
+        if reason:
+            return reason
     return None
 
 
-def check_row(data: bytes, cfg: CleanConfig, style_re: re.Pattern) -> tuple:
-    """(reason or None, id, caption, width, height) for one row's bytes. With `cfg.captions` (the
-    MUGE layout) the row is `image_id \\t base64` and only the image is checked here: its captions
-    are checked one by one by the converter (`check_caption`)."""
-    muge = bool(cfg.captions)
+def check_caption(caption: str, ops: dict) -> str | None:
+    """The caption rules of the recipe: a reason, or None."""
+    return first_reason([ops[name] for name in CAPTION_OPS if name in ops], {"caption": caption, "stats": {}})
+
+
+def check_row(data: bytes, ops: dict, muge: bool = False) -> tuple:
+    """(reason or None, id, caption, width, height) for one row's bytes, by the recipe's row
+    operations. In the MUGE layout (`muge`) the row is `image_id \t base64` and only the image is
+    checked here: its captions are checked one by one by the converter (`check_caption`)."""
     try:
         row = parse_row(data, test=muge)
     except RowError as err:
         return err.reason, err.row_id, "", 0, 0
     caption = row.caption or ""
-    reason = None if muge else check_caption(caption, cfg, style_re)
+    sample = {"id": row.id, "caption": caption, "image_b64": row.image_b64, "stats": {}}
+    names = ROW_OPS[len(CAPTION_OPS):] if muge else ROW_OPS
+    reason = first_reason([ops[name] for name in names if name in ops], sample)
     if reason:
         return reason, row.id, caption, 0, 0
-    try:
-        width, height = probe_image(b64decode_strict(row.image_b64), max_pixels=cfg.max_pixels,
-                                    min_side=cfg.min_side, verify=cfg.verify)
-    except ImageRejected as err:
-        return err.reason, row.id, caption, 0, 0
-    return None, row.id, caption, width, height
+    return None, row.id, caption, sample["stats"]["image_width"], sample["stats"]["image_height"]

@@ -21,7 +21,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
+
+from ..files import atomic_write, remove_stale_temps
+from ..runtime import UserError
 
 # A row longer than this is rejected unread: it bounds the memory one row can take.
 DEFAULT_MAX_ROW_BYTES = 32 * 1024 * 1024
@@ -262,3 +266,32 @@ def read_muge_captions(path: str | os.PathLike, what: str = "captions file") -> 
             raise UserError(f"{path}:{lineno}: image id {image_id!r} appears twice")
         captions[image_id] = [t.strip() for t in texts]
     return captions
+
+
+# ---------------------------------------------------------------------------------- results files
+def rejects_path(results_path: str | os.PathLike) -> Path:
+    """RESULTS.txt -> RESULTS.txt.rejects: `id \t reason` of every image that got no caption."""
+    results_path = Path(results_path)
+    return results_path.with_name(results_path.name + ".rejects")
+
+
+def write_results(results_path: str | os.PathLike, ids: list[str], results: dict) -> int:
+    """RESULTS.txt (`id \t caption` for every id, in `ids` order) and RESULTS.txt.rejects, each
+    atomically, from {id: (caption, reject reason or "")}; returns the number of rejects."""
+    missing = [rid for rid in ids if rid not in results]
+    if missing:  # cannot happen unless a shard file was edited: never write an incomplete file
+        raise UserError(f"no result for {len(missing)} id(s), e.g. {missing[0]!r}")
+    results_path = Path(results_path)
+    remove_stale_temps(results_path)
+    remove_stale_temps(rejects_path(results_path))
+    n_rejects = 0
+    with atomic_write(rejects_path(results_path)) as rejects:
+        for rid in ids:
+            reason = results[rid][1]
+            if reason:
+                rejects.write(f"{rid}\t{reason}\n")
+                n_rejects += 1
+    with atomic_write(results_path) as out:
+        for rid in ids:
+            out.write(f"{rid}\t{results[rid][0]}\n")
+    return n_rejects

@@ -9,22 +9,23 @@ Input rows are `id \\t base64-image \\t caption` (UTF-8, no header); the real fi
 - `summary.json`: counts per reason, caption-length statistics, the configuration, timing.
 
 How: INPUT is cut into byte ranges (`--chunk-mb`); a process pool checks the ranges, each worker
-reading its own range (image bytes never cross a pipe), and the main process takes the results in
+reading its own range (image bytes never cross a pipe; `convert_ranges.py`), and the main process takes the results in
 input order, so the output does not depend on `--workers`. At most 2 x workers ranges are in flight,
 so memory stays flat whatever the input size. The main process drops duplicate ids and appends to
 partial files; the final files appear (by rename) only when everything succeeded.
 
-What is checked, and in which order, is `clean_rules.py` (`REASONS`, `check_row`, `CleanConfig`);
-this module is the engine that applies the rules to a 100 GB file.
+What is checked, and in which order, is the default recipe of curation's cleaning operations
+(`clean_rules.py`: `CleanConfig`, `default_recipe`, `check_row`; the codes are `REJECT_REASONS`);
+this module is the engine that applies it to a 100 GB file.
 
 Resume: every `--checkpoint-seconds` the partial outputs are flushed and fsynced, then a state file
 records the input offset reached, the line count, the partial files' sizes and the counters.
 `--resume` truncates the partial files back to those sizes, rebuilds the seen-id set from the
 partial records and continues from that offset, so the result equals an uninterrupted run's.
 
-k-sigma (`--ksigma K`): runs after the pass over INPUT, on the rows kept so far. Their caption
-lengths (characters) are read back from the partial records (megabytes, not the 100 GB input) into
-analyze's `LengthHistogram`; rows outside mean +- K * std (population std) are rejected as
+k-sigma (`--ksigma K`, the recipe's `caption_length_outlier_filter`): runs after the pass over
+INPUT, on the rows kept so far. Their caption lengths (characters) are read back from the partial
+records (megabytes, not the 100 GB input) into a `LengthHistogram`; rows outside mean +- K * std (population std) are rejected as
 `caption_length_outlier`. Duplicate ids are decided before it.
 
 Memory: besides the in-flight ranges, only the seen-id set grows (~100 B per id, ~100 MB for 1M
@@ -39,15 +40,11 @@ An image with no entry in the jsonl is rejected as `no_reference`.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import heapq
 import itertools
 import json
 import multiprocessing as mp
 import os
-import re
-import signal
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -58,11 +55,13 @@ from pathlib import Path
 
 from ..files import atomic_write, remove_stale_temps
 from ..runtime import UserError, cpu_count
-from .clean_rules import REASONS, CleanConfig, check_caption, check_row, is_val
-from .contest_tsv import DEFAULT_MAX_ROW_BYTES, iter_lines, read_muge_captions
-from .images import VERIFY_MODES
+from .clean_rules import CleanConfig, build_recipe, check_caption, is_val
+from .contest_tsv import read_muge_captions
+from .convert_input import check_input, prepare_out_dir, sniff_utf8
+from .convert_ranges import RangeResult, init_worker, process_range
+from .distribution import LengthHistogram
 from .records import dump_record
-from .stats import STYLE_PATTERN, LengthHistogram
+from .reject_reasons import REJECT_REASONS
 
 RECORDS, VAL_RECORDS, REJECTS, SUMMARY = "records.jsonl", "val_records.jsonl", "rejects.tsv", "summary.json"
 PART_RECORDS, PART_REJECTS, PART_OUTLIERS = ".records.partial", ".rejects.partial", ".outliers.partial"
@@ -79,110 +78,15 @@ class RunOptions:
     progress: bool = True
 
 
-# --------------------------------------------------------------------------------- workers
-@dataclass
-class RangeResult:
-    end: int  # the range's end offset: the next range starts there
-    lines: int  # rows that start inside the range
-    kept: list  # (row index in range, id, records.jsonl line)
-    rejects: list  # (row index in range, id, reason)
-
-
-_WORKER: tuple | None = None  # (tsv path, CleanConfig, compiled style regex), set per process
-
-
-def _init_worker(tsv: str, cfg: CleanConfig, ignore_sigint: bool = True) -> None:
-    global _WORKER
-    if ignore_sigint:  # Ctrl-C is handled once, by the main process
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER = (tsv, cfg, re.compile(cfg.style_pattern))
-
-
-def process_range(bounds: tuple[int, int]) -> RangeResult:
-    """Check the rows that start in [start, end) of the worker's TSV."""
-    tsv, cfg, style_re = _WORKER
-    start, end = bounds
-    kept, rejects = [], []
-    index = 0
-    with open(tsv, "rb", buffering=0) as handle:
-        for index, line in enumerate(iter_lines(handle, start, end, max_row_bytes=cfg.max_row_bytes), 1):
-            if line.data is None:
-                rejects.append((index, "", "row_too_long"))
-                continue
-            reason, rid, caption, width, height = check_row(line.data, cfg, style_re)
-            if reason:
-                rejects.append((index, rid, reason))
-            else:
-                kept.append((index, rid, dump_record({
-                    "id": rid, "caption": caption, "tsv": tsv, "offset": line.offset,
-                    "length": line.length, "width": width, "height": height})))
-    return RangeResult(end, index, kept, rejects)
-
-
-# --------------------------------------------------------------------------------- input checks
-def _check_input(path) -> tuple[Path, int]:
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            handle.read(1)
-        size = path.stat().st_size
-    except IsADirectoryError:
-        raise UserError(f"cannot read input {path}: is a directory") from None
-    except OSError as err:
-        raise UserError(f"cannot read input {path}: {err.strerror or err}") from None
-    if size == 0:
-        raise UserError(f"input {path} is empty")
-    return path.resolve(), size
-
-
-def _sniff_utf8(path: Path, sample_bytes: int = 1 << 20) -> None:
-    """Refuse a file that is not UTF-8 *at all* (UTF-16, GBK, compressed...); a few bad rows in a
-    UTF-8 file are per-row rejects instead."""
-    with open(path, "rb") as handle:
-        head = handle.read(sample_bytes)
-        at_eof = not handle.read(1)
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise UserError(f"{path} is UTF-16 text, not UTF-8 (convert it, e.g. iconv -f UTF-16 -t UTF-8)")
-    if head[:2] == b"\x1f\x8b":
-        raise UserError(f"{path} is gzip-compressed; decompress it first")
-    if head.count(b"\x00") > len(head) // 100:
-        raise UserError(f"{path} is not UTF-8 text (it contains NUL bytes)")
-    lines = head.split(b"\n")
-    if not at_eof and len(lines) > 1:
-        lines = lines[:-1]  # the sample cut the last row
-    bad = 0
-    for line in lines:
-        try:
-            line.decode("utf-8")
-        except UnicodeDecodeError:
-            bad += 1
-    if bad * 2 > len(lines):
-        raise UserError(f"{path} is not UTF-8 text ({bad} of the first {len(lines)} rows do not decode; "
-                        f"convert it, e.g. iconv -f GBK -t UTF-8)")
-
-
-def _prepare_out_dir(out_dir) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output directory {out_dir} exists and is not a directory")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create output directory {out_dir}: {err.strerror or err}") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"output directory {out_dir} is not writable")
-    return out_dir
-
-
 # --------------------------------------------------------------------------------- the run
 class Conversion:
     """One conversion of `src` into `out_dir`; `run()` returns the summary dict."""
 
     def __init__(self, src, out_dir, cfg: CleanConfig, opts: RunOptions):
         cfg.validate()
-        self.src, self.size = _check_input(src)
-        _sniff_utf8(self.src)
-        self.out = _prepare_out_dir(out_dir)
+        self.src, self.size = check_input(src)
+        sniff_utf8(self.src)
+        self.out = prepare_out_dir(out_dir)
         self.cfg, self.opts = cfg, opts
         self.workers = opts.workers or cpu_count()
         stat = self.src.stat()
@@ -193,13 +97,13 @@ class Conversion:
             self.captions = read_muge_captions(cfg.captions)
             cap_stat = Path(cfg.captions).stat()
             self.identity["captions"] = [str(Path(cfg.captions).resolve()), cap_stat.st_size, cap_stat.st_mtime_ns]
-            self.style_re = re.compile(cfg.style_pattern)
         # Progress, restored from a checkpoint on --resume.
         self.offset = 0
         self.lines = 0
         self.kept = 0
         self.rejected: Counter = Counter()
-        self.seen: set[str] = set()
+        self.ops = build_recipe(cfg, self.out)  # the main process's: references, duplicate ids, k-sigma
+        self.dedup = self.ops.get("duplicate_id_filter")
         self.resumed = False
 
     def path(self, name: str) -> Path:
@@ -236,10 +140,10 @@ class Conversion:
         self.offset, self.lines, self.kept = state["offset"], state["lines"], state["kept"]
         self.rejected = Counter(state["rejected"])
         self.resumed = True
-        if self.cfg.dedup_ids:
+        if self.dedup is not None:
             with open(self.path(PART_RECORDS), "rb") as handle:
                 for line in handle:
-                    self.seen.add(json.loads(line.split(b"\t", 1)[1])["id"])
+                    self.dedup.process({"id": json.loads(line.split(b"\t", 1)[1])["id"]})
         print(f"resuming at byte {self.offset:,} of {self.size:,} (line {self.lines:,}, {self.kept:,} kept so far)")
         return records, rejects
 
@@ -256,11 +160,11 @@ class Conversion:
     def _executor(self):
         """A process pool (None for one worker: ranges are then checked in this process)."""
         if self.workers == 1:
-            _init_worker(str(self.src), self.cfg, ignore_sigint=False)
+            init_worker(str(self.src), self.cfg, ignore_sigint=False)
             return None
         methods = mp.get_all_start_methods()
         ctx = mp.get_context("fork" if "fork" in methods else methods[0])
-        executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
+        executor = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=init_worker,
                                        initargs=(str(self.src), self.cfg))
         executor.submit(int)  # with fork, the first submit forks every worker: do it while we are small
         return executor
@@ -285,11 +189,10 @@ class Conversion:
     def _merge(self, result: RangeResult, records, rejects) -> None:
         dups = []
         for index, rid, line in result.kept:
-            if self.cfg.dedup_ids:
-                if rid in self.seen:
-                    dups.append((index, rid, "duplicate_id"))
-                    continue
-                self.seen.add(rid)
+            reason = self.dedup.process({"id": rid}) if self.dedup is not None else None
+            if reason:
+                dups.append((index, rid, reason))
+                continue
             lines = [line] if self.captions is None else self._references(index, rid, line, dups)
             for one in lines:
                 records.write(f"{self.lines + index}\t{one}\n".encode("utf-8"))
@@ -313,7 +216,7 @@ class Conversion:
         for caption in refs:
             if len(out) >= wanted:
                 break
-            reason = check_caption(caption, self.cfg, self.style_re)
+            reason = check_caption(caption, self.ops)
             if reason:
                 rejects.append((index, rid, reason))
             else:
@@ -357,27 +260,40 @@ class Conversion:
                 lineno, line = raw.rstrip("\n").split("\t", 1)
                 yield int(lineno), line, json.loads(line)
 
+    def _partial_samples(self):
+        """(line number, records.jsonl line, the record as a sample) of the partial records."""
+        for lineno, line, record in self._iter_partial_records():
+            yield lineno, line, {**record, "stats": {}}
+
     def _finalize(self) -> dict:
         cfg = self.cfg
-        lengths = LengthHistogram()  # caption lengths of the kept rows, before the k-sigma filter
+        outlier_filter = self.ops.get("caption_length_outlier_filter")
         bounds = None
-        if cfg.ksigma > 0:
-            for _, _, record in self._iter_partial_records():
-                lengths.add(len(record["caption"]))
-            bounds = lengths.ksigma_bounds(cfg.ksigma)
+        if outlier_filter is not None:
+            def read():
+                for _, _, sample in self._partial_samples():
+                    outlier_filter.compute_stats(sample)
+                    yield sample
+
+            outlier_filter.prepare(read)
+            lengths, bounds = outlier_filter.lengths, outlier_filter.bounds  # before the k-sigma filter
+        else:
+            lengths = LengthHistogram()  # caption lengths of the kept rows
         n_train = n_val = n_outliers = 0
         with ExitStack() as stack:
             train = stack.enter_context(atomic_write(self.path(RECORDS)))
             val = stack.enter_context(atomic_write(self.path(VAL_RECORDS))) if cfg.val_fraction > 0 else None
             outliers = stack.enter_context(open(self.path(PART_OUTLIERS), "w+", encoding="utf-8"))
-            for lineno, line, record in self._iter_partial_records():
-                length = len(record["caption"])
-                if bounds is None:
-                    lengths.add(length)
-                elif not bounds[0] <= length <= bounds[1]:
-                    outliers.write(f"{lineno}\t{record['id']}\tcaption_length_outlier\n")
-                    n_outliers += 1
-                    continue
+            for lineno, line, record in self._partial_samples():
+                if outlier_filter is None:
+                    lengths.add(len(record["caption"]))
+                else:
+                    outlier_filter.compute_stats(record)
+                    reason = outlier_filter.process(record)
+                    if reason:
+                        outliers.write(f"{lineno}\t{record['id']}\t{reason}\n")
+                        n_outliers += 1
+                        continue
                 if val is not None and is_val(record["id"], cfg.val_fraction):
                     val.write(line + "\n")
                     n_val += 1
@@ -415,7 +331,7 @@ class Conversion:
         except OSError as err:
             raise UserError(f"I/O error: {err.filename or ''} {err.strerror or err}".strip()) from None
         seconds = time.perf_counter() - t0
-        rejected = {r: self.rejected[r] for r in REASONS if self.rejected[r]}
+        rejected = {r: self.rejected[r] for r in REJECT_REASONS if self.rejected[r]}
         summary = {
             "input": str(self.src),
             "input_bytes": self.size,
@@ -445,83 +361,3 @@ class Conversion:
 def convert(src, out_dir, cfg: CleanConfig | None = None, opts: RunOptions | None = None) -> dict:
     """Convert `src` (contest TSV) into `out_dir`; returns the summary (also written as summary.json)."""
     return Conversion(src, out_dir, cfg or CleanConfig(), opts or RunOptions()).run()
-
-
-def format_summary(summary: dict) -> str:
-    run = summary["run"]
-    lines = [
-        f"read {summary['rows_read']:,} rows ({summary['input_bytes'] / 1e6:,.1f} MB) in {run['seconds']:.1f} s: "
-        f"{run['rows_per_s']:,.0f} rows/s, {run['mb_per_s']:,.1f} MB/s, {run['workers']} worker(s)"
-        + (" (resumed; rates cover this session)" if run["resumed"] else ""),
-        f"kept {summary['kept']:,}" + (f" (train {summary['kept_train']:,}, val {summary['kept_val']:,})"
-                                       if "val_records" in summary["files"] else "")
-        + f"; rejected {summary['rejected']:,}" + (":" if summary["rejected"] else ""),
-    ]
-    lines += [f"  {reason:<24}{n:>10,}" for reason, n in summary["rejected_by_reason"].items()]
-    if summary["ksigma"]:
-        k = summary["ksigma"]
-        lines.append(f"k-sigma: kept caption lengths in [{k['low']}, {k['high']}] characters (K={k['k']})")
-    lines.append("wrote " + ", ".join(summary["files"].values()))
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Clean a contest TSV (id \\t base64 \\t caption) into records.jsonl + rejects.tsv + summary.json.",
-        epilog="Cleaning options override --config, which overrides the defaults. Reasons: " + ", ".join(REASONS))
-    parser.add_argument("input", help="contest TSV, UTF-8, no header")
-    parser.add_argument("out_dir", help="output directory")
-    s = argparse.SUPPRESS  # cleaning options default to "not given", so that --config can supply them
-    rules = parser.add_argument_group("cleaning rules (also settable in --config)")
-    rules.add_argument("--config", help="JSON file with CleanConfig keys, e.g. {\"min_side\": 64}")
-    rules.add_argument("--style-check", dest="require_style", action=argparse.BooleanOptionalAction, default=s,
-                       help="reject captions without a style phrase (default: on)")
-    rules.add_argument("--style-pattern", default=s, help=f"regex of the style phrase (default {STYLE_PATTERN})")
-    rules.add_argument("--empty-caption-check", dest="drop_empty_caption", action=argparse.BooleanOptionalAction,
-                       default=s, help="reject empty captions (default: on)")
-    rules.add_argument("--dedup", dest="dedup_ids", action=argparse.BooleanOptionalAction, default=s,
-                       help="reject rows repeating a kept id (default: on)")
-    rules.add_argument("--verify", choices=VERIFY_MODES, default=s,
-                       help="image check: full decode, fast (JPEG at 1/8 scale, same rejects), or header only "
-                            "(default: fast)")
-    rules.add_argument("--min-side", type=int, default=s, help="minimum image side in pixels; 0 disables (default 32)")
-    rules.add_argument("--max-pixels", type=int, default=s, help="maximum width*height (default 16777216)")
-    rules.add_argument("--max-row-bytes", type=int, default=s,
-                       help=f"longer rows are rejected unread (default {DEFAULT_MAX_ROW_BYTES})")
-    rules.add_argument("--ksigma", type=float, default=s,
-                       help="reject captions whose length is outside mean +- K*std of kept captions (default: off)")
-    rules.add_argument("--val-fraction", type=float, default=s,
-                       help="route this share of kept rows (by sha1 of id) to val_records.jsonl (default 0)")
-    rules.add_argument("--captions", default=s,
-                       help="MUGE ECommerce-IC layout: INPUT is IC_*.tsv (image_id, base64) and the captions "
-                            "come from this IC_*.jsonl ({image_id, text: [captions]})")
-    rules.add_argument("--references-per-image", type=int, default=s,
-                       help="MUGE layout: training records per image, one per reference (default 0: all)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--workers", type=int, default=0, help="processes (default: the core count)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT_DIR")
-    run.add_argument("--chunk-mb", type=float, default=8.0, help="input range per task in MB (default 8)")
-    run.add_argument("--checkpoint-seconds", type=float, default=10.0,
-                     help="how often progress is made durable for --resume (default 10)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = CleanConfig()
-    if args.config:
-        cfg.update_from_file(args.config)
-    for f in dataclasses.fields(cfg):
-        if hasattr(args, f.name):
-            setattr(cfg, f.name, getattr(args, f.name))
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    if args.chunk_mb <= 0:
-        raise UserError(f"--chunk-mb must be > 0, got {args.chunk_mb}")
-    opts = RunOptions(workers=args.workers, chunk_bytes=int(args.chunk_mb * (1 << 20)),
-                      checkpoint_seconds=args.checkpoint_seconds, resume=args.resume, progress=not args.quiet)
-    summary = convert(args.input, args.out_dir, cfg, opts)
-    print(format_summary(summary))
-    return 0

@@ -17,9 +17,8 @@ import numpy as np
 from .images import ImageRejected, decode_image, preprocess_image
 from ..model.config import IGNORE_INDEX
 from .prompts import PromptTemplate
+from .records import TRAINING_KEYS, missing_keys, read_image_bytes
 from .samples import assemble_sample, build_prompt_ids, sample_length
-
-REQUIRED_RECORD_KEYS = ("id", "caption", "tsv", "offset", "length")
 
 
 class CaptionDataset:
@@ -37,7 +36,7 @@ class CaptionDataset:
                  image_size: int, max_length: int):
         self.records = list(records)
         for index, record in enumerate(self.records):
-            missing = [k for k in REQUIRED_RECORD_KEYS if k not in record]
+            missing = missing_keys(record, TRAINING_KEYS)
             if missing:
                 raise ValueError(f"record #{index} (id={record.get('id', '?')}): missing keys {missing}")
         self.image_size = int(image_size)
@@ -69,12 +68,10 @@ class CaptionDataset:
         return self._answers[start:stop].astype(np.int64)
 
     def load_image(self, index: int) -> np.ndarray:
-        from . import records as records_module  # the converter's reader: one place knows the TSV layout
-
         record = self.records[index]
         try:
             # The converter already verified every image, so skip PIL's second full decode.
-            img = decode_image(records_module.read_image_bytes(record), verify=False)
+            img = decode_image(read_image_bytes(record), verify=False)
         except (ImageRejected, OSError, ValueError) as err:
             raise ValueError(
                 f"record {record['id']} ({record['tsv']} @ byte {record['offset']}): cannot load image: {err}"

@@ -16,6 +16,13 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 # PIL's own decompression-bomb guard stays on; we only lower the limit (never raise or disable it).
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
+# The limits every entry point puts on an image to caption (conversion, curation's cleaning,
+# prediction, the service), declared once here. A side below MIN_IMAGE_SIDE pixels leaves too little
+# for the 448-pixel model input to show; MAX_IMAGE_PIXELS (16.7 MP, ~50 MB as RGB) bounds the memory
+# one decode may take, and is checked on the header before any pixel is decoded.
+MIN_IMAGE_SIDE = 32
+MAX_IMAGE_PIXELS = 4096 * 4096
+
 
 class ImageRejected(ValueError):
     """An image payload that cannot be used; `reason` is a short ledger code."""

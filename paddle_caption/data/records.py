@@ -7,7 +7,11 @@ The contest TSV (`id \\t base64-image \\t caption`, one row per line) is ~100 GB
      "offset": <byte offset of the row's first byte>, "length": <row length in bytes, newline excluded>,
      "width": int, "height": int}
 
-and `read_image_bytes(record)` reads the row back with one positional read and base64-decodes its
+This module is the one place the schema is written down: `RECORD_KEYS` (written by the converter
+and curation, read by the dataset), `TRAINING_KEYS` (what a training sample needs of a record) and
+`iter_captions` (the captions alone: the speculative drafter's datastore).
+
+`read_image_bytes(record)` reads the row back with one positional read and base64-decodes its
 image column. The row may also be a two-column `id \t base64` row (an unlabeled pool, or MUGE's
 `IC_*.tsv`): the caption is the record's. Several records may point at one row (the references of a
 multi-caption image, repeats written by curation) and then share its id. The TSV must therefore stay where it was, unchanged; a moved or edited file is detected
@@ -24,11 +28,14 @@ from ..runtime import UserError
 from .contest_tsv import RowError, parse_row, read_line_at
 from .images import b64decode_strict
 
-RECORD_KEYS = ("id", "caption", "tsv", "offset", "length", "width", "height")
+RECORD_TYPES = {"id": str, "caption": str, "tsv": str, "offset": int, "length": int, "width": int, "height": int}
+RECORD_KEYS = tuple(RECORD_TYPES)
+# What a training sample needs of a record: its caption and its image row (the image's width and
+# height are the converter's and curation's, not the dataset's).
+TRAINING_KEYS = ("id", "caption", "tsv", "offset", "length")
 # Written after the contract keys when a record has them: a caption written by a model (curation's
 # pseudo-labels), and the curation score it was kept with.
 OPTIONAL_RECORD_KEYS = ("synthetic", "score")
-_KEY_TYPES = {"id": str, "caption": str, "tsv": str, "offset": int, "length": int, "width": int, "height": int}
 
 
 class RecordError(ValueError):
@@ -36,6 +43,12 @@ class RecordError(ValueError):
 
 
 # --------------------------------------------------------------------------------- records I/O
+def new_record(id: str, caption: str, tsv: str, offset: int, length: int, width: int, height: int) -> dict:
+    """A record of the row at `offset` of `tsv` (absolute path), its image `width` x `height`."""
+    return {"id": id, "caption": caption, "tsv": tsv, "offset": offset, "length": length,
+            "width": width, "height": height}
+
+
 def dump_record(record: dict) -> str:
     """One records.jsonl line (without the newline), keys in contract order."""
     out = {k: record[k] for k in RECORD_KEYS}
@@ -43,24 +56,43 @@ def dump_record(record: dict) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
-def parse_record(line: str, where: str = "record") -> dict:
+def missing_keys(record: dict, keys=RECORD_KEYS) -> list[str]:
+    return [k for k in keys if k not in record]
+
+
+def parse_record(line: str, where: str = "record", keys=RECORD_KEYS) -> dict:
+    """One records.jsonl line, with `keys` checked for presence and type (UserError naming `where`)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise UserError(f"{where}: not JSON ({err.msg})") from None
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object")
-    for key, kind in _KEY_TYPES.items():
-        value = record.get(key)
+    for key in keys:
+        value, kind = record.get(key), RECORD_TYPES[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UserError(f"{where}: key {key!r} missing or not {kind.__name__}")
     return record
 
 
-def iter_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Stream the records of a records.jsonl file (blank lines are skipped)."""
+def iter_records(path: str | os.PathLike, keys=RECORD_KEYS) -> Iterator[dict]:
+    """Stream the records of a records.jsonl file (blank lines are skipped), `keys` checked."""
     for where, line in iter_text_lines(path, "records file"):
-        yield parse_record(line, where)
+        yield parse_record(line, where, keys)
+
+
+def iter_captions(path: str | os.PathLike) -> Iterator[str]:
+    """The captions of a records.jsonl, or of any JSON-lines file whose objects carry a "caption"
+    string (curated samples, a caption export), streamed; a bad line is a UserError naming
+    `path:line`."""
+    for where, line in iter_text_lines(path, "captions file"):
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("caption"), str):
+            raise UserError(f'{where}: expected an object with a "caption" string')
+        yield item["caption"]
 
 
 def load_records(path: str | os.PathLike) -> list[dict]:

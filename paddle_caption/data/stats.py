@@ -5,8 +5,9 @@ Memory grows with the number of *distinct* captions (a 16-byte digest and a coun
 ~100 MB at 1M distinct captions), not with the file size. A TSV is read without verifying images
 (only their headers are parsed); the converter does the cleaning.
 
-`LengthHistogram` and `STYLE_PATTERN` are also the converter's (its k-sigma filter and style rule),
-so both compute caption statistics the same way.
+Length statistics (`LengthHistogram`, exact on a histogram) come from `distribution.py`, the one
+module that computes statistics of a column of numbers for analysis, conversion and curation.
+`STYLE_PATTERN` is also the cleaning rules' (the style-phrase filter).
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import binascii
 import functools
 import hashlib
 import io
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,67 +22,13 @@ from pathlib import Path
 
 from ..runtime import UserError
 from ..text import jieba_words
+from .distribution import LengthHistogram
 
 # The contest solution's rule: a caption must contain a phrase ending in 风格 (e.g. 卡通风格).
 STYLE_PATTERN = r"\S+风格"
 # For counting phrases, a phrase stops at punctuation: in "卡通风格。图片..." it is "卡通风格".
 _STYLE_PHRASE = re.compile(r"[^\s，。、；：！？,.;:!?（）()【】《》“”\"']+?风格")
-
-PERCENTILES = (50, 90, 95, 99, 100)
 DEFAULT_MAX_NEW_TOKENS = 128
-
-
-class LengthHistogram:
-    """Exact statistics of integer lengths from their histogram: memory O(distinct lengths)."""
-
-    def __init__(self):
-        self.counts: Counter = Counter()
-
-    def add(self, length: int, times: int = 1) -> None:
-        self.counts[int(length)] += times
-
-    @property
-    def n(self) -> int:
-        return sum(self.counts.values())
-
-    def mean(self) -> float:
-        n = self.n
-        return sum(v * c for v, c in self.counts.items()) / n if n else 0.0
-
-    def std(self) -> float:
-        """Population standard deviation (ddof=0)."""
-        n = self.n
-        if not n:
-            return 0.0
-        mean = self.mean()
-        return math.sqrt(sum(c * (v - mean) ** 2 for v, c in self.counts.items()) / n)
-
-    def percentile(self, q: float) -> int:
-        """Nearest-rank percentile: the smallest length with at least q% of the samples <= it."""
-        n = self.n
-        if not n:
-            return 0
-        rank = max(1, math.ceil(q / 100 * n))
-        seen = 0
-        for value in sorted(self.counts):
-            seen += self.counts[value]
-            if seen >= rank:
-                return value
-        return max(self.counts)
-
-    def fraction_at_most(self, limit: int) -> float:
-        n = self.n
-        return sum(c for v, c in self.counts.items() if v <= limit) / n if n else 0.0
-
-    def ksigma_bounds(self, k: float) -> tuple[float, float]:
-        mean, std = self.mean(), self.std()
-        return mean - k * std, mean + k * std
-
-    def summary(self) -> dict:
-        out = {"n": self.n, "mean": round(self.mean(), 3), "std": round(self.std(), 3),
-               "min": min(self.counts, default=0)}
-        out.update({f"p{q}" if q < 100 else "max": self.percentile(q) for q in PERCENTILES})
-        return out
 
 
 def style_phrase(caption: str) -> str | None:

@@ -34,7 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..data.records import load_records
+from ..data.records import iter_captions
 from ..files import iter_text_lines, write_json
 from ..runtime import UserError
 
@@ -288,11 +288,11 @@ class RetrievalDrafter:
 
 
 def read_captions(path: str | os.PathLike) -> list[str]:
-    """The captions of a records file (`.jsonl`, read by `data.records.load_records`, which checks
-    every record) or of a text file (one caption per line); blank lines are skipped."""
+    """The captions of a JSON-lines file (records.jsonl, curated samples, a caption export: read by
+    `data.records.iter_captions`) or of a text file (one caption per line); blank lines are skipped."""
     path = Path(path)
     if path.suffix.lower() == ".jsonl":
-        return [record["caption"] for record in load_records(path)]
+        return list(iter_captions(path))
     return [where_line[1].strip() for where_line in iter_text_lines(path, "captions file")]
 
 

@@ -9,15 +9,13 @@ RESULTS.txt has one `id \\t caption` line per image (the caption may be empty). 
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 from ..data.contest_tsv import iter_text_rows, normalize_id, read_muge_captions
-from ..files import write_json
 from ..runtime import UserError
 from .fields import FIELD_KEYS, field_accuracy
-from .metrics import MODES, score_captions
+from .caption_scores import MODES, score_captions
 
 METRIC_KEYS = ("CIDEr-D", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L")
 # A "caption" this long made only of base64 characters is an image payload: the user passed a
@@ -130,28 +128,3 @@ def default_json_path(results_path: str | Path) -> Path:
     """RESULTS.txt -> RESULTS.scores.json, beside it."""
     results_path = Path(results_path)
     return results_path.with_name(f"{results_path.stem}.scores.json")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="predictions: 'id<TAB>caption' per line")
-    parser.add_argument("refs", help="references: 'id<TAB>caption' (id may repeat) or contest rows")
-    parser.add_argument("--mode", choices=MODES, default="jieba",
-                        help="tokenisation: jieba words (contest) or single characters")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="where to write the scores (default: RESULTS.scores.json beside RESULTS)")
-    parser.add_argument("--fields", action="store_true",
-                        help="also report field accuracy (synthetic ad captions only)")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    scores = evaluate_files(args.results, args.refs, mode=args.mode, fields=args.fields)
-    out = args.json or default_json_path(args.results)
-    record = {**scores, "results": str(args.results), "refs": str(args.refs)}
-    write_json(out, record)
-    print(format_table(scores))
-    print(f"scores written to {out}")
-    return 0
-

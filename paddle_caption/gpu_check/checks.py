@@ -170,7 +170,7 @@ def training(workdir: Path, model_config: str, dtype: str, launch_args: list[str
 # ------------------------------------------------------------------------------------- decoding
 def trained_model_dir(run_dir: Path, model_config: str) -> Path:
     """The float32 run's final weights as a model directory."""
-    from ..model.checkpoint import load_safetensors
+    from ..model.weights_io import load_safetensors
     from ..model.config import MgenVLConfig
     from ..model.mgen_vl import MgenVLForCausalLM
 

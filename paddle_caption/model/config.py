@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..files import read_json_object, write_json
 from ..runtime import UserError
+from ..typed_config import from_mapping
 
 CONFIG_NAMES = ("config.json", "model_config.json")  # ours/PaddleNLP's, PaddleMIX's
 IGNORE_INDEX = -100  # the label of a position the loss skips (the prompt context, padding)
@@ -97,7 +98,7 @@ class MgenVLConfig:
 
     def __post_init__(self):
         if isinstance(self.visual, dict):
-            self.visual = _from_dict(VisualConfig, self.visual, "visual")
+            self.visual = from_mapping(VisualConfig, self.visual, "model config: visual", ignore=IGNORED_UPSTREAM_KEYS)
         if self.kv_channels * self.num_attention_heads != self.hidden_size:
             raise UserError(
                 f"model config: kv_channels ({self.kv_channels}) x num_attention_heads "
@@ -129,8 +130,8 @@ class MgenVLConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "MgenVLConfig":
-        return _from_dict(cls, data, source)
+    def from_dict(cls, data: dict, source: str = "model config") -> "MgenVLConfig":
+        return from_mapping(cls, data, source, ignore=IGNORED_UPSTREAM_KEYS)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MgenVLConfig":
@@ -143,25 +144,9 @@ class MgenVLConfig:
                     break
             else:
                 raise UserError(f"{path}: no {' or '.join(CONFIG_NAMES)} in this model directory")
-        return cls.from_dict(read_json_object(path, "model config"), str(path))
+        return cls.from_dict(read_json_object(path, "model config"), f"model config {path}")
 
     def save_pretrained(self, directory: str | Path) -> Path:
         target = Path(directory) / "config.json"
         write_json(target, self.to_dict())
         return target
-
-
-def _from_dict(cls, data: dict, source: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key in known:
-            kwargs[key] = value
-        elif key in IGNORED_UPSTREAM_KEYS or key.startswith("_"):
-            continue
-        else:
-            raise UserError(f"{source}: unknown model config key {key!r}")
-    if cls is VisualConfig:
-        # PaddleMIX's visual block names the queries implicitly (always 256); accept both.
-        kwargs.setdefault("n_queries", 256)
-    return cls(**kwargs)

@@ -170,7 +170,7 @@ def save_hf_layout(model, directory, max_shard_bytes: int = 2 << 30) -> list[Pat
     """Write `model` as a Hugging Face Qwen-VL directory (torch names and orientations, safetensors
     shards, HF config.json, qwen.tiktoken): for round trips and tests, the inverse of the converter."""
     from ..tokenizer import QWenVLTokenizer
-    from .checkpoint import ShardWriter
+    from .weights_io import ShardWriter
     from .precision import dtype_name
 
     directory = Path(directory)

@@ -83,7 +83,7 @@ class MgenVLForCausalLM(nn.Layer):
         dtype the checkpoint is stored in where this device can compute in it, else float32 — a
         bfloat16 checkpoint on a CPU loads as float32); a checkpoint stored in another dtype is cast
         one tensor at a time. Strict: every key present, none extra, every shape equal."""
-        from .checkpoint import checkpoint_dtype, load_into_model
+        from .weights_io import checkpoint_dtype, load_into_model
 
         config = MgenVLConfig.from_pretrained(path)
         dtype = dtype_name(dtype) if dtype else default_load_dtype(checkpoint_dtype(path, allow_pickle))
@@ -94,7 +94,7 @@ class MgenVLForCausalLM(nn.Layer):
 
     def save_pretrained(self, directory, max_shard_bytes: int = 2 << 30):
         """config.json + safetensors weights in the model's own dtype, written shard by shard."""
-        from .checkpoint import save_model_state
+        from .weights_io import save_model_state
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ class MgenVLForCausalLM(nn.Layer):
     def load_weights(self, state: dict, source: str = "checkpoint"):
         """Strict by-name load of an in-memory {name: tensor or array}: every key present, no extra
         key, every shape equal; values are cast to each parameter's dtype."""
-        from .checkpoint import assign_parameter, check_state
+        from .weights_io import assign_parameter, check_state
 
         own = self.state_dict()
         check_state(own, state, source)

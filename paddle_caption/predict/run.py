@@ -7,7 +7,7 @@ inside a caption become spaces. A row that cannot be used gets an empty caption 
 Batching: rows are cut into batches in input order (every row has the same prompt, so there is no
 length to sort by); each batch's images are decoded and preprocessed together (the next batch's on
 a second thread while this one generates) and encoded once. Crash safety, resume and several processes:
-`shards.py`.
+`paddle_caption/shards.py`.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from ..distributed import rank_and_world
 from ..decoding.config import GenerationConfig
 from ..runtime import UserError
 from .predictor import Predictor, load_predictor
-from .shards import (PartialWriter, fingerprint, partial_path, read_partial, rejects_path, shard_rows,
-                     wait_for_shards, write_outputs)
+from ..data.contest_tsv import rejects_path, write_results
+from ..data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from ..shards import ShardWriter, file_signature, fingerprint, read_shard, shard_path, share, wait_for_shards
 from .inputs import TestRow, load_batch, read_test_rows
 
 
@@ -37,8 +38,8 @@ class PredictOptions:
     rank: int | None = None  # None: PADDLE_TRAINER_ID, else 0
     world_size: int | None = None  # None: PADDLE_TRAINERS_NUM, else 1
     limit: int | None = None  # only the first `limit` rows of the input
-    min_side: int = 32  # smaller images are rejected (the converter's default rule); 0 disables
-    max_pixels: int = 4096 * 4096  # bounds decode memory, as the converter
+    min_side: int = MIN_IMAGE_SIDE  # smaller images are rejected (the converter's rule); 0 disables
+    max_pixels: int = MAX_IMAGE_PIXELS  # bounds decode memory, as the converter
     # Speculative greedy decoding (same captions, fewer forwards): "none" | "retrieval", drafting
     # from draft_source (a captions file or datastore dir; default MODEL_DIR/draft_datastore).
     speculative: str = "none"
@@ -80,23 +81,24 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     rank, world = rank_and_world(opts.rank, opts.world_size)
     gen = predictor.gen_config if opts.generation is None else predictor.fill_stop_and_pad_ids(opts.generation)
     rows = read_test_rows(test_tsv, opts.limit)
-    mine = shard_rows(rows, rank, world)
-    fp = fingerprint(test_tsv, len(rows), {
+    mine = list(share(rows, rank, world))
+    fp = fingerprint({
+        "test": file_signature(test_tsv) + [len(rows)],
         "model": predictor.source, "dtype": predictor.model.dtype, "template": asdict(predictor.template),
         "generation": asdict(gen),
         "limit": opts.limit, "world_size": world, "min_side": opts.min_side, "max_pixels": opts.max_pixels})
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(results_path, rank, world)
+    partial = shard_path(results_path, rank, world)
 
-    previous = read_partial(partial) if opts.resume else None
+    previous = read_shard(partial, keep_items=True) if opts.resume else None
     if previous is not None and previous.fingerprint not in (None, fp):
         raise UserError(f"{partial} was made with a different input, model, prompt or generation "
                         f"settings; delete it or run without --resume")
-    done = previous.results if previous is not None else {}
+    done = previous.keyed() if previous is not None else {}
     todo = [row for row in mine if row.id not in done]
     stats = {"predicted": 0, "tokens": 0, "speculation": SpeculationStats()}
     start = time.perf_counter()
-    writer = PartialWriter(partial, fp, previous)
+    writer = ShardWriter(partial, fp, previous)
     limits = {"max_pixels": opts.max_pixels, "min_side": opts.min_side}
     try:
         if todo:
@@ -124,7 +126,7 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     finally:
         writer.close()
     seconds = time.perf_counter() - start
-    own = read_partial(partial).results  # exactly what is on disk: old and new results
+    own = read_shard(partial, keep_items=True).keyed()  # exactly what is on disk: old and new results
 
     summary = {
         "rank": rank, "world_size": world, "images": len(mine), "resumed": len(mine) - len(todo),
@@ -140,11 +142,13 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
         return summary
     merged = dict(own)
     if world > 1:
-        merged.update(wait_for_shards(results_path, rows, world, fp, opts.merge_timeout, opts.poll_seconds))
-    n_rejects = write_outputs(results_path, rows, merged)
+        for state in wait_for_shards(results_path, range(1, world), world, len(rows), fp, opts.merge_timeout,
+                                     opts.poll_seconds, keep_items=True).values():
+            merged.update(state.keyed())
+    n_rejects = write_results(results_path, [row.id for row in rows], merged)
     for rank_no in range(world):
         with contextlib.suppress(FileNotFoundError):
-            partial_path(results_path, rank_no, world).unlink()
+            shard_path(results_path, rank_no, world).unlink()
     summary.update(total_images=len(rows), total_rejected=n_rejects, results=str(results_path),
                    rejects=str(rejects_path(results_path)))
     return summary

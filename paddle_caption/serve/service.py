@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..data.images import ImageRejected, b64decode_strict, decode_image
+from ..data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, ImageRejected, b64decode_strict, decode_image
+from ..data.reject_reasons import REJECT_REASONS
 from ..data.prompts import PromptTemplate
 from ..data.samples import build_prompt_ids
 from ..decoding.config import GenerationConfig
@@ -39,8 +40,8 @@ class ServiceLimits:
     """Every request limit (each a CLI flag of `paddle-caption-serve`)."""
 
     max_body_bytes: int = 32 << 20  # 413
-    max_image_pixels: int = 4096 * 4096  # 413; the decompression-bomb guard (checked on the header)
-    min_image_side: int = 32  # 400; predict_batch.py's rule
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # 413; the decompression-bomb guard (checked on the header)
+    min_image_side: int = MIN_IMAGE_SIDE  # 400; predict_batch.py's rule
     max_images_per_request: int = 16  # 413
     max_tokens_cap: int = 512  # 400 above it
     default_max_tokens: int = 128  # predict_batch.py's default
@@ -61,11 +62,6 @@ class ServiceLimits:
 
 class ClientGone(Exception):
     """The client disconnected while its job was running; nobody reads the answer."""
-
-
-_REJECT_TEXT = {"bad_base64": "not valid base64", "empty_image": "empty image",
-                "undecodable_image": "not a decodable image", "image_too_small": "image too small",
-                "too_many_pixels": "image has too many pixels"}
 
 
 class CaptionService:
@@ -96,7 +92,7 @@ class CaptionService:
             if err.reason == "image_too_small":
                 raise ApiError(400, f"{where}: image too small{detail}; the minimum side is "
                                     f"{limits.min_image_side} px (--min_image_side)", param=where) from None
-            raise ApiError(400, f"{where}: {_REJECT_TEXT.get(err.reason, err.reason)}{detail}", param=where) from None
+            raise ApiError(400, f"{where}: {REJECT_REASONS[err.reason].summary if err.reason in REJECT_REASONS else err.reason}{detail}", param=where) from None
         return self.predictor.preprocess(img)
 
     def _check_image_count(self, n: int) -> None:

@@ -34,7 +34,7 @@ def validation_loss(model, val_set, n_samples: int, batch_size: int) -> float:
 
 def caption_scores(predictor, val_set, n_samples: int, batch_size: int, extra: list[str]) -> dict:
     """Greedy captions of the first `n_samples` validation images, scored against their captions."""
-    from ..eval.metrics import score_captions
+    from ..eval.caption_scores import score_captions
     from ..eval.scorers import extra_scores
 
     predictions, references = {}, {}

@@ -84,7 +84,7 @@ def lora_state(wrapped) -> dict:
 
 def save_lora(wrapped, directory: Path) -> None:
     """Write the adapters + `lora_config.json` (PaddleNLP layout, safetensors)."""
-    from ..model.checkpoint import save_safetensors
+    from ..model.weights_io import save_safetensors
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def save_lora(wrapped, directory: Path) -> None:
 
 def read_lora_dir(directory: Path, allow_pickle: bool = False) -> tuple[dict, dict]:
     """(lora_config dict, {key: tensor}) of a saved adapter directory, safetensors or pickle."""
-    from ..model.checkpoint import load_model_state, load_safetensors
+    from ..model.weights_io import load_model_state, load_safetensors
 
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
@@ -126,7 +126,7 @@ def load_lora_weights(wrapped, directory: Path, allow_pickle: bool = False) -> N
 
 
 def _assign(wrapped, state: dict, source) -> None:
-    from ..model.checkpoint import assign_state
+    from ..model.weights_io import assign_state
 
     assign_state(lora_state(wrapped), state, str(source), hint="different LoRA targets or rank?")
 

@@ -55,7 +55,6 @@ flash-attention workspaces and allocator fragmentation (an assumption, not a mea
 """
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,27 +369,6 @@ MARKDOWN_HEADER = ("| recipe | GPUs | weights frozen / trainable | gradients | m
                    "| activations | total per GPU | fits {mem:g} GiB |\n|---|---|---|---|---|---|---|---|---|")
 
 
-# ---- CLI -------------------------------------------------------------------------------------------
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="plan_memory.py CONFIG [CONFIG ...] [options] [--key value ...]")
-    parser.add_argument("configs", nargs="+", help="training config JSON file(s)")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs per run (data parallel or sharded)")
-    parser.add_argument("--gpu_memory", type=float, default=80.0, help="memory of one card, GiB")
-    parser.add_argument("--model_config", help="architecture JSON to use instead of the config's model "
-                        "(e.g. config/model/qwen-vl-chat-7b.json when model_name_or_path is not here)")
-    parser.add_argument("--answer_tokens", type=int, help="supervised tokens per sample "
-                        "(default: the config's eval_max_new_tokens + 1)")
-    parser.add_argument("--attention", choices=("flash", "eager"), default="flash",
-                        help="flash: a GPU in bfloat16/float16; eager: probabilities kept (CPU, float32)")
-    parser.add_argument("--markdown", action="store_true", help="one markdown table row per recipe and GPU layout")
-    args, overrides = parser.parse_known_args(argv)
-    if args.gpus < 1 or args.gpu_memory <= 0:
-        raise UserError("--gpus must be >= 1 and --gpu_memory > 0")
-    return args, overrides
-
-
 def load_model_config(cfg, model_config: str | None):
     """The architecture: --model_config, else the config's model_config, else MODEL_DIR/config.json."""
     from ..model.config import MgenVLConfig
@@ -401,22 +379,3 @@ def load_model_config(cfg, model_config: str | None):
         raise UserError(f"{model_config or cfg.model_name_or_path}: model not found; pass its architecture "
                         "with --model_config (e.g. config/model/qwen-vl-chat-7b.json)")
     return MgenVLConfig.from_pretrained(path), str(path)
-
-
-def main(argv=None) -> int:
-    from ..runtime import configure
-    from .config import TrainConfig
-
-    args, overrides = parse_args(argv)
-    configure()
-    outputs = [MARKDOWN_HEADER.format(mem=args.gpu_memory)] if args.markdown else []
-    for source in args.configs:
-        cfg = TrainConfig.load(source, overrides)
-        config, model_source = load_model_config(cfg, args.model_config)
-        plan = make_plan(config, cfg, args.answer_tokens, args.attention)
-        if args.markdown:
-            outputs += markdown_rows(plan, Path(source).stem, args.gpus, args.gpu_memory)
-        else:
-            outputs.append(format_report(plan, cfg, source, model_source, args.gpus, args.gpu_memory))
-    print(("\n" if args.markdown else "\n\n").join(outputs))
-    return 0

@@ -26,41 +26,20 @@ drafts from (`decoding/drafting.py`).
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 from ..files import read_json_object, write_json
-from ..model.precision import DTYPES
-from ..runtime import UserError, configure
+from ..runtime import UserError
 from .config import resolve_path
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 MERGE_INFO = "merge_info.json"
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True,
-                        help="base model directory, or the architecture JSON of a from-scratch run")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--local_path", help="checkpoint (or output_dir) of a partial/full run")
-    source.add_argument("--lora_path", help="checkpoint (or output_dir) of a LoRA run, or a LoRA dir")
-    parser.add_argument("--merge_model_path", required=True, help="output model directory")
-    parser.add_argument("--allow_pickle", action="store_true",
-                        help="also load pickle (.pdparams) weights; only for files you trust")
-    parser.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors shard size")
-    parser.add_argument("--dtype", choices=DTYPES,
-                        help="dtype of the merged model (default: the base model's; float32 for a "
-                             "from-scratch architecture)")
-    return parser.parse_args(argv)
-
-
 def resolve_checkpoint(path: Path) -> Path:
     """A checkpoint dir as given, or the best one inside a run's output_dir."""
-    from .checkpoints import FINAL_DIR, STATE_FILE, list_checkpoints
+    from .run_checkpoints import FINAL_DIR, STATE_FILE, list_checkpoints
 
     path = Path(path)
     if not path.exists():
@@ -77,16 +56,13 @@ def resolve_checkpoint(path: Path) -> Path:
     raise UserError(f"{path}: no complete checkpoint here (expected {STATE_FILE}, {FINAL_DIR}/ or "
                     "checkpoint-*/)")
 
-
 def _read_json(path: Path) -> dict | None:
     return read_json_object(path, "file") if path.is_file() else None
-
 
 def base_directory(base: str) -> Path | None:
     """BASE as a model directory, or None when it is an architecture JSON."""
     path = resolve_path(base)
     return path if path is not None and path.is_dir() else None
-
 
 def build_base(base: str, ckpt: Path, allow_pickle: bool, dtype: str):
     """The model the run started from; returns (model, base_dir or None). A model directory loads
@@ -104,7 +80,6 @@ def build_base(base: str, ckpt: Path, allow_pickle: bool, dtype: str):
     # the trainer's init, bit for bit
     return initial_model(None, base, int(train_config["init_seed"]), dtype=train_config.get("dtype", "float32"))
 
-
 def check_same_architecture(model, ckpt: Path) -> None:
     """Compare the checkpoint's saved model config with the base's, naming the first difference."""
     saved = _read_json(ckpt / "model_config.json")
@@ -118,10 +93,9 @@ def check_same_architecture(model, ckpt: Path) -> None:
             raise UserError(f"{ckpt}: trained on a different architecture: config {key!r} is "
                             f"{saved.get(key)!r} there, {own.get(key)!r} in the base model")
 
-
 def replace_local_params(model, ckpt: Path) -> int:
-    from ..model.checkpoint import assign_state, load_safetensors
-    from .checkpoints import LOCAL_PARAMS
+    from ..model.weights_io import assign_state, load_safetensors
+    from .run_checkpoints import LOCAL_PARAMS
 
     weights = ckpt / LOCAL_PARAMS
     if not weights.is_file():
@@ -129,12 +103,11 @@ def replace_local_params(model, ckpt: Path) -> int:
         raise UserError(f"{ckpt}: no {LOCAL_PARAMS}{hint}")
     return assign_state(model.state_dict(), load_safetensors(weights), str(weights), subset=True)
 
-
 def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | None = None,
           allow_pickle: bool = False, max_shard_bytes: int = 2 << 30, dtype: str | None = None,
           log=print) -> Path:
     """Write OUT (see the module docstring); `dtype` None: the base model's (float32 from scratch)."""
-    from ..model.checkpoint import checkpoint_dtype, save_model_state
+    from ..model.weights_io import checkpoint_dtype, save_model_state
     from ..model.precision import dtype_name
 
     ckpt = resolve_checkpoint(Path(local_path or lora_path))
@@ -183,7 +156,6 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
         f"({len(state)} tensors, {out_dtype})")
     return out
 
-
 def build_draft_datastore(out: Path, model_config, base_dir: Path | None, ckpt: Path, log=print) -> bool:
     """OUT/draft_datastore from the run's training records; a note (not an error) when there are
     none to read (e.g. a LoRA directory without its run, or records moved away)."""
@@ -201,12 +173,3 @@ def build_draft_datastore(out: Path, model_config, base_dir: Path | None, ckpt: 
     store.save(out / DATASTORE_DIR)
     log(f"draft datastore: {store.info['captions']} captions of {records} ({store.info['tokens']} tokens)")
     return True
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    configure()
-    merge(args.model_name_or_path, Path(args.merge_model_path), local_path=args.local_path,
-          lora_path=args.lora_path, allow_pickle=args.allow_pickle,
-          max_shard_bytes=int(args.max_shard_gb * (1 << 30)), dtype=args.dtype)
-    return 0

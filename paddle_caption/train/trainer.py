@@ -2,7 +2,7 @@
 
 Randomness is a pure function of (seed, step): `paddle.seed(...)` before every optimiser step and
 data order from (seed, epoch). A step-bounded run killed with SIGKILL and resumed from its last
-checkpoint (`checkpoints.py`) therefore ends with the same weights as an uninterrupted one. (A
+checkpoint (`run_checkpoints.py`) therefore ends with the same weights as an uninterrupted one. (A
 wall-clock-bounded run ends where the clock says, which no resume can reproduce exactly; its
 schedule still continues from the saved elapsed time.)
 
@@ -43,7 +43,7 @@ import numpy as np
 from ..distributed import rank_and_world
 from ..files import atomic_write, write_json
 from ..runtime import UserError, configure
-from . import checkpoints as ckpt
+from . import run_checkpoints as ckpt
 from .config import TrainConfig, resolve_path
 from .schedule import lr_at
 
@@ -321,12 +321,12 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, state: LoopState, final: bool = False) -> Path:
-        """Rank 0 writes the checkpoint (see checkpoints.py); every rank returns its path. With a
+        """Rank 0 writes the checkpoint (see run_checkpoints.py); every rank returns its path. With a
         sharded optimizer every rank first adds its share of the optimizer state (all ranks call
         this at the same step: the decision to save is rank 0's, shared in `agree`)."""
         name = ckpt.FINAL_DIR if final else f"{ckpt.CHECKPOINT_PREFIX}{state.step:06d}"
         if self.sharded:
-            from ..model.checkpoint import save_safetensors
+            from ..model.weights_io import save_safetensors
 
             if self.rank == 0:
                 ckpt.begin_checkpoint(self.output_dir, name)
@@ -350,7 +350,7 @@ class Trainer:
 
     def maybe_resume(self, state: LoopState) -> str | None:
         """Continue from the newest complete checkpoint in output_dir, if any."""
-        from ..model.checkpoint import load_safetensors
+        from ..model.weights_io import load_safetensors
 
         latest = ckpt.latest_checkpoint(self.output_dir)
         if latest is None:

@@ -1,5 +1,5 @@
 """The curation operations; importing this package registers every one of them (`base.OPS`)."""
-from . import cluster, consistency, dedup, filters, pseudo_label, repeat
+from . import cleaning, cluster, consistency, dedup, filters, pseudo_label, repeat
 from .base import OPS, Op, OpContext, build_op
 
-__all__ = ["OPS", "Op", "OpContext", "build_op", "cluster", "consistency", "dedup", "filters", "pseudo_label", "repeat"]
+__all__ = ["OPS", "Op", "OpContext", "build_op", "cleaning", "cluster", "consistency", "dedup", "filters", "pseudo_label", "repeat"]

@@ -11,7 +11,7 @@ quotas, repeating writes copies) override `select`, which yields `(sample, reaso
 sample yielded more than once is a copy.
 
 Model operations (`uses_model = True`) compute their statistics in batches (`compute_stats_batch`),
-split across the processes of a `paddle.distributed.launch` run (`shards.py`).
+split across the processes of a `paddle.distributed.launch` run (`paddle_caption.shards`).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Iterator
 
+from ...data.distribution import Moments, moments
 from ...runtime import UserError
 from ...typed_config import from_mapping
-from ..thresholds import Moments, check_bound, describe_bound, moments, needs_data, resolve_bound
+from ..thresholds import check_bound, describe_bound, needs_data, resolve_bound
 
 OPS: dict[str, type["Op"]] = {}
 

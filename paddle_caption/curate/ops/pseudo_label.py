@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...data.contest_tsv import RowError, iter_rows
+from ...data.distribution import Moments, moments
 from ...decoding.derive import check_options, option_field, option_values
 from ...runtime import UserError
 from ..samples import load_image
-from ..thresholds import Moments, check_bound, describe_bound, moments, needs_data, resolve_bound
+from ..thresholds import check_bound, describe_bound, needs_data, resolve_bound
 from .base import Op, register
 from .consistency import BaselineParams, baseline_references, score_samples
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...data.distribution import exact_quantiles, moments
 from ...runtime import UserError
-from ..thresholds import exact_quantiles, moments
 from .base import Op, register
 
 

@@ -23,7 +23,6 @@ that looks complete.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -37,20 +36,6 @@ from ..runtime import UserError
 
 INFO_FILE = "conversion_info.json"
 CONFIG_NAMES = ("config.json", "model_config.json")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="PaddleMIX or Hugging Face Qwen-VL model directory")
-    parser.add_argument("dst", help="output model directory (must not exist or be empty)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="weights dtype of DST (default: the source's)")
-    parser.add_argument("--allow_pickle", action="store_true",
-                        help="read PaddleMIX's model_state.pdparams (a pickle: only for files you trust)")
-    parser.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors shard size (GiB)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    return parser.parse_args(argv)
 
 
 def read_source_config(src: Path):
@@ -92,7 +77,7 @@ def convert(src, dst, dtype: str | None = None, allow_pickle: bool = False,
 
     import paddle
     from ..tokenizer import QWenVLTokenizer
-    from .checkpoint import ShardWriter, check_state, read_header, weight_files
+    from .weights_io import ShardWriter, check_state, read_header, weight_files
     from .mgen_vl import MgenVLForCausalLM
 
     src, dst = Path(src), Path(dst)
@@ -179,7 +164,7 @@ def convert(src, dst, dtype: str | None = None, allow_pickle: bool = False,
 
 def _source_tensors(files, allow_pickle: bool, paddle):
     """(file, name, paddle tensor in its stored dtype), one tensor at a time."""
-    from .checkpoint import load_file_state
+    from .weights_io import load_file_state
     from .safetensors_io import SafetensorsReader
 
     for file in files:
@@ -194,13 +179,3 @@ def _source_tensors(files, allow_pickle: bool, paddle):
                 value = state.pop(name)
                 yield file, name, value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value))
             del state
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from ..runtime import configure
-
-    configure()
-    convert(args.src, args.dst, dtype=args.dtype, allow_pickle=args.allow_pickle,
-            max_shard_bytes=int(args.max_shard_gb * (1 << 30)), progress=args.progress)
-    return 0

@@ -19,7 +19,7 @@
    CPU-minutes per phase), and the consistency filter's precision and recall on the rows known to
    be noisy (round 1's too).
 
-Every stage is the user-facing command (the stages of `demo/pipeline.py`); a rerun skips what is done.
+Every stage is the user-facing command (the stages of `demo/stages.py`); a rerun skips what is done.
 """
 from __future__ import annotations
 
@@ -31,10 +31,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..demo.pipeline import (TrainRun, _last_line, command, convert_split, evaluate_runs, make_data, merge_run,
-                             predict_concurrently, results_table, train_runs)
 from ..files import atomic_write, write_json
 from ..runtime import UserError
+from .pipeline import results_table
+from .stages import (TrainRun, command, convert_split, evaluate_runs, last_line, make_data, merge_run,
+                     predict_concurrently, train_runs)
 
 RUNS = {"raw": "(a) raw noisy rows", "curated": "(b) curated rows"}
 BARS = {"precision": 0.80, "recall": 0.80}
@@ -167,7 +168,7 @@ class CurateDemo:
 
     def recipe(self, name: str, model: Path, process: list) -> Path:
         recipe = {
-            "_comment": "written by the curation demo (paddle_caption/curate/demo.py)",
+            "_comment": "written by the curation demo (paddle_caption/demo/curate_demo.py)",
             "dataset": str(self.out / "train" / "records.jsonl"),
             "export_dir": str(self.out / name),
             "model_dir": str(model),
@@ -200,7 +201,7 @@ class CurateDemo:
                 proc.wait()
                 handle.close()
                 if proc.returncode != 0:
-                    tail = _last_line((self.out / f"curate_{name}.rank{rank}.log").read_text(errors="replace"))
+                    tail = last_line((self.out / f"curate_{name}.rank{rank}.log").read_text(errors="replace"))
                     raise UserError(f"curation rank {rank} failed (exit {proc.returncode}): {tail}")
             wall = (time.time() - t0) / 60
         summary = json.loads(summary_path.read_text())

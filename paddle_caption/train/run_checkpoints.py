@@ -169,7 +169,7 @@ def save_checkpoint(output_dir: Path, name: str, *, trained: dict | None, lora_m
     (partial/full runs) or None with `lora_model` (LoRA runs); `files` are JSON files to add.
     `begun`: the temp directory was made by `begin_checkpoint` and already holds the optimizer
     state's shards (then `optimizer_tensors` is None)."""
-    from ..model.checkpoint import save_safetensors
+    from ..model.weights_io import save_safetensors
 
     target = Path(output_dir) / name
     tmp = temp_dir(output_dir, name) if begun else begin_checkpoint(output_dir, name)
@@ -195,7 +195,7 @@ def save_checkpoint(output_dir: Path, name: str, *, trained: dict | None, lora_m
 
 def load_trained(checkpoint: Path, named_trainable: list[tuple[str, object]], lora_model=None) -> None:
     """Set the trained parameters (or LoRA adapters) from a checkpoint, every key checked."""
-    from ..model.checkpoint import assign_state, load_safetensors
+    from ..model.weights_io import assign_state, load_safetensors
 
     if lora_model is not None:
         from .lora import load_lora_weights
