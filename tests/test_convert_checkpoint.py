@@ -148,7 +148,7 @@ def test_a_random_model_round_trips_through_the_hf_layout_with_the_same_logits(t
         np.testing.assert_array_equal(back(ids, images=images).logits.numpy(), source(ids, images=images).logits.numpy())
 
 
-def test_paddlemix_pickles_need_allow_pickle_and_convert_exactly(reference_model, reference_dir, reference_io, tmp_path):
+def test_paddlemix_pickles_convert_exactly_as_arrays(reference_model, reference_dir, reference_io, tmp_path):
     import shutil
 
     from paddle_caption.model.import_weights import convert
@@ -158,10 +158,7 @@ def test_paddlemix_pickles_need_allow_pickle_and_convert_exactly(reference_model
     src.mkdir()
     shutil.copy(reference_dir / "config.json", src / "config.json")
     paddle.save(reference_model.state_dict(), str(src / "model_state.pdparams"))
-    with pytest.raises(UserError, match="pickle.*--allow_pickle"):
-        convert(src, tmp_path / "refused", progress=False)
-    assert not (tmp_path / "refused").exists()
-    out = convert(src, tmp_path / "ours", allow_pickle=True, dtype="bfloat16", progress=False, log=lambda *_: None)
+    out = convert(src, tmp_path / "ours", dtype="bfloat16", progress=False, log=lambda *_: None)
     assert json.loads((out / "conversion_info.json").read_text())["format"] == "pickle"
     loaded = MgenVLForCausalLM.from_pretrained(out, dtype="bfloat16")  # safetensors now: no flag needed
     for key, value in reference_model.state_dict().items():
@@ -203,3 +200,54 @@ def test_cli_is_one_line_on_error(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "missing" in proc.stderr
+
+
+def test_pytorch_bin_checkpoints_convert_without_torch_or_pickle_code(reference_model, reference_io, tmp_path):
+    """What Hugging Face's Qwen-VL-Chat ships: pytorch_model-0000i-of-0000n.bin (made with real torch,
+    tests/fixtures/qwen_vl_tiny_torch_bin/README.md), bfloat16; converted bit for bit to Paddle's own
+    bfloat16 cast of the reference weights, and to float32 with logits near the reference's."""
+    import shutil
+
+    from paddle_caption.model.import_weights import convert
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    src = tmp_path / "hf_bin"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "qwen_vl_tiny_torch_bin", src)
+    (src / "views.bin").unlink()
+    out = convert(src, tmp_path / "ours", progress=False, log=lambda *_: None)
+    info = json.loads((out / "conversion_info.json").read_text())
+    assert (info["format"], info["layout"], info["dtype"], info["tensors"]) == ("pytorch", "huggingface", "bfloat16", 69)
+    loaded = MgenVLForCausalLM.from_pretrained(out, dtype="bfloat16")
+    for key, value in reference_model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value.astype("bfloat16").numpy(), err_msg=key)
+    as_fp32 = MgenVLForCausalLM.from_pretrained(convert(src, tmp_path / "fp32", dtype="float32", progress=False,
+                                                        log=lambda *_: None))
+    inputs, outputs = reference_io
+    with paddle.no_grad():
+        logits = as_fp32(paddle.to_tensor(inputs["input_ids"]), images=paddle.to_tensor(inputs["images"])).logits
+    scale = float(np.abs(outputs["logits"]).max())
+    assert float(np.abs(logits.numpy() - outputs["logits"]).max()) < 0.05 * scale  # bfloat16 weights
+
+
+def test_a_pytorch_file_with_foreign_code_is_refused_by_name(reference_dir, tmp_path):
+    import pickle
+    import shutil
+    import zipfile
+
+    from paddle_caption.model.import_weights import convert
+
+    src = tmp_path / "evil"
+    src.mkdir()
+    shutil.copy(reference_dir / "config.json", src / "config.json")
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("true",))
+
+    with zipfile.ZipFile(src / "pytorch_model.bin", "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"w": Exploit()}, protocol=2))
+    with pytest.raises(UserError, match="refusing to unpickle posix.system"):
+        convert(src, tmp_path / "out", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()

@@ -258,15 +258,28 @@ def test_save_load_round_trip_is_exact(reference_model, reference_io, tmp_path):
             np.testing.assert_array_equal(loaded(ids, images=images).logits.numpy(), expected)
 
 
-def test_pickle_checkpoint_is_refused_by_default(reference_model, tmp_path):
+def test_pickle_checkpoints_load_as_arrays_and_anything_more_needs_allow_pickle(reference_model, tmp_path):
+    """A `paddle.save` state dict loads through the array-only unpickler, no flag; a pickle that
+    names any other callable is refused by name unless allow_pickle (then Paddle's own unpickler)."""
+    import pickle
+
     from paddle_caption import MgenVLForCausalLM
 
     reference_model.config.save_pretrained(tmp_path)
     paddle.save(reference_model.state_dict(), str(tmp_path / "model_state.pdparams"))
-    with pytest.raises(UserError, match="refusing to load a pickle"):
+    loaded = MgenVLForCausalLM.from_pretrained(tmp_path)
+    for key, value in reference_model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+    state = {k: v.numpy() for k, v in reference_model.state_dict().items()}
+    state["extra"] = paddle.nn.initializer.Constant  # a class reference: more than arrays
+    with open(tmp_path / "model_state.pdparams", "wb") as handle:
+        pickle.dump(state, handle, protocol=4)
+    with pytest.raises(UserError, match=r"refusing to unpickle paddle\.nn\.initializer.*Constant.*--allow_pickle"):
         MgenVLForCausalLM.from_pretrained(tmp_path)
-    loaded = MgenVLForCausalLM.from_pretrained(tmp_path, allow_pickle=True)
-    assert loaded.num_parameters() == reference_model.num_parameters()
+    del state["extra"]
+    with open(tmp_path / "model_state.pdparams", "wb") as handle:
+        pickle.dump({**state, "StructuredToParameterName@@": {"a": "b"}}, handle, protocol=4)
+    assert MgenVLForCausalLM.from_pretrained(tmp_path).num_parameters() == reference_model.num_parameters()
 
 
 def test_mismatching_checkpoint_names_the_key(reference_model, tmp_path):

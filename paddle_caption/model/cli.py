@@ -14,7 +14,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weights dtype of DST (default: the source's)")
     parser.add_argument("--allow_pickle", action="store_true",
-                        help="read PaddleMIX's model_state.pdparams (a pickle: only for files you trust)")
+                        help="read a Paddle pickle that names more than arrays with Paddle's own unpickler "
+                             "(arrays-only .pdparams and PyTorch .bin need no flag); only for files you trust")
     parser.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors shard size (GiB)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     return parser.parse_args(argv)

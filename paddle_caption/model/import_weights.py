@@ -5,14 +5,18 @@ tokenizer files (qwen.tiktoken, tokenizer_config.json) and the weights as sharde
 the chosen dtype (default: the source's). SRC is one of
 
 - PaddleMIX's Qwen-VL / Mgen-VL: `model_state.pdparams` (or shards listed in
-  `model_state.pdparams.index.json`) with its config.json. The names are already ours; the file is
-  a pickle, and unpickling can run arbitrary code, so it is read only with --allow_pickle. Convert
-  once: training, merging and prediction then read safetensors and never need the flag.
+  `model_state.pdparams.index.json`) with its config.json. The names are already ours. The file is
+  a pickle, read by an unpickler that admits only numpy's array rebuilders
+  (`model/pickle_reader.py`): a file that names anything else is refused by name, and read with
+  Paddle's own unpickler only with --allow_pickle (for a file you vet).
 - Hugging Face Qwen-VL / Qwen-VL-Chat: `model-0000i-of-0000n.safetensors` + index, PyTorch names
   (`transformer.h.N...`, `transformer.visual...`) and orientations (Linear weights [out, in],
   MultiheadAttention's in_proj [3D, D]): renamed and transposed by the table in
   `model/hf_layout.py`, read from the shards with numpy alone (no PyTorch; bfloat16 travels as its
-  uint16 bits and is re-typed by Paddle).
+  uint16 bits and is re-typed by Paddle). The repository ships `pytorch_model-0000i-of-0000n.bin`
+  (+ `pytorch_model.bin.index.json`), PyTorch zip pickles: read without torch and without running
+  pickle code (`model/pickle_reader.py`: only tensor, storage and dict rebuilders are admitted,
+  each storage memory-mapped from the zip).
 - A directory already in our layout (re-typed and re-sharded).
 
 Every name and shape is checked against the architecture in SRC's config.json before the first
@@ -86,13 +90,13 @@ def convert(src, dst, dtype: str | None = None, allow_pickle: bool = False,
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: exists and is not empty; choose a new directory")
     config = read_source_config(src)
-    files = weight_files(src, allow_pickle=True)  # listing only; nothing is unpickled yet
+    files = weight_files(src, allow_pickle)  # listing only; nothing is unpickled yet
     pickled = files[0].suffix.lower() != ".safetensors"
-    if pickled and not allow_pickle:
-        raise UserError(f"{files[0]}: a pickle checkpoint (PaddleMIX's format); unpickling can run arbitrary "
-                        "code, so pass --allow_pickle to convert it, once, if you trust the file")
+    source_format = ("safetensors" if not pickled else
+                     "pytorch" if files[0].suffix.lower() in (".bin", ".pt", ".pth") else "pickle")
     if pickled:
-        log(f"{src}: PaddleMIX pickle checkpoint, {len(files)} file(s), read because of --allow_pickle")
+        log(f"{src}: {'PyTorch' if source_format == 'pytorch' else 'Paddle'} pickle checkpoint, {len(files)} "
+            "file(s), read as arrays only (model/pickle_reader.py)")
     own = MgenVLForCausalLM.from_config(config, dtype="float32", lazy=True).state_dict()
 
     headers, layout = {}, None
@@ -146,7 +150,7 @@ def convert(src, dst, dtype: str | None = None, allow_pickle: bool = False,
         config.save_pretrained(tmp)
         QWenVLTokenizer.for_model(config, src).save_pretrained(tmp)
         info = {"source": str(src), "layout": "huggingface" if layout == "hf" else "paddlemix",
-                "format": "pickle" if pickled else "safetensors", "dtype": dtype, "tensors": len(seen),
+                "format": source_format, "dtype": dtype, "tensors": len(seen),
                 "bytes": writer.total_bytes, "shards": len(shards)}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     except BaseException:

@@ -26,6 +26,8 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_SINGLE = "model_state.pdparams"
 PICKLE_INDEX = "model_state.pdparams.index.json"
+TORCH_SINGLE = "pytorch_model.bin"  # Hugging Face's PyTorch checkpoints (what Qwen-VL-Chat ships)
+TORCH_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SUFFIXES = (".pdparams", ".pdopt", ".pkl", ".pickle", ".bin", ".pt", ".pth")
 DEFAULT_SHARD_BYTES = 2 << 30
 METADATA = {"format": "np"}  # the tag PaddleNLP writes and reads
@@ -130,14 +132,15 @@ def weight_files(path, allow_pickle: bool = False) -> list[Path]:
     singles = sorted(path.glob("*.safetensors"))
     if len(singles) == 1:  # e.g. a bare `weights.safetensors` export
         return singles
-    pickles = (_index_files(path / PICKLE_INDEX) if (path / PICKLE_INDEX).is_file()
-               else [path / PICKLE_SINGLE] if (path / PICKLE_SINGLE).is_file() else [])
-    if pickles:
-        _check_format(pickles[0], allow_pickle)
-        return pickles
+    for index, single in ((PICKLE_INDEX, PICKLE_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
+        pickles = (_index_files(path / index) if (path / index).is_file()
+                   else [path / single] if (path / single).is_file() else [])
+        if pickles:
+            _check_format(pickles[0], allow_pickle)
+            return pickles
     found = ", ".join(sorted(p.name for p in path.iterdir())[:10]) or "nothing"
-    raise UserError(f"{path}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or, with "
-                    f"allow_pickle, {PICKLE_SINGLE}); the directory holds: {found}")
+    raise UserError(f"{path}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX}, {PICKLE_SINGLE}, "
+                    f"{TORCH_SINGLE} or their .index.json); the directory holds: {found}")
 
 
 def _index_files(index_path: Path) -> list[Path]:
@@ -153,28 +156,39 @@ def _index_files(index_path: Path) -> list[Path]:
 
 
 def _check_format(path: Path, allow_pickle: bool) -> None:
+    """Safetensors, Paddle pickles (.pdparams/.pdopt) and PyTorch zip checkpoints (.bin/.pt/.pth)
+    are read; the pickles through `pickle_reader`'s array-only unpicklers, so no flag is needed."""
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
+    if suffix == ".safetensors" or suffix in (".pdparams", ".pdopt", ".bin", ".pt", ".pth"):
         return
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise UserError(
-                f"{path}: refusing to load a pickle checkpoint (unpickling can run arbitrary code); "
-                "convert it to safetensors, or pass allow_pickle=True (--allow_pickle) if you trust it")
-        if suffix not in (".pdparams", ".pdopt"):
-            raise UserError(f"{path}: unsupported pickle format {suffix!r} (only Paddle .pdparams)")
-        return
+        raise UserError(f"{path}: unsupported pickle format {suffix!r} (Paddle .pdparams or PyTorch .bin)")
     raise UserError(f"{path}: unknown checkpoint format {suffix!r} (expected .safetensors)")
 
 
 def load_file_state(path: Path, allow_pickle: bool = False) -> dict:
-    """One weights file (a safetensors file or, with allow_pickle, a .pdparams pickle) -> {name: tensor}."""
+    """One weights file -> {name: paddle tensor}. Pickles are read as arrays only
+    (`pickle_reader`): a file that names any other callable is refused by name, unless
+    `allow_pickle` (--allow_pickle: for a Paddle pickle the user vets) lets Paddle's own unpickler
+    read it. A PyTorch file has no such fallback: reading more than tensors would need torch."""
     path = Path(path)
     _check_format(path, allow_pickle)
-    if path.suffix.lower() == ".safetensors":
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
         return load_safetensors(path)
     import paddle
 
+    from .pickle_reader import UnsafePickleError, iter_torch_zip, load_array_pickle
+
+    if suffix in (".bin", ".pt", ".pth"):
+        # numpy holds bfloat16 as uint16, which paddle.to_tensor reads back as bfloat16
+        return {name: paddle.to_tensor(array) for name, _, array in iter_torch_zip(path)}
+    try:
+        return {name: paddle.to_tensor(array) for name, array in load_array_pickle(path).items()}
+    except UnsafePickleError as err:
+        if not allow_pickle:
+            raise UserError(f"{err}; pass --allow_pickle (allow_pickle=True) to read it with Paddle's "
+                            "unpickler, only if you trust the file") from None
     return paddle.load(str(path))
 
 

@@ -53,7 +53,8 @@ def parse_merge_args(argv=None) -> argparse.Namespace:
     source.add_argument("--lora_path", help="checkpoint (or output_dir) of a LoRA run, or a LoRA dir")
     parser.add_argument("--merge_model_path", required=True, help="output model directory")
     parser.add_argument("--allow_pickle", action="store_true",
-                        help="also load pickle (.pdparams) weights; only for files you trust")
+                        help="read a Paddle pickle that names more than arrays with Paddle's own unpickler "
+                             "(arrays-only .pdparams and PyTorch .bin need no flag); only for files you trust")
     parser.add_argument("--max_shard_gb", type=float, default=2.0, help="safetensors shard size")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="dtype of the merged model (default: the base model's; float32 for a "
