@@ -133,7 +133,8 @@ def test_float32_training_has_no_master_weights_and_no_scaler(tmp_path, caption_
 def test_checkpoints_round_trip_low_precision_weights_master_weights_moments_and_scaler(
         tmp_path, caption_data, gpu_scaler, dtype):
     from paddle_caption.model.weights_io import load_safetensors
-    from paddle_caption.train.trainer import LoopState, config_fingerprint
+    from paddle_caption.train.config import config_fingerprint
+    from paddle_caption.train.trainer import LoopState
 
     cfg = pretrained_config(tmp_path, caption_data, dtype)
     first = set_up(cfg)

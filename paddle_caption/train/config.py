@@ -7,6 +7,9 @@ works from any directory, installed or not.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -159,3 +162,16 @@ class TrainConfig:
 def resolve_path(path: str | None) -> Path | None:
     """A path named in a config: as given if it exists, else among the packaged files."""
     return resources.resolve(path)
+
+
+# Settings that do not change the trajectory: they may differ when a run resumes.
+VOLATILE_KEYS = {"output_dir", "progress", "logging_steps", "eval_steps", "eval_minutes", "save_steps",
+                 "save_minutes", "save_total_limit", "visualdl", "num_workers", "num_threads",
+                 "max_train_minutes", "eval_loss_samples", "eval_caption_samples", "eval_max_new_tokens",
+                 "eval_batch_size", "eval_extra_scores", "val_records"}
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """A hash of the fields that change the trajectory; budget/logging/eval settings may differ."""
+    stable = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE_KEYS}
+    return hashlib.sha1(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]

@@ -19,8 +19,8 @@ all-reduce a step). Rank 0 alone prints and writes files: log.jsonl, train_confi
 evaluation, train_summary.json (with sharding, each rank adds its optimizer-state share to the
 checkpoint rank 0 writes). At the end, the replicas' weights are checked identical. A resumed run
 checks that every rank resumed from the same step (output_dir must be shared across machines).
-Evaluation runs on rank 0 while the others wait in the next step's all-reduce, which Paddle allows
-for 30 minutes (its default collective timeout): keep an evaluation shorter than that.
+Evaluation runs on rank 0 while the others wait in the next step's all-reduce (Paddle's default
+collective timeout, 30 minutes, bounds an evaluation).
 
 Precision (`dtype`, see mixed_precision.py): the model is built in its dtype; bfloat16/float16 train
 with Paddle's O2 (float32 master weights in AdamW, O2 autocast, a GradScaler for float16 whose state
@@ -30,10 +30,8 @@ base model's).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,18 +39,12 @@ from pathlib import Path
 import numpy as np
 
 from ..distributed import rank_and_world
-from ..files import atomic_write, write_json
+from ..files import write_json
 from ..runtime import UserError, configure
 from . import run_checkpoints as ckpt
-from .config import TrainConfig, resolve_path
+from .config import TrainConfig, config_fingerprint, resolve_path
+from .run_log import RunLog
 from .schedule import lr_at
-
-# Settings that do not change the trajectory: they may differ when a run resumes.
-VOLATILE_KEYS = {"output_dir", "progress", "logging_steps", "eval_steps", "eval_minutes", "save_steps",
-                 "save_minutes", "save_total_limit", "visualdl", "num_workers", "num_threads",
-                 "max_train_minutes", "eval_loss_samples", "eval_caption_samples", "eval_max_new_tokens",
-                 "eval_batch_size", "eval_extra_scores", "val_records"}
-
 
 # Why a run stopped, shared between ranks as an index (`parallel.agree` moves floats): 0 = going on.
 STOP_REASONS = ("", "max_steps", "epochs", "time budget")
@@ -66,12 +58,6 @@ class LoopState:
     samples: int = 0
     elapsed_s: float = 0.0  # wall time spent in the loop, carried across resumes
     config_fingerprint: str = ""
-
-
-def config_fingerprint(cfg: TrainConfig) -> str:
-    """A hash of the fields that change the trajectory; budget/logging/eval settings may differ."""
-    stable = {k: v for k, v in cfg.to_dict().items() if k not in VOLATILE_KEYS}
-    return hashlib.sha1(json.dumps(stable, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Trainer:
@@ -189,7 +175,7 @@ class Trainer:
 
         state = LoopState(config_fingerprint=config_fingerprint(cfg))
         resumed_from = self.maybe_resume(state)
-        self._prepare_log(state.step)
+        self.run_log = RunLog(self.output_dir, self.rank == 0, self.cfg.visualdl, state.step, self.log)
         if not resumed_from and self.rank == 0:
             write_json(self.output_dir / "train_config.json", cfg.to_dict())
 
@@ -206,7 +192,8 @@ class Trainer:
                  + (f", budget {cfg.max_train_minutes:g} min" if budget_s < math.inf else "")
                  + (f"; resumed from {resumed_from} at step {state.step}" if resumed_from else ""))
 
-        bar = self._progress_bar(total_steps if total_steps < 10 ** 12 else None, state.step)
+        bar = self.run_log.progress_bar(total_steps if total_steps < 10 ** 12 else None, state.step,
+                                        enabled=cfg.progress)
         start = time.time() - state.elapsed_s
         last_eval = last_save = state.elapsed_s  # rank 0's clock; only rank 0 decides with them
         step_times, window_loss, window_samples, window_t = [], [], 0, time.time()
@@ -266,7 +253,7 @@ class Trainer:
                               "lr": lr, "samples_per_s": rate}
                     if precision.loss_scale() is not None:
                         record["loss_scale"] = precision.loss_scale()
-                    self._log_record(record)
+                    self.run_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
                     window_loss, window_samples, window_t = [], 0, time.time()
                 bar.update(1)
@@ -314,7 +301,7 @@ class Trainer:
 
         scores = evaluate(self.model, self.predictor, self.val_set, self.cfg)
         record = {"kind": "eval", "step": state.step, "elapsed_s": round(state.elapsed_s, 3), **scores}
-        self._log_record(record)
+        self.run_log.write(record)
         self.log(f"eval @ step {state.step}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in record.items() if isinstance(v, float) and k != "elapsed_s"))
         return record
@@ -387,41 +374,6 @@ class Trainer:
             raise UserError(f"output_dir {self.output_dir} exists and is not a directory")
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-    def _prepare_log(self, resumed_step: int):
-        """Keep log records up to the resumed step (a killed run may have logged further)."""
-        self.log_path = self.output_dir / "log.jsonl"
-        self.visualdl = None
-        if self.rank != 0:
-            return
-        if self.log_path.exists():
-            kept = [line for line in self.log_path.read_text().splitlines()
-                    if line.strip() and _safe_step(line) <= resumed_step]
-            with atomic_write(self.log_path) as handle:
-                handle.write("".join(line + "\n" for line in kept))
-        if self.cfg.visualdl:
-            try:
-                from visualdl import LogWriter
-
-                self.visualdl = LogWriter(logdir=str(self.output_dir / "visualdl"))
-            except ImportError:
-                self.log("visualdl requested but not installed: logging to log.jsonl only")
-
-    def _log_record(self, record: dict):
-        if self.rank != 0:
-            return
-        with open(self.log_path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if self.visualdl is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "kind"):
-                    self.visualdl.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-    def _progress_bar(self, total, initial):
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                    disable=not self.cfg.progress or self.rank != 0, file=sys.stderr)
-
 
 def _step_seed(seed: int, step: int, micro_batch: int) -> int:
     """The RNG seed of one micro-batch of one optimiser step."""
@@ -435,10 +387,3 @@ def _read_records(path):
     if resolved is None or not Path(resolved).is_file():
         raise UserError(f"{path}: records file not found (run tools/convert_labels.py first)")
     return load_records(resolved)
-
-
-def _safe_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (json.JSONDecodeError, AttributeError, ValueError):
-        return 10 ** 12  # unreadable (torn) lines are dropped
