@@ -38,8 +38,9 @@ class _TransposedWeight:
 @contextlib.contextmanager
 def transposed_head(linear):
     """Within this block `linear`'s weight does not change (decoding: eval mode, no grad), so
-    `project` may keep a transposed copy of it; the copy is dropped at the end. Nests."""
-    if getattr(linear, _ATTRIBUTE, None) is not None:
+    `project` may keep a transposed copy of it; the copy is dropped at the end. Nests. `linear`
+    None (an exported engine, whose head is inside its graphs: deploy/engine.py) keeps nothing."""
+    if linear is None or getattr(linear, _ATTRIBUTE, None) is not None:
         yield
         return
     keep_transposed_head(linear)

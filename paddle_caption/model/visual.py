@@ -27,9 +27,13 @@ def resize_pos_embed(pos: "paddle.Tensor", grid: int) -> "paddle.Tensor":
     if src == grid:
         return pos
     dtype = pos.dtype
-    table = pos.astype("float32").reshape([1, src, src, -1]).transpose([0, 3, 1, 2])
+    # No cast when already float32: Paddle Inference 3.3's constant folding fails on a same-dtype
+    # cast of a parameter in an exported graph ("Tensor holds no memory", deploy/).
+    table = pos if dtype == paddle.float32 else pos.astype("float32")
+    table = table.reshape([1, src, src, -1]).transpose([0, 3, 1, 2])
     table = F.interpolate(table, size=[grid, grid], mode="bicubic", align_corners=False)
-    return table.transpose([0, 2, 3, 1]).reshape([grid * grid, -1]).astype(dtype)
+    table = table.transpose([0, 2, 3, 1]).reshape([grid * grid, -1])
+    return table if dtype == paddle.float32 else table.astype(dtype)
 
 
 def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
