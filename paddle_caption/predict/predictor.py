@@ -128,6 +128,10 @@ def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | 
     from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
     from ..tokenizer import QWenVLTokenizer
 
+    if dtype is not None:  # before anything is read
+        from ..model.precision import require_compute
+
+        require_compute(dtype, "--dtype")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
@@ -135,10 +139,6 @@ def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | 
     if engine == "inference" and dtype is not None:
         raise UserError("--dtype applies to --engine dygraph; an exported directory runs in the precision it "
                         "was exported for (tools/export_model.py --precision)")
-    if dtype is not None:
-        from ..model.precision import require_compute
-
-        require_compute(dtype, "--dtype")
     template = load_template(model_dir, prompt_file, system_file)  # prompt errors before the slow load
     model = _load_inference(model_dir) if engine == "inference" else _load_dygraph(model_dir, dtype)
     try:
