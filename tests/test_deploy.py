@@ -213,3 +213,40 @@ def test_graphs_give_the_same_rows_when_the_batch_shrinks_and_grows_again(export
         decode.append(engine.decode(np.full((n, 1), 7, np.int64), step_mask, *cache[1:]))
     for a, b in zip(decode[0], decode[2]):
         assert np.abs(a - b).max() == 0
+
+
+def test_caption_service_on_the_exported_directory_gives_the_dygraph_captions(exported):
+    """The service's engine thread, continuous batching over concurrent requests, on an
+    InferenceEngine (load_predictor picks it for an exported directory): the eager captions."""
+    import asyncio
+
+    import httpx
+
+    from paddle_caption.data.images import decode_image
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.predict.predictor import load_predictor
+    from paddle_caption.serve.engine import EngineOptions
+
+    from .serve_support import b64, build, jpeg_bytes
+
+    model_dir, export_dir, _, _ = exported
+    eager, served = load_predictor(model_dir), load_predictor(export_dir)
+    assert type(served.model).__name__ == "InferenceEngine"
+    images = [jpeg_bytes(seed) for seed in range(5)]
+    cfg = GenerationConfig(max_new_tokens=6)
+    expected = [eager.decode(eager.generate_ids([eager.preprocess(decode_image(img))], config=cfg)[0])
+                for img in images]
+    service, _, app = build(served, engine_options=EngineOptions(max_batch_size=3, max_wait_ms=5))
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await asyncio.gather(*[c.post("/v1/captions", json={"image": b64(img), "max_new_tokens": 6})
+                                          for img in images])
+
+    service.engine.start()
+    try:
+        responses = asyncio.run(scenario())
+    finally:
+        service.engine.stop(10)
+    assert [r.status_code for r in responses] == [200] * len(images)
+    assert [r.json()[0]["caption"] for r in responses] == expected
