@@ -250,3 +250,21 @@ def test_caption_service_on_the_exported_directory_gives_the_dygraph_captions(ex
         service.engine.stop(10)
     assert [r.status_code for r in responses] == [200] * len(images)
     assert [r.json()[0]["caption"] for r in responses] == expected
+
+
+def test_export_cli_writes_a_directory_and_refuses_bad_requests_in_one_line(exported, tmp_path, capsys):
+    from paddle_caption.deploy import cli
+
+    model_dir = exported[0]
+    out = tmp_path / "out"
+    assert run_cli(cli.main, [str(model_dir), str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["decode"]["outputs"][0] == "logits"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    capsys.readouterr()
+    for argv in ([str(model_dir), str(out)],  # exists
+                 [str(model_dir), str(tmp_path / "int8"), "--precision", "int8"],
+                 [str(tmp_path / "missing"), str(tmp_path / "x")]):
+        assert run_cli(cli.main, argv) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3
+    assert "already exists" in errors[0] and "int8 is not supported" in errors[1] and "missing" in errors[2]

@@ -26,7 +26,7 @@ import numpy as np
 from ..runtime import UserError, requested_threads
 from .cpu_features import require_precision_support
 from .export import read_manifest
-from .predictors import GraphRunner
+from .predictors import PRECISIONS, GraphRunner
 
 
 @dataclass
@@ -66,9 +66,8 @@ class InferenceEngine:
         self.directory = Path(export_dir)
         self.manifest = read_manifest(self.directory)
         self.precision = precision or self.manifest["precision"]
-        if self.precision == "int8" and self.manifest["precision"] != "int8":
-            raise UserError(f"{self.directory} was exported as {self.manifest['precision']}; int8 needs a "
-                            "directory exported with --precision int8 (its graphs carry the calibration)")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         require_precision_support(self.precision)
         self.config = MgenVLConfig.from_pretrained(self.directory)
         self.max_total_tokens = int(self.manifest["max_total_tokens"])

@@ -13,8 +13,9 @@
       draft_datastore/         speculative decoding's datastore (when the model has one)
 
 The graphs are traced from the float32 model with Paddle's kernels (`graphs.py`); the precision is
-how Paddle Inference runs them: float32, bfloat16 (oneDNN's bfloat16 pass over the same program,
-CPUs with AVX512-BF16 only) or int8 (see `quantize.py`). The directory is written under a
+how Paddle Inference runs them: float32, or bfloat16 (oneDNN's bfloat16 pass over the same program,
+CPUs with AVX512-BF16 only). int8 is refused in one line: post-training quantisation did not work
+on Paddle 3.3.1 for these graphs (INT8_REFUSAL; measurements in docs/deployment.md). The directory is written under a
 temporary name and renamed into place, so OUT_DIR is either complete or absent.
 """
 from __future__ import annotations
@@ -34,6 +35,9 @@ MANIFEST = "manifest.json"
 GRAPH_NAMES = ("vision", "prefill", "decode")
 OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.json")
 DATASTORE_DIR = "draft_datastore"
+INT8_REFUSAL = ("precision int8 is not supported: Paddle 3.3.1's post-training quantisation (paddle.quantization.PTQ) "
+                "cannot trace these graphs with a dynamic batch, and with a fixed one oneDNN int8 was no faster "
+                "and far off float32 on this CPU (docs/deployment.md); use float32 or bfloat16")
 
 
 def is_export_dir(path) -> bool:
@@ -88,9 +92,9 @@ def _output_names(cfg) -> dict:
     return {"vision": ["image_features"], "prefill": ["last_logits"] + kv, "decode": ["logits"] + kv}
 
 
-def save_graphs(model, directory: Path, layers=None) -> dict:
+def save_graphs(model, directory: Path) -> dict:
     """Trace and save the three graphs of `model` (float32, eval) into `directory`; returns the
-    manifest's `graphs` entry. `layers` replaces the graph layers (int8: quantised copies)."""
+    manifest's `graphs` entry."""
     import paddle
 
     from ..model.numpy_bridge import paddle_kernels
@@ -98,7 +102,7 @@ def save_graphs(model, directory: Path, layers=None) -> dict:
 
     cfg = model.config
     specs = graph_specs(cfg)
-    layers = layers or {"vision": VisionGraph(model), "prefill": PrefillGraph(model), "decode": DecodeGraph(model)}
+    layers = {"vision": VisionGraph(model), "prefill": PrefillGraph(model), "decode": DecodeGraph(model)}
     outputs = _output_names(cfg)
     graphs = {}
     with paddle_kernels():  # the traced graph must hold Paddle's kernels, never the numpy path
@@ -129,22 +133,18 @@ def copy_assets(model_dir: Path, out: Path, cfg) -> list[str]:
     return copied
 
 
-def export_model(model_dir, out_dir, precision: str = "float32", calibration=None, overwrite: bool = False,
-                 log=None) -> dict:
-    """Export MODEL_DIR to OUT_DIR (see the module docstring); returns the manifest.
-
-    `calibration`: int8 only, a float32 array [N, 3, S, S] of preprocessed images the activation
-    ranges are measured on (`quantize.py`)."""
+def export_model(model_dir, out_dir, precision: str = "float32", overwrite: bool = False, log=None) -> dict:
+    """Export MODEL_DIR to OUT_DIR (see the module docstring); returns the manifest."""
     import paddle
 
     from ..model.mgen_vl import MgenVLForCausalLM
 
     log = log or (lambda message: None)
+    if precision == "int8":
+        raise UserError(INT8_REFUSAL)
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     require_precision_support(precision)
-    if precision == "int8" and calibration is None:
-        raise UserError("precision int8 needs calibration images")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{model_dir}: not a model directory (no config.json)")
@@ -160,12 +160,7 @@ def export_model(model_dir, out_dir, precision: str = "float32", calibration=Non
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        layers, quant_info = None, None
-        if precision == "int8":
-            from .quantize import quantized_graph_layers
-
-            layers, quant_info = quantized_graph_layers(model, calibration, log)
-        graphs = save_graphs(model, staging, layers)
+        graphs = save_graphs(model, staging)
         log(f"traced and saved {', '.join(GRAPH_NAMES)} in {time.perf_counter() - start:.1f} s")
         copied = copy_assets(model_dir, staging, cfg)
         manifest = {
@@ -183,8 +178,6 @@ def export_model(model_dir, out_dir, precision: str = "float32", calibration=Non
             "graphs": graphs,
             "files": copied,
         }
-        if quant_info is not None:
-            manifest["quantization"] = quant_info
         write_json(staging / MANIFEST, manifest)
         if out_dir.exists():
             shutil.rmtree(out_dir)
