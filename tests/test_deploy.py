@@ -136,7 +136,7 @@ def test_export_directory_is_self_contained(exported):
     assert manifest["precision"] == "float32" and manifest["paddle_version"] == paddle.__version__
     assert set(manifest["graphs"]) == {"vision", "prefill", "decode"}
     assert manifest["max_total_tokens"] == model.config.seq_length
-    for name in ("config.json", "qwen.tiktoken", "vision.json", "vision.pdiparams", "decode.pdiparams"):
+    for name in ("config.json", "qwen.tiktoken", "vision.json", "vision.pdiparams", "decode.pdiparams", "lm_head.npy"):
         assert (export_dir / name).is_file(), name
     size = model.config.visual.image_size
     script = (
@@ -258,7 +258,7 @@ def test_export_cli_writes_a_directory_and_refuses_bad_requests_in_one_line(expo
     model_dir = exported[0]
     out = tmp_path / "out"
     assert run_cli(cli.main, [str(model_dir), str(out)]) == 0
-    assert json.loads((out / "manifest.json").read_text())["graphs"]["decode"]["outputs"][0] == "logits"
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["decode"]["outputs"][0] == "hidden"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
     capsys.readouterr()
     for argv in ([str(model_dir), str(out)],  # exists

@@ -63,7 +63,12 @@ def few_rows_logits(flat: np.ndarray, linear) -> np.ndarray | None:
     cache = getattr(linear, _ATTRIBUTE, None)
     if cache is None or not FEW_ROWS[0] <= len(flat) <= FEW_ROWS[1]:
         return None
-    weight_t = cache.get()
+    return transposed_product(flat, cache.get())
+
+
+def transposed_product(flat: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
+    """flat [rows, hidden] @ weight_t.T -> [rows, vocab], for a [vocab, hidden] `weight_t`, in
+    vocabulary blocks (also the exported engine's head for few rows: deploy/engine.py)."""
     out = np.empty((len(flat), len(weight_t)), dtype=np.float32)
     columns = np.ascontiguousarray(flat.T)
     for start in range(0, len(weight_t), _BLOCK):  # weight_t_block @ flat.T: the fast layout

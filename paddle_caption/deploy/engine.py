@@ -6,9 +6,10 @@ The decoding package drives a model through two calls (decoding/batch.py: `Decod
     model(ids, attention_mask=..., past_key_values=..., use_cache=True[, logits_index=...])  # decode
 
 and reads `model.config`, `model.training`, `model.eval()`, `model.dtype` and `model.lm_head`
-(`decoding.generate` keeps a transposed copy of an eager head; the engine has none: None). The
-engine answers those calls with its three Paddle Inference predictors (vision -> prefill, decode),
-so batching, continuous batching (the caption service) and speculative decoding (`step_many`,
+(`decoding.generate` keeps a transposed copy of an eager head; the engine has its own: None). The
+engine answers those calls with its three Paddle Inference predictors (vision -> prefill, decode)
+and the output layer in numpy (`OutputHead`: why in graphs.py), applied only to the rows asked for
+(the last position, or `logits_index`), as the eager model does. So batching, continuous batching (the caption service) and speculative decoding (`step_many`,
 `rollback`) run unchanged on top of it. Outputs are Paddle tensors over the predictors' output
 arrays (no copy), as `DecodeBatch` pads, gathers and concatenates the cache with Paddle ops.
 
@@ -34,6 +35,28 @@ class EngineOutput:
     logits: object  # paddle.Tensor: [B, 1, V] (prefill), [B, T, V] or [len(logits_index), V] (decode)
     past_key_values: list  # per layer (k, v), each paddle.Tensor [B, H, width, D]
     loss: None = None
+
+
+class OutputHead:
+    """logits = hidden @ W for W [hidden, vocab] (lm_head.npy): few rows (2-32, batched decoding
+    and verification) through a transposed copy of W in vocabulary blocks, as the eager model's
+    numpy head does (decoding/output_head.py), other row counts as one product."""
+
+    def __init__(self, path: Path, hidden: int, vocab: int):
+        if not path.is_file():
+            raise UserError(f"exported output layer missing: {path}")
+        self.weight = np.load(path)
+        if self.weight.shape != (hidden, vocab) or self.weight.dtype != np.float32:
+            raise UserError(f"{path}: expected float32 [{hidden}, {vocab}], got {self.weight.dtype} "
+                            f"{list(self.weight.shape)}")
+        self.weight_t = np.ascontiguousarray(self.weight.T)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        from ..decoding.output_head import FEW_ROWS, transposed_product
+
+        if FEW_ROWS[0] <= len(rows) <= FEW_ROWS[1]:
+            return transposed_product(rows, self.weight_t)
+        return rows @ self.weight
 
 
 class SequenceTooLong(UserError):
@@ -76,6 +99,8 @@ class InferenceEngine:
         self.vision, self.prefill, self.decode = (
             GraphRunner(self.directory / Path(graphs[name]["program"]).stem, self.precision, threads)
             for name in ("vision", "prefill", "decode"))
+        self.head = OutputHead(self.directory / self.manifest["lm_head"]["file"], self.config.hidden_size,
+                               self.config.vocab_size)
         self.training = False
         self.lm_head = None  # the head lives inside the graphs
 
@@ -148,17 +173,22 @@ class InferenceEngine:
         else:
             features = self.encode_images(images)
         outputs = self.prefill(ids, mask, rows.astype(np.int64), features)
-        return EngineOutput(_tensor(outputs[0]), self._pairs(outputs[1:]))
+        last = outputs[0][:, -1]  # [B, C]
+        return EngineOutput(_tensor(self.head(last)[:, None]), self._pairs(outputs[1:]))
 
     def _decode(self, ids, mask, past, last_logits_only, logits_index) -> EngineOutput:
         flat_past = [_array(t, np.float32) for layer in past for t in layer]
         outputs = self.decode(ids, mask, *flat_past)
-        logits = outputs[0]  # [B, T, V]
-        if logits_index is not None:
-            logits = logits.reshape(-1, logits.shape[-1])[np.asarray(logits_index, dtype=np.int64)]
+        hidden = outputs[0]  # [B, T, C]
+        if logits_index is not None:  # only the rows asked for go through the head
+            rows = hidden.reshape(-1, hidden.shape[-1])[np.asarray(logits_index, dtype=np.int64)]
+            logits = self.head(np.ascontiguousarray(rows))
         elif last_logits_only:
-            logits = logits[:, -1:]
-        return EngineOutput(_tensor(np.ascontiguousarray(logits)), self._pairs(outputs[1:]))
+            logits = self.head(np.ascontiguousarray(hidden[:, -1]))[:, None]
+        else:
+            batch, length, width = hidden.shape
+            logits = self.head(hidden.reshape(-1, width)).reshape(batch, length, -1)
+        return EngineOutput(_tensor(logits), self._pairs(outputs[1:]))
 
     @staticmethod
     def _pairs(flat: list) -> list:

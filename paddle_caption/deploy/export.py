@@ -4,8 +4,10 @@
       manifest.json            format, Paddle version, precision, graphs with their inputs/outputs,
                                export time, source, limits (max_total_tokens)
       vision.json/.pdiparams   images -> image features           (Paddle 3 PIR program + parameters)
-      prefill.json/.pdiparams  ids, mask, image rows, features -> last logits + k/v per layer
-      decode.json/.pdiparams   ids, mask, past k/v per layer -> logits of every fed token + new k/v
+      prefill.json/.pdiparams  ids, mask, image rows, features -> last hidden state + k/v per layer
+      decode.json/.pdiparams   ids, mask, past k/v per layer -> hidden state of every fed token + new k/v
+      lm_head.npy              the output layer's weight [hidden, vocab] float32 (graphs.py: why
+                               it runs outside the graphs)
       config.json              the architecture (sizes, special ids, seq_length)
       qwen.tiktoken            the tokenizer's vocabulary (plus the model's tokenizer/generation
                                files when it has them)
@@ -35,6 +37,7 @@ MANIFEST = "manifest.json"
 GRAPH_NAMES = ("vision", "prefill", "decode")
 OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.json")
 DATASTORE_DIR = "draft_datastore"
+HEAD_FILE = "lm_head.npy"
 INT8_REFUSAL = ("precision int8 is not supported: Paddle 3.3.1's post-training quantisation (paddle.quantization.PTQ) "
                 "cannot trace these graphs with a dynamic batch, and with a fixed one oneDNN int8 was no faster "
                 "and far off float32 on this CPU (docs/deployment.md); use float32 or bfloat16")
@@ -52,7 +55,7 @@ def read_manifest(directory) -> dict:
     manifest = read_json_object(path, "export manifest")
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for key in ("precision", "graphs", "max_total_tokens"):
+    for key in ("precision", "graphs", "lm_head", "max_total_tokens"):
         if key not in manifest:
             raise UserError(f"{path}: missing key {key!r}")
     if manifest["precision"] not in PRECISIONS:
@@ -89,7 +92,7 @@ def _describe(specs) -> list[dict]:
 
 def _output_names(cfg) -> dict:
     kv = [f"{kind}_{i}" for i in range(cfg.num_hidden_layers) for kind in ("key", "value")]
-    return {"vision": ["image_features"], "prefill": ["last_logits"] + kv, "decode": ["logits"] + kv}
+    return {"vision": ["image_features"], "prefill": ["last_hidden"] + kv, "decode": ["hidden"] + kv}
 
 
 def save_graphs(model, directory: Path) -> dict:
@@ -135,6 +138,7 @@ def copy_assets(model_dir: Path, out: Path, cfg) -> list[str]:
 
 def export_model(model_dir, out_dir, precision: str = "float32", overwrite: bool = False, log=None) -> dict:
     """Export MODEL_DIR to OUT_DIR (see the module docstring); returns the manifest."""
+    import numpy as np
     import paddle
 
     from ..model.mgen_vl import MgenVLForCausalLM
@@ -161,6 +165,7 @@ def export_model(model_dir, out_dir, precision: str = "float32", overwrite: bool
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         graphs = save_graphs(model, staging)
+        np.save(staging / HEAD_FILE, model.lm_head.weight.numpy())
         log(f"traced and saved {', '.join(GRAPH_NAMES)} in {time.perf_counter() - start:.1f} s")
         copied = copy_assets(model_dir, staging, cfg)
         manifest = {
@@ -176,6 +181,7 @@ def export_model(model_dir, out_dir, precision: str = "float32", overwrite: bool
             "max_total_tokens": int(cfg.seq_length),
             "image_size": int(cfg.visual.image_size),
             "graphs": graphs,
+            "lm_head": {"file": HEAD_FILE, "shape": [int(d) for d in model.lm_head.weight.shape]},
             "files": copied,
         }
         write_json(staging / MANIFEST, manifest)

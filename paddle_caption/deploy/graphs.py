@@ -2,12 +2,18 @@
 
 - `VisionGraph`:  images [N, 3, S, S] -> image features [N, n_queries, hidden] (ViT + resampler).
 - `PrefillGraph`: input_ids [B, T], attention_mask [B, T], image_rows [N * Q], image_features
-                  [N, Q, C] -> last-position logits [B, 1, V], then k, v of every layer [B, H, T, D].
+                  [N, Q, C] -> last-position hidden state [B, 1, C], then k, v of every layer
+                  [B, H, T, D].
                   Row r of the flattened [B * T] embeddings takes feature row r; index B * T is a
                   scratch row (a batch without images passes one zero span aimed at it).
 - `DecodeGraph`:  input_ids [B, T >= 1], attention_mask [B, P + T], k, v of every layer [B, H, P, D]
-                  -> logits [B, T, V] (every fed position: speculative verification needs them all),
-                  then the new k, v [B, H, P + T, D].
+                  -> hidden states [B, T, C] (every fed position: speculative verification needs
+                  them all), then the new k, v [B, H, P + T, D].
+
+The output layer (lm_head) is not in the graphs: inside them oneDNN's [rows x hidden] x [hidden x
+151936] product took ~27 of a 39 ms decode step (tiny model, batch 16), where the kit's numpy head
+over a transposed copy of the weight (decoding/output_head.py) takes ~10 ms. The export writes the
+weight as `lm_head.npy` and the engine applies it to the rows it needs (deploy/engine.py).
 
 Why separate forwards instead of `MgenVLForCausalLM.forward`: the eager forward reads the mask in
 numpy (`.numpy()`, to skip the key mask of right-padded batches), finds the image spans in numpy,
@@ -39,13 +45,13 @@ class VisionGraph(nn.Layer):
 
 
 class _DecoderGraph(nn.Layer):
-    """The decoder part shared by prefill and decode: embeddings, blocks, final norm, lm_head."""
+    """The decoder part shared by prefill and decode: embeddings, blocks, final norm."""
 
     def __init__(self, model):
         super().__init__()
         cfg = model.config
         llm = model.transformer.llm
-        self.wte, self.blocks, self.ln_f, self.lm_head = llm.wte, llm.h, llm.ln_f, model.lm_head
+        self.wte, self.blocks, self.ln_f = llm.wte, llm.h, llm.ln_f
         rot = llm.rotary
         # alpha = 1 (total <= seq_length): the base of RotaryEmbedding.tables, as a saved buffer
         inv_freq = 1.0 / (rot.base ** (paddle.arange(0, rot.dim, 2, dtype="float32") / rot.dim))
@@ -85,9 +91,6 @@ class _DecoderGraph(nn.Layer):
             presents.extend(present)
         return self.ln_f(x), presents
 
-    def logits(self, hidden):
-        return paddle.matmul(hidden, self.lm_head.weight)
-
 
 class PrefillGraph(_DecoderGraph):
     def __init__(self, model):
@@ -107,10 +110,10 @@ class PrefillGraph(_DecoderGraph):
         flat = paddle.scatter(flat, image_rows, features, overwrite=True)[:-1]
         embeds = flat.reshape(paddle.shape(embeds))
         hidden, presents = self.run_blocks(embeds, attention_mask, None, last_only=True)
-        return [self.logits(hidden)] + presents
+        return [hidden] + presents
 
 
 class DecodeGraph(_DecoderGraph):
     def forward(self, input_ids, attention_mask, past):
         hidden, presents = self.run_blocks(self.wte(input_ids), attention_mask, past, last_only=False)
-        return [self.logits(hidden)] + presents
+        return [hidden] + presents
