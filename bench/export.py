@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     from paddle_caption.data.synthetic import generate_split
     from paddle_caption.decoding.batch import left_pad
     from paddle_caption.decoding.config import GenerationConfig
-    from paddle_caption.deploy.engine import InferenceEngine
     from paddle_caption.deploy.export import export_model
     from paddle_caption.model.config import MgenVLConfig
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
@@ -80,7 +79,6 @@ def main(argv=None) -> int:
     engines = {"float32": load_predictor(tmp / "float32", gen)}
     if (tmp / "bfloat16").is_dir():
         engines["bfloat16"] = load_predictor(tmp / "bfloat16", gen)
-    model, cfg = eager.model, eager.model.config
     prompt = build_prompt_ids(eager.tokenizer, load_template(model_dir))
     ads = list(generate_split("test", max(args.images, 16), seed=0))
     pixels = np.stack([eager.preprocess(decode_image(b64decode_strict(r.image_b64))) for r in ads])
