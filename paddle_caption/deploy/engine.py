@@ -9,8 +9,9 @@ and reads `model.config`, `model.training`, `model.eval()`, `model.dtype` and `m
 (`decoding.generate` keeps a transposed copy of an eager head; the engine has its own: None). The
 engine answers those calls with its three Paddle Inference predictors (vision -> prefill, decode)
 and the output layer in numpy (`OutputHead`: why in graphs.py), applied only to the rows asked for
-(the last position, or `logits_index`), as the eager model does. So batching, continuous batching (the caption service) and speculative decoding (`step_many`,
-`rollback`) run unchanged on top of it. Outputs are Paddle tensors over the predictors' output
+(the last position, or `logits_index`), as the eager model does. So batching, continuous batching
+(the caption service) and speculative decoding (`step_many`, `rollback`) run unchanged on top of
+it. Outputs are Paddle tensors over the predictors' output
 arrays (no copy), as `DecodeBatch` pads, gathers and concatenates the cache with Paddle ops.
 
 Limits, refused in one line: a cache wider than the model's seq_length (the graphs fix dynamic NTK
@@ -40,7 +41,8 @@ class EngineOutput:
 class OutputHead:
     """logits = hidden @ W for W [hidden, vocab] (lm_head.npy): few rows (2-32, batched decoding
     and verification) through a transposed copy of W in vocabulary blocks, as the eager model's
-    numpy head does (decoding/output_head.py), other row counts as one product."""
+    numpy head does (decoding/output_head.py), other row counts as one product. Holds W twice
+    (39 MB each for the real vocabulary at width 64), as a predicting eager model does."""
 
     def __init__(self, path: Path, hidden: int, vocab: int):
         if not path.is_file():
