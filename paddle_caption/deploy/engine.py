@@ -11,8 +11,8 @@ engine answers those calls with its three Paddle Inference predictors (vision ->
 and the output layer in numpy (`OutputHead`: why in graphs.py), applied only to the rows asked for
 (the last position, or `logits_index`), as the eager model does. So batching, continuous batching
 (the caption service) and speculative decoding (`step_many`, `rollback`) run unchanged on top of
-it. Outputs are Paddle tensors over the predictors' output
-arrays (no copy), as `DecodeBatch` pads, gathers and concatenates the cache with Paddle ops.
+it. Outputs are Paddle tensors over the predictors' output arrays (no copy), as `DecodeBatch` pads,
+gathers and concatenates the cache with Paddle ops.
 
 Limits, refused in one line: a cache wider than the model's seq_length (the graphs fix dynamic NTK
 and log-n scaling to their values below it, graphs.py), and training-only arguments (labels,
