@@ -38,8 +38,9 @@ class _TransposedWeight:
 @contextlib.contextmanager
 def transposed_head(linear):
     """Within this block `linear`'s weight does not change (decoding: eval mode, no grad), so
-    `project` may keep a transposed copy of it; the copy is dropped at the end. Nests."""
-    if getattr(linear, _ATTRIBUTE, None) is not None:
+    `project` may keep a transposed copy of it; the copy is dropped at the end. Nests. `linear`
+    None (an exported engine, whose head is inside its graphs: deploy/engine.py) keeps nothing."""
+    if linear is None or getattr(linear, _ATTRIBUTE, None) is not None:
         yield
         return
     keep_transposed_head(linear)
@@ -62,7 +63,12 @@ def few_rows_logits(flat: np.ndarray, linear) -> np.ndarray | None:
     cache = getattr(linear, _ATTRIBUTE, None)
     if cache is None or not FEW_ROWS[0] <= len(flat) <= FEW_ROWS[1]:
         return None
-    weight_t = cache.get()
+    return transposed_product(flat, cache.get())
+
+
+def transposed_product(flat: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
+    """flat [rows, hidden] @ weight_t.T -> [rows, vocab], for a [vocab, hidden] `weight_t`, in
+    vocabulary blocks (also the exported engine's head for few rows: deploy/engine.py)."""
     out = np.empty((len(flat), len(weight_t)), dtype=np.float32)
     columns = np.ascontiguousarray(flat.T)
     for start in range(0, len(weight_t), _BLOCK):  # weight_t_block @ flat.T: the fast layout

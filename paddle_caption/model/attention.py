@@ -20,6 +20,14 @@ matmul). All paths compute the same values and gradients (tests/test_attention.p
 The rotary embedding (x·cos + rotate_half(x)·sin) is six Paddle kernels (split, negate, concat,
 two products, a sum) over every q and k; here it is three numpy passes.
 
+Static export (`paddle.jit.to_static`, deploy/export.py): `numpy_capable` is False outside dygraph,
+so the dispatch picks Paddle's kernels before any tensor code runs, and the dispatch functions
+here are `paddle.jit.not_to_static`: dy2static does not rewrite them (its rewrite of their generator
+expressions failed with "no binding for nonlocal 't'"), they run as plain Python while the graph is
+traced and record exactly their Paddle ops. That is sound because none of them branches on a
+tensor's value, only on Python flags, dtypes and static shapes. Exported attention therefore goes
+through `fused_attention` and its `check_flash_contract`, as eager runs with Paddle's kernels do.
+
 The backward uses the row identity Σ_k p·dP = dO·O (as FlashAttention does), so it needs no second
 [Q x K] buffer beyond dP itself.
 """
@@ -113,6 +121,7 @@ class _NumpyRotary(paddle.autograd.PyLayer):
         return from_numpy(_numpy_rotary(as_numpy(grad), cos, sin, transpose=True))
 
 
+@paddle.jit.not_to_static
 def rotary(x, cos, sin):
     """Half-rotation RoPE over the whole last axis: x [B, H, T, D], cos/sin [B or 1, 1, T, D]."""
     if _use_numpy((x, cos, sin), None):
@@ -128,6 +137,7 @@ def _use_numpy(tensors, dropout) -> bool:
     return dropout is None and numpy_capable(*tensors)
 
 
+@paddle.jit.not_to_static
 def attention(q, k, v, scale: float, bias=None, dropout=None, causal: bool = False):
     """q [B, H, Q, D], k/v [B, H, K, D] -> [B, H, Q, D]. Masking: an additive `bias` broadcastable
     to [B, H, Q, K] (never differentiated), or `causal=True` for the plain causal mask of a forward
@@ -151,6 +161,7 @@ def attention(q, k, v, scale: float, bias=None, dropout=None, causal: bool = Fal
     return plain_attention(q, k, v, scale, bias, dropout)
 
 
+@paddle.jit.not_to_static
 def fused_attention(q, k, v, scale: float, bias=None, causal: bool = False):
     """`scaled_dot_product_attention` in its [B, T, H, D] layout: the kit's one call into a fused
     attention kernel. Flash attention accepts only the default 1/sqrt(D) scale, so any other scale
@@ -174,6 +185,7 @@ class FlashContractError(ValueError):
     """A fused-attention call that flash attention on a GPU would refuse."""
 
 
+@paddle.jit.not_to_static
 def check_flash_contract(q, k, v, mask, is_causal: bool) -> None:
     """Refuse, in one line, what Paddle's flash-attention kernel refuses on a GPU (Paddle 3.3 picks
     it for float16/bfloat16 on A100/H100 even when a mask is given), whatever device runs now:
@@ -214,6 +226,7 @@ def flash_attn_version() -> int:
         return 2
 
 
+@paddle.jit.not_to_static
 def sdpa_mask(bias, dtype):
     """The additive mask in the fused op's dtype (it requires q's). finfo(float32).min would round
     to -inf in bfloat16/float16 and turn a fully masked padding row into NaN; finfo(dtype).min
@@ -224,6 +237,7 @@ def sdpa_mask(bias, dtype):
     return paddle.where(bias < 0, lowest, paddle.zeros([], "float32")).astype(dtype)
 
 
+@paddle.jit.not_to_static
 def plain_attention(q, k, v, scale: float, bias=None, dropout=None):
     """softmax(q·kᵀ·scale + bias)·v as Paddle kernels, the softmax in float32 (upstream's expression)."""
     scores = paddle.matmul(q * scale, k, transpose_y=True)

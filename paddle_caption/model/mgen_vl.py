@@ -128,21 +128,8 @@ class MgenVLForCausalLM(nn.Layer):
 
     # ---- the image-text interaction ------------------------------------------------------------
     def image_span_rows(self, input_ids_np: np.ndarray) -> np.ndarray:
-        """Flat row indices ([n_images * n_queries]) of the placeholder rows, spans in row-major order.
-
-        Validates every span: `<img>`, exactly n_queries rows, `</img>`.
-        """
-        cfg = self.config
-        batch, length = input_ids_np.shape
-        flat = input_ids_np.reshape(-1)
-        starts = np.flatnonzero(flat == cfg.image_start_id)
-        ends = np.flatnonzero(flat == cfg.image_end_id)
-        n = cfg.visual.n_queries
-        if len(starts) != len(ends) or np.any(ends - starts != n + 1) or np.any(starts // length != ends // length):
-            raise ValueError(
-                f"malformed image span: {len(starts)} <img> and {len(ends)} </img> tokens; each "
-                f"<img> must be followed by exactly {n} placeholder tokens and </img> in the same row")
-        return (starts[:, None] + 1 + np.arange(n)[None, :]).reshape(-1)
+        """Flat row indices ([n_images * n_queries]) of the placeholder rows (`image_span_rows`)."""
+        return image_span_rows(self.config, input_ids_np)
 
     def embed(self, input_ids, images=None, image_features=None):
         """Token embeddings with every image's visual features written into its span.
@@ -271,3 +258,20 @@ def supervised_positions(labels_np: np.ndarray):
             targets[row, :len(pos)] = labels_np[row, pos + 1]
     return index, targets
 
+
+def image_span_rows(cfg: MgenVLConfig, input_ids_np: np.ndarray) -> np.ndarray:
+    """Flat row indices ([n_images * n_queries]) of the placeholder rows, spans in row-major order.
+
+    Validates every span: `<img>`, exactly n_queries rows, `</img>`. (A function of the config
+    alone: the exported engine, deploy/engine.py, finds the spans with it too.)
+    """
+    batch, length = input_ids_np.shape
+    flat = input_ids_np.reshape(-1)
+    starts = np.flatnonzero(flat == cfg.image_start_id)
+    ends = np.flatnonzero(flat == cfg.image_end_id)
+    n = cfg.visual.n_queries
+    if len(starts) != len(ends) or np.any(ends - starts != n + 1) or np.any(starts // length != ends // length):
+        raise ValueError(
+            f"malformed image span: {len(starts)} <img> and {len(ends)} </img> tokens; each "
+            f"<img> must be followed by exactly {n} placeholder tokens and </img> in the same row")
+    return (starts[:, None] + 1 + np.arange(n)[None, :]).reshape(-1)

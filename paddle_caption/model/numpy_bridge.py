@@ -47,8 +47,10 @@ def paddle_kernels():
 
 
 def numpy_capable(*tensors) -> bool:
-    """True when the numpy kernels are on and every tensor is float32 on the CPU (the case they serve)."""
-    return numpy_kernels_enabled() and all(
+    """True when the numpy kernels are on and every tensor is float32 on the CPU (the case they serve),
+    in dygraph only: while `paddle.jit.to_static` traces a graph the tensors are symbolic values that
+    numpy cannot read, so an exported graph always holds Paddle's kernels (deploy/export.py)."""
+    return paddle.in_dynamic_mode() and numpy_kernels_enabled() and all(
         t.place.is_cpu_place() and t.dtype == paddle.float32 for t in tensors)
 
 

@@ -273,5 +273,5 @@ def attention_bias(query_abs, total: int, key_mask=None):
     allowed = k_pos <= query_abs.unsqueeze(-1)  # [B, Q, total]
     if key_mask is not None:
         allowed = paddle.logical_and(allowed, key_mask.astype("bool").unsqueeze(1))
-    zeros = paddle.zeros(allowed.shape, dtype="float32")
+    zeros = paddle.zeros_like(allowed, dtype="float32")  # not zeros(allowed.shape): traceable (deploy/)
     return paddle.where(allowed, zeros, paddle.full_like(zeros, MASK_VALUE)).unsqueeze(1)

@@ -27,9 +27,13 @@ def resize_pos_embed(pos: "paddle.Tensor", grid: int) -> "paddle.Tensor":
     if src == grid:
         return pos
     dtype = pos.dtype
-    table = pos.astype("float32").reshape([1, src, src, -1]).transpose([0, 3, 1, 2])
+    # No cast when already float32: Paddle Inference 3.3's constant folding fails on a same-dtype
+    # cast of a parameter in an exported graph ("Tensor holds no memory", deploy/).
+    table = pos if dtype == paddle.float32 else pos.astype("float32")
+    table = table.reshape([1, src, src, -1]).transpose([0, 3, 1, 2])
     table = F.interpolate(table, size=[grid, grid], mode="bicubic", align_corners=False)
-    return table.transpose([0, 2, 3, 1]).reshape([grid * grid, -1]).astype(dtype)
+    table = table.transpose([0, 2, 3, 1]).reshape([grid * grid, -1])
+    return table if dtype == paddle.float32 else table.astype(dtype)
 
 
 def sincos_2d_table(dim: int, grid: int) -> np.ndarray:
@@ -137,8 +141,11 @@ class ResamplerAttention(nn.Layer):
         dim = self.in_proj_weight.shape[0]
         w = self.in_proj_weight[:, part * dim:(part + 1) * dim]
         b = self.in_proj_bias[part * dim:(part + 1) * dim]
-        y = paddle.matmul(x, w) + b
-        return y.reshape([0, 0, self.heads, self.head_dim]).transpose([0, 2, 1, 3])
+        # The bias is added after the split into heads (the same sums): Paddle Inference 3.3.1 runs
+        # `(x @ w + b).reshape(...)` with a sliced bias wrongly (garbage, NaN) once the batch grows
+        # again after a smaller one (tests/test_deploy.py, batch sizes 4, 2, 4).
+        y = paddle.matmul(x, w).reshape([0, 0, self.heads, self.head_dim]) + b.reshape([self.heads, self.head_dim])
+        return y.transpose([0, 2, 1, 3])
 
     def forward(self, query, key, value):  # [B, Lq, D], [B, Lk, D], [B, Lk, D]
         q, k, v = self._project(query, 0), self._project(key, 1), self._project(value, 2)

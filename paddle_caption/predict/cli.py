@@ -4,6 +4,8 @@ TEST.tsv rows are `id \\t base64-image` (a third caption column is ignored). RES
 `id \\t caption` line per input id, in input order; unusable rows get an empty caption and a line in
 RESULTS.txt.rejects. The prompt is the one the model was trained with (MODEL_DIR/prompt.json), unless
 `--prompt_file`/`--system_file` replace a part. `--resume` keeps the results of an interrupted run.
+MODEL_DIR may also be an exported directory (tools/export_model.py), run by Paddle Inference
+(`--engine inference`, the default for such a directory).
 `--dtype` is the dtype the model computes in (default: the checkpoint's where this device computes in
 it, else float32; bfloat16/float16 need a GPU and are refused on a CPU in one line).
 
@@ -20,6 +22,7 @@ from ..decoding.derive import add_flags, config_from_args
 from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
 from ..runtime import UserError, configure
+from .predictor import ENGINES
 from .run import PredictOptions
 
 
@@ -46,6 +49,8 @@ def build_parser(decoding=GenerationConfig) -> argparse.ArgumentParser:
     p.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
     p.add_argument("--dtype", choices=DTYPES, help="the model's dtype (default: the checkpoint's where "
                    "this device computes in it, else float32; bfloat16/float16 need a GPU)")
+    p.add_argument("--engine", choices=ENGINES, help="dygraph (the eager model) or inference (Paddle Inference "
+                   "graphs of tools/export_model.py); default: what MODEL_DIR holds")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--min_side", type=int, default=PredictOptions.min_side,
                    help="reject images with a side below this (0: no limit)")
@@ -69,7 +74,7 @@ def main(argv=None) -> int:
                           world_size=args.world_size, limit=args.limit, min_side=args.min_side,
                           merge_timeout=args.merge_timeout, progress=not args.no_progress, dtype=args.dtype,
                           speculative=args.speculative, draft_source=args.draft_source,
-                          num_draft_tokens=args.num_draft_tokens)
+                          num_draft_tokens=args.num_draft_tokens, engine=args.engine)
     summary = predict_file(args.test_tsv, args.results, args.model_dir, opts)
     print(format_summary(summary))
     return 0

@@ -64,7 +64,7 @@ class Predictor:
 
         if not images:
             return None
-        return paddle.to_tensor(np.stack(images)).astype(next(iter(self.model.parameters())).dtype)
+        return paddle.to_tensor(np.stack(images)).astype(self.model.dtype)
 
     def generate_ids(self, images: list[np.ndarray], prompts: list[list[int]] | None = None,
                      config: GenerationConfig | None = None, stats=None) -> list[list[int]]:
@@ -88,39 +88,88 @@ class Predictor:
         return [self.decode(ids) for ids in self.generate_ids(images, prompts, config)]
 
 
+ENGINES = ("dygraph", "inference")
+
+
+def resolve_engine(model_dir: str | os.PathLike, engine: str | None) -> str:
+    """The engine for MODEL_DIR: `engine` if given (checked against what the directory holds),
+    else what it holds: an exported directory (manifest.json, tools/export_model.py) means
+    "inference" (Paddle Inference), a checkpoint means "dygraph" (the eager model)."""
+    from ..deploy.export import MANIFEST, is_export_dir
+
+    exported = is_export_dir(model_dir)
+    if engine is None:
+        return "inference" if exported else "dygraph"
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "inference" and not exported:
+        raise UserError(f"--engine inference needs an exported directory (with {MANIFEST}); {model_dir} is a "
+                        "checkpoint: export it first with tools/export_model.py MODEL_DIR OUT_DIR")
+    if engine == "dygraph" and exported:
+        raise UserError(f"--engine dygraph needs a model directory with weights; {model_dir} is an exported "
+                        "directory (Paddle Inference graphs): use --engine inference or the source checkpoint")
+    return engine
+
+
 def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | None = None,
                    prompt_file: str | None = None, system_file: str | None = None, dtype: str | None = None,
                    speculative: str = "none", draft_source=None, num_draft_tokens: int | None = None,
-                   log=None) -> Predictor:
+                   log=None, engine: str | None = None) -> Predictor:
     """Load MODEL_DIR (config.json + weights [+ prompt.json, qwen.tiktoken]) into a Predictor.
 
-    `dtype`: None loads as stored where this device computes in it, else float32
+    `engine` (`resolve_engine`): "dygraph" runs the eager model, "inference" an exported directory's
+    Paddle Inference graphs (`deploy.engine.InferenceEngine`, in the precision it was exported for);
+    default: what MODEL_DIR holds.
+    `dtype` (dygraph only): None loads as stored where this device computes in it, else float32
     (`precision.default_load_dtype`); a dtype this device cannot compute in (bfloat16/float16 on a
     CPU) is refused in one line before anything loads. `speculative` "retrieval" drafts from
     `draft_source` (a captions file or datastore directory; default MODEL_DIR/draft_datastore), see
     `decoding.drafting.load_drafter`."""
     from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
-    from ..decoding.output_head import keep_transposed_head
-    from ..model.mgen_vl import MgenVLForCausalLM
-    from ..model.precision import require_compute
     from ..tokenizer import QWenVLTokenizer
 
-    if dtype is not None:
+    if dtype is not None:  # before anything is read
+        from ..model.precision import require_compute
+
         require_compute(dtype, "--dtype")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory not found: {model_dir}")
+    engine = resolve_engine(model_dir, engine)
+    if engine == "inference" and dtype is not None:
+        raise UserError("--dtype applies to --engine dygraph; an exported directory runs in the precision it "
+                        "was exported for (tools/export_model.py --precision)")
     template = load_template(model_dir, prompt_file, system_file)  # prompt errors before the slow load
+    model = _load_inference(model_dir) if engine == "inference" else _load_dygraph(model_dir, dtype)
     try:
-        model = MgenVLForCausalLM.from_pretrained(model_dir, dtype=dtype)
         tokenizer = QWenVLTokenizer.for_model(model.config, model_dir)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load model {model_dir}: {err}") from None
-    keep_transposed_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
+        raise UserError(f"cannot load the tokenizer of {model_dir}: {err}") from None
     drafter = load_drafter(speculative, model_dir, tokenizer, draft_source,
                            num_draft_tokens or DEFAULT_DRAFT_TOKENS, log=log)
     return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir),
                      drafter=drafter)
+
+
+def _load_dygraph(model_dir: Path, dtype: str | None):
+    from ..decoding.output_head import keep_transposed_head
+    from ..model.mgen_vl import MgenVLForCausalLM
+
+    try:
+        model = MgenVLForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model {model_dir}: {err}") from None
+    keep_transposed_head(model.lm_head)  # this model only predicts: the head's fast few-rows layout stays
+    return model
+
+
+def _load_inference(model_dir: Path):
+    from ..deploy.engine import InferenceEngine
+
+    try:
+        return InferenceEngine(model_dir)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load exported model {model_dir}: {err}") from None
 
 
 def model_dir_signature(model_dir: Path) -> str:

@@ -48,6 +48,7 @@ class PredictOptions:
     progress: bool = True
     merge_timeout: float = 24 * 3600.0  # rank 0: seconds to wait for the other shards
     dtype: str | None = None  # the model's dtype; None: as stored where the device computes in it, else float32
+    engine: str | None = None  # "dygraph" | "inference"; None: what the model directory holds (predictor.resolve_engine)
     poll_seconds: float = 2.0
 
     def validate(self) -> None:
@@ -182,7 +183,7 @@ def predict_file(test_tsv: str | os.PathLike, results_path: str | os.PathLike, m
     start = time.perf_counter()
     predictor = load_predictor(model_dir, opts.generation, opts.prompt_file, opts.system_file, opts.dtype,
                                opts.speculative, opts.draft_source, opts.num_draft_tokens,
-                               log=print if opts.progress else None)
+                               log=print if opts.progress else None, engine=opts.engine)
     load_seconds = time.perf_counter() - start
     summary = predict_tsv(predictor, test_tsv, results_path, opts)
     summary["load_seconds"] = round(load_seconds, 3)

@@ -5,7 +5,8 @@ Prometheus metrics and a web page — on one engine thread with dynamic and cont
     paddle-caption-serve checkpoints/demo/image/model [--host 127.0.0.1] [--port 8000] [--api_key KEY]
         [--max_batch_size 16] [--max_wait_ms 10] [--max_queue 256] [--request_timeout 120]
         [--max_body_mb 32] [--max_image_pixels 16777216] [--max_images_per_request 16]
-        [--max_tokens_cap 512] [--default_max_tokens 128] [--max_num_beams 8] [--dtype bfloat16] ...
+        [--max_tokens_cap 512] [--default_max_tokens 128] [--max_num_beams 8] [--dtype bfloat16]
+        [--engine dygraph|inference] ...
 
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0.
 """
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_threads", type=int, help="CPU threads (default: OMP_NUM_THREADS, else the core count)")
     g.add_argument("--dtype", choices=DTYPES, help="the model's dtype (default: the checkpoint's where this "
                    "device computes in it, else float32; bfloat16/float16 need a GPU)")
+    g.add_argument("--engine", choices=("dygraph", "inference"), help="dygraph (the eager model) or inference "
+                   "(Paddle Inference graphs of tools/export_model.py); default: what MODEL_DIR holds")
     g.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none",
                    help="draft-and-verify greedy decoding (same captions, fewer steps), as predict_batch.py")
     g.add_argument("--draft_source", help="captions file or datastore directory to draft from "
@@ -86,7 +89,7 @@ def limits_from_args(args) -> tuple[ServiceLimits, EngineOptions]:
 def build_service(model_dir, limits: ServiceLimits | None = None, engine_options: EngineOptions | None = None,
                   model_name: str | None = None, prompt_file: str | None = None, system_file: str | None = None,
                   dtype: str | None = None, speculative: str = "none", draft_source=None,
-                  num_draft_tokens: int | None = None):
+                  num_draft_tokens: int | None = None, engine: str | None = None):
     """Load MODEL_DIR -> (CaptionService, ServiceMetrics); the engine thread starts with the app."""
     from .engine import CaptionEngine
     from .telemetry import ServiceMetrics
@@ -95,7 +98,7 @@ def build_service(model_dir, limits: ServiceLimits | None = None, engine_options
 
     predictor = load_predictor(model_dir, prompt_file=prompt_file, system_file=system_file, dtype=dtype,
                                speculative=speculative, draft_source=draft_source,
-                               num_draft_tokens=num_draft_tokens)
+                               num_draft_tokens=num_draft_tokens, engine=engine)
     metrics = ServiceMetrics()
     engine = CaptionEngine(predictor, engine_options, metrics)
     root = Path(model_dir).resolve()
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
 
     service, metrics = build_service(args.model_dir, limits, engine_options, args.served_model_name,
                                      args.prompt_file, args.system_file, args.dtype, args.speculative,
-                                     args.draft_source, args.num_draft_tokens)
+                                     args.draft_source, args.num_draft_tokens, args.engine)
     app = create_app(service, metrics, api_key=api_key, stop_timeout=limits.request_timeout_s)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=limits.request_timeout_s + 5, server_header=False)

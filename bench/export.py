@@ -1,0 +1,149 @@
+"""Benchmark the exported engine (Paddle Inference + oneDNN) against the eager (dygraph) model.
+
+    python bench/export.py [--threads 2] [--images 16] [--max-new-tokens 16] [--repeats 3]
+        [--out bench/results/export.json]
+
+The model is checkpoints/demo/image/model when it exists, else config/model/tiny.json with random
+weights (paddle.seed(0)); the report says which. Rows, all in one run and one process:
+- export time (float32), and what bfloat16 / int8 exports answer on this CPU (refused or timed);
+- prefill per image at batch 1 and 16: the vision tower (ViT + resampler), and the whole prefill
+  (vision + LLM over the style-aware prompt, ~390 tokens) — the LLM part is their difference;
+- one decode step at batch 16 over that cache: one token per row, and a 5-token verify step;
+- predict: `Predictor.generate_ids` over `--images` synthetic ads in one batch, images/s.
+The eager rows use the kit's default CPU path (numpy attention/head kernels). Every timing is the
+best of `--repeats` (the 2 cores are shared). Greedy ids of engine and dygraph are compared.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, best_of, machine_info, write_report  # noqa: E402 (bench/ is on sys.path as a script)
+
+RESULTS = ROOT / "bench" / "results" / "export.json"
+TINY = ROOT / "config" / "model" / "tiny.json"
+TRAINED = ROOT / "checkpoints" / "demo" / "image" / "model"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+
+    from paddle_caption.runtime import UserError, configure
+
+    paddle = configure(args.threads)
+    import numpy as np
+
+    from paddle_caption.data.images import b64decode_strict, decode_image
+    from paddle_caption.data.prompts import load_template
+    from paddle_caption.data.samples import build_prompt_ids
+    from paddle_caption.data.synthetic import generate_split
+    from paddle_caption.decoding.batch import left_pad
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.deploy.export import export_model
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.predict.predictor import load_predictor
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_export."))
+    if TRAINED.is_dir():
+        model_dir, which = TRAINED, f"trained: {TRAINED.relative_to(ROOT)}"
+    else:
+        paddle.seed(0)
+        model_dir, which = tmp / "model", "config/model/tiny.json, random weights (paddle.seed(0))"
+        MgenVLForCausalLM(MgenVLConfig.from_pretrained(TINY)).save_pretrained(model_dir)
+    rows = []
+
+    start = time.perf_counter()
+    export_model(model_dir, tmp / "float32", "float32")
+    rows.append({"what": "export float32", "seconds": round(time.perf_counter() - start, 2)})
+    for precision in ("bfloat16", "int8"):
+        try:
+            start = time.perf_counter()
+            export_model(model_dir, tmp / precision, precision)
+            rows.append({"what": f"export {precision}", "seconds": round(time.perf_counter() - start, 2)})
+        except UserError as err:
+            rows.append({"what": f"export {precision}", "refused": str(err)})
+
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    eager = load_predictor(model_dir, gen, engine="dygraph")
+    engines = {"float32": load_predictor(tmp / "float32", gen)}
+    if (tmp / "bfloat16").is_dir():
+        engines["bfloat16"] = load_predictor(tmp / "bfloat16", gen)
+    prompt = build_prompt_ids(eager.tokenizer, load_template(model_dir))
+    ads = list(generate_split("test", max(args.images, 16), seed=0))
+    pixels = np.stack([eager.preprocess(decode_image(b64decode_strict(r.image_b64))) for r in ads])
+
+    def timed(what, batch, fn, per):
+        seconds, _ = best_of(args.repeats, fn)
+        return {"what": what, "batch": batch, "ms": round(1e3 * seconds, 1), "ms_per_" + per: round(1e3 * seconds / batch, 2)}
+
+    def prefill(m, images, ids, mask):
+        with paddle.no_grad():
+            return m(paddle.to_tensor(ids), images=images, attention_mask=paddle.to_tensor(mask),
+                     use_cache=True, last_logits_only=True)
+
+    names = [("dygraph", eager)] + [(f"engine {k}", v) for k, v in engines.items()]
+    for batch in (1, 16):
+        images = paddle.to_tensor(pixels[:batch])
+        ids, mask = left_pad([prompt] * batch, 0)
+        for name, pred in names:
+            m = pred.model
+            def vision(m=m, eager=name == "dygraph"):
+                with paddle.no_grad():
+                    return m.visual(images) if eager else m.encode_images(images)
+
+            vision()  # warm-up
+            prefill(m, images, ids, mask)
+            row_v = timed(f"vision {name}", batch, vision, "image")
+            row_p = timed(f"prefill (vision + LLM) {name}", batch, lambda: prefill(m, images, ids, mask), "image")
+            row_p["llm_ms_per_image"] = round(row_p["ms_per_image"] - row_v["ms_per_image"], 2)
+            rows += [row_v, row_p]
+
+    batch = 16
+    images = paddle.to_tensor(pixels[:batch])
+    ids, mask = left_pad([prompt] * batch, 0)
+    for name, pred in names:
+        out = prefill(pred.model, images, ids, mask)
+        for fed in (1, 5):
+            tokens = paddle.to_tensor(np.full((batch, fed), 7, dtype=np.int64))
+            step_mask = paddle.to_tensor(np.concatenate([mask, np.ones((batch, fed), np.int64)], axis=1))
+            flat = np.arange(batch * fed)
+
+            def step(m=pred.model, out=out, tokens=tokens, step_mask=step_mask, flat=flat):
+                with paddle.no_grad():
+                    return m(tokens, attention_mask=step_mask, past_key_values=out.past_key_values, use_cache=True,
+                             logits_index=flat)
+
+            step()
+            rows.append(timed(f"decode step, {fed} token(s)/row, cache {ids.shape[1]} {name}", batch, step, "row"))
+
+    reference = None
+    for name, pred in names:
+        images = [pixels[i] for i in range(args.images)]
+        pred.generate_ids(images[:2])  # warm-up
+        seconds, ids = best_of(max(1, args.repeats - 1), lambda: pred.generate_ids(images))
+        reference = ids if reference is None else reference
+        rows.append({"what": f"predict {name}", "batch": args.images, "new_tokens": args.max_new_tokens,
+                     "seconds": round(seconds, 3), "images_per_s": round(args.images / seconds, 2),
+                     "ids_equal_dygraph": ids == reference})
+
+    report = {"command": "python bench/export.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "model": which, "prompt_tokens": len(prompt),
+              "machine": machine_info(threads=args.threads, paddle=paddle.__version__), "rows": rows}
+    write_report(args.out, report)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
