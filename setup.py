@@ -42,6 +42,7 @@ setup(
             "paddle-caption-curate=paddle_caption.entry_points:curate",
             "paddle-caption-curate-demo=paddle_caption.entry_points:curate_demo",
             "paddle-caption-gpu-check=paddle_caption.entry_points:gpu_check",
+            "paddle-caption-export=paddle_caption.entry_points:export",
         ]
     },
 )

@@ -19,14 +19,15 @@ COMMANDS = {
     "merge": ("paddle_caption.train.cli:merge_main", "merge trained local parameters / LoRA into a model directory"),
     "predict": ("paddle_caption.predict.cli:main", "caption a test TSV for submission"),
     "evaluate": ("paddle_caption.eval.cli:evaluate_main", "CIDEr-D, BLEU, ROUGE-L of results against references"),
-    "demo": ("paddle_caption.demo.pipeline:main", "the whole workflow on the embedded default"),
+    "demo": ("paddle_caption.demo.cli:demo_main", "the whole workflow on the embedded default"),
     "serve": ("paddle_caption.serve.cli:main", "the caption service: HTTP API and web page"),
     "plan-memory": ("paddle_caption.train.cli:plan_memory_main", "GPU memory a training config needs, per GPU"),
     "convert-checkpoint": ("paddle_caption.model.cli:convert_checkpoint_main",
                            "PaddleMIX / Hugging Face Qwen-VL weights -> a safetensors model directory"),
-    "compare-modes": ("paddle_caption.demo.compare_modes:main", "full / partial / LoRA fine-tuning compared on the embedded default"),
+    "compare-modes": ("paddle_caption.demo.cli:compare_modes_main", "full / partial / LoRA fine-tuning compared on the embedded default"),
     "curate": ("paddle_caption.curate.cli:main", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
-    "curate-demo": ("paddle_caption.demo.curate_demo:main", "raw noisy rows vs curated rows on the synthetic world"),
+    "curate-demo": ("paddle_caption.demo.cli:curate_demo_main", "raw noisy rows vs curated rows on the synthetic world"),
+    "export": ("paddle_caption.deploy.cli:main", "export a model directory for Paddle Inference (oneDNN)"),
     "gpu-check": ("paddle_caption.gpu_check.cli:main", "one-minute self-check of the bfloat16 GPU paths against float32"),
 }
 
@@ -74,4 +75,5 @@ convert_checkpoint = _console("convert-checkpoint")
 compare_modes = _console("compare-modes")
 curate = _console("curate")
 curate_demo = _console("curate-demo")
+export = _console("export")
 gpu_check = _console("gpu-check")

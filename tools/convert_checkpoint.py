@@ -1,5 +1,5 @@
-"""Convert a PaddleMIX (model_state.pdparams, with --allow_pickle) or Hugging Face Qwen-VL checkpoint
-into a sharded safetensors model directory:
+"""Convert a Hugging Face Qwen-VL (safetensors or pytorch_model-*.bin) or PaddleMIX (model_state.pdparams)
+checkpoint into a sharded safetensors model directory, reading pickles as arrays only:
 python tools/convert_checkpoint.py SRC DST [--dtype bfloat16] [--allow_pickle]"""
 import sys
 

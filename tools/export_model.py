@@ -1,9 +1,8 @@
-"""Export a model directory for Paddle Inference (CPU, oneDNN):
-python tools/export_model.py MODEL_DIR OUT_DIR [--precision float32|bfloat16|int8] [--calibration TEST.tsv]"""
+"""Export a model directory for Paddle Inference (CPU, oneDNN; see docs/deployment.md):
+python tools/export_model.py MODEL_DIR OUT_DIR [--precision float32|bfloat16]"""
 import sys
 
-from paddle_caption.deploy.cli import main
-from paddle_caption.runtime import run_cli
+from paddle_caption.entry_points import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run("export"))

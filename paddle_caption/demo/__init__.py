@@ -7,5 +7,6 @@ no package imports them.
   no-image ablation; its results table and bar checks;
 - `compare_modes.py` (`make compare-modes`): full / partial / LoRA fine-tuning under one budget;
 - `curate_demo.py` (`make curate-demo`): raw noisy rows against curated rows;
-- `plots.py`: the caption grid and the curves.
+- `plots.py`: the caption grid and the curves;
+- `cli.py`: the three command lines (their shared data and budget flags declared once).
 """

@@ -19,7 +19,6 @@ parameters, the training process's peak RSS, and steps done.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -83,31 +82,3 @@ def modes_table(rows: dict) -> str:
                       f"{train['train_seconds'] / 60:.1f}",
                       "n/a" if row.get("peak_rss_mb") is None else f"{row['peak_rss_mb']:.0f}"])
     return markdown_table(header, lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/demo.json", help="training config (TrainConfig JSON)")
-    parser.add_argument("--out", default="checkpoints/compare_modes", help="output directory")
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per mode (wall clock)")
-    parser.add_argument("--modes", default="full,partial,lora", help="comma-separated subset of full,partial,lora")
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (the tiny model is 64 wide)")
-    parser.add_argument("--lora-alpha", type=float, default=16.0)
-    parser.add_argument("--train", type=int, default=4000, help="synthetic training images")
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, help="also stop training after N steps (for quick checks)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    args = parser.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in LABELS]
-    if unknown or not modes:
-        parser.error(f"--modes: unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(LABELS)}")
-    opts = DemoOptions(config=Path(args.config), out=Path(args.out), n_train=args.train, n_val=args.val,
-                       n_test=args.test, data_seed=args.data_seed, minutes=args.minutes,
-                       max_steps=args.max_steps, ablation=False, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
-    CompareModes(opts, modes, args.lora_r, args.lora_alpha).run()
-    return 0

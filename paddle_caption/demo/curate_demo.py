@@ -23,7 +23,6 @@ Every stage is the user-facing command (the stages of `demo/stages.py`); a rerun
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import time
@@ -355,36 +354,3 @@ def pseudo_label_accuracy(records: Path, refs_tsv: Path) -> dict | None:
         style += got is not None and got.style == ref.style
         background += got is not None and got.background == ref.background
     return {"n": n, "exact": exact / n, "style": style / n, "background": background / n} if n else None
-
-
-def main(argv=None) -> int:
-    d = CurateDemoOptions()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(d.out))
-    p.add_argument("--config", default=str(d.config), help="training config of (a), (b) and the seed model")
-    p.add_argument("--train", type=int, default=d.n_train)
-    p.add_argument("--val", type=int, default=d.n_val)
-    p.add_argument("--test", type=int, default=d.n_test)
-    p.add_argument("--unlabeled", type=int, default=d.n_unlabeled)
-    p.add_argument("--data-seed", type=int, default=d.data_seed)
-    p.add_argument("--seed-steps", type=int, default=d.seed_steps, help="seed model training steps")
-    p.add_argument("--seed-minutes", type=float, default=d.seed_minutes, help="cap on the seed model's training time")
-    p.add_argument("--minutes", type=float, help="training budget of (a) and (b) (default: the config's)")
-    p.add_argument("--max-steps", type=int, help="cap every training run at N steps (quick checks)")
-    p.add_argument("--processes", type=int, default=d.processes, help="curation processes")
-    p.add_argument("--rounds", type=int, choices=(1, 2), default=d.rounds,
-                   help="1: the seed's scores (default); 2: rescore with the seed fine-tuned on round 1's rows")
-    p.add_argument("--refine-steps", type=int, default=d.refine_steps)
-    p.add_argument("--candidates", type=int, default=d.num_candidates, help="pseudo-label candidates per image")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    args = p.parse_args(argv)
-    opts = CurateDemoOptions(out=Path(args.out), config=Path(args.config), n_train=args.train, n_val=args.val,
-                             n_test=args.test, n_unlabeled=args.unlabeled, data_seed=args.data_seed,
-                             seed_steps=args.seed_steps, seed_minutes=args.seed_minutes, minutes=args.minutes, max_steps=args.max_steps,
-                             processes=args.processes, rounds=args.rounds, refine_steps=args.refine_steps,
-                             num_candidates=args.candidates,
-                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    CurateDemo(opts).run()
-    return 0
-

@@ -13,7 +13,6 @@ interrupted demo continues where it stopped.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -237,25 +236,3 @@ def bar_checks(rows: dict) -> dict:
         name = "CIDEr-D image / no-image" if key == "cider_ratio" else f"{key} accuracy"
         lines.append(f"{'PASS' if check['pass'] else 'MISS'}  {name}: {shown} (bar {target})")
     return {"bar": bar, "lines": lines}
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="config/demo.json", help="training config (TrainConfig JSON)")
-    parser.add_argument("--out", default="checkpoints/demo", help="output directory")
-    parser.add_argument("--train", type=int, default=4000, help="synthetic training images")
-    parser.add_argument("--val", type=int, default=200)
-    parser.add_argument("--test", type=int, default=200)
-    parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--minutes", type=float, help="training budget per model (default: the config's)")
-    parser.add_argument("--max-steps", type=int, help="stop training after N steps (for quick checks)")
-    parser.add_argument("--no-ablation", action="store_true", help="skip the no-image ablation")
-    parser.add_argument("--batch-size", type=int, default=16, help="prediction batch size")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    args = parser.parse_args(argv)
-    opts = DemoOptions(config=Path(args.config), out=Path(args.out), n_train=args.train, n_val=args.val,
-                       n_test=args.test, data_seed=args.data_seed, minutes=args.minutes,
-                       max_steps=args.max_steps, ablation=not args.no_ablation, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens)
-    Demo(opts).run()
-    return 0
