@@ -555,3 +555,27 @@ def test_filter_detection_counts_only_the_rows_the_filter_scored(tmp_path):
     assert got["mismatched_caption"] == {"total": 3, "caught": 2, "recall": 2 / 3, "precision": 0.5}
     assert got["clean"]["caught"] == 1 and got["any_noise_precision"] == 0.75
     assert "near_duplicate_image" not in got
+
+
+def test_model_stages_on_an_exported_model_match_the_checkpoint(noisy_world, micro_model, tmp_path):
+    """Image features (cluster_select) on Paddle Inference select the checkpoint's rows; the ops that
+    score captions with the training forward (consistency, pseudo_label) are refused in one line."""
+    from paddle_caption.deploy.export import export_model
+    from paddle_caption.runtime import UserError
+
+    exported = tmp_path / "export"
+    export_model(micro_model, exported, "float32")
+    dataset = small_records(noisy_world, tmp_path, n=12)
+    process = [{"cluster_select": {"n_clusters": 3, "target": 8, "near": 0.25, "far": 0.25}}]
+    outputs = {}
+    for name, model_dir, engine in (("dygraph", micro_model, ""), ("inference", exported, "inference")):
+        summary = run_recipe(tmp_path / name, dataset, process, model_dir=str(model_dir), batch_size=4, engine=engine)
+        outputs[name] = Path(summary["output"]["files"]["records"]).read_text()
+    assert outputs["inference"] == outputs["dygraph"] and outputs["dygraph"].count("\n") == 8
+    for op in ({"consistency_filter": {"min": -100}},
+               {"pseudo_label": {"unlabeled_tsv": str(noisy_world["unlabeled"]), "num_candidates": 1,
+                                 "strategy": "beam", "max_new_tokens": 4}}):
+        with pytest.raises(UserError, match="training forward.*engine dygraph"):
+            run_recipe(tmp_path / "refused", dataset, [op], model_dir=str(exported), batch_size=4)
+    with pytest.raises(UserError, match="engine must be dygraph or inference"):
+        run_recipe(tmp_path / "bad", dataset, process, engine="onnx")

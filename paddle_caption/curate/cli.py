@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export_dir", help="overrides the recipe's export_dir")
     p.add_argument("--dataset", help="overrides the recipe's dataset")
     p.add_argument("--model_dir", help="overrides the recipe's model_dir")
+    p.add_argument("--engine", choices=("dygraph", "inference"),
+                   help="overrides the recipe's engine (default: what each model_dir holds; an exported "
+                        "directory runs on Paddle Inference)")
     p.add_argument("--batch_size", type=int, help="overrides the recipe's batch_size")
     p.add_argument("--num_threads", type=int, help="CPU threads (default: the recipe's, else every core)")
     p.add_argument("--rank", type=int, help="this process's shard (default: PADDLE_TRAINER_ID or 0)")
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
         return 0
     if not args.recipe:
         raise UserError("give a recipe (or --list_ops)")
-    overrides = {k: getattr(args, k) for k in ("export_dir", "dataset", "model_dir", "batch_size", "num_threads")
+    overrides = {k: getattr(args, k) for k in ("export_dir", "dataset", "model_dir", "engine", "batch_size", "num_threads")
                  if getattr(args, k) is not None}
     recipe = load_recipe(args.recipe, overrides)
     rank, world = rank_and_world(args.rank, args.world_size)

@@ -38,6 +38,10 @@ class Recipe:
     dataset_format: str = "records"  # records | data_juicer
     export_dir: str = "checkpoints/curated"
     model_dir: str = ""  # default model directory of the model operations
+    # "" = what each model directory holds (an exported one runs on Paddle Inference); "dygraph" |
+    # "inference" insist. Image features (cluster_select) run on either; consistency and
+    # pseudo_label score captions with the training forward, which only a checkpoint has.
+    engine: str = ""
     process: list = field(default_factory=list)
     batch_size: int = 16  # rows per model batch
     seed: int = 0
@@ -56,6 +60,9 @@ class Recipe:
             raise UserError(f"{source}: process must be a non-empty list of {{op_name: {{params}}}}")
         if self.batch_size < 1:
             raise UserError(f"{source}: batch_size must be >= 1")
+        if self.engine not in ("", "dygraph", "inference"):
+            raise UserError(f"{source}: engine must be dygraph or inference (or empty: what model_dir holds), "
+                            f"not {self.engine!r}")
         return self
 
 

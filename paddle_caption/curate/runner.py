@@ -86,7 +86,7 @@ class CurationRun:
         self.log = log if rank == 0 else (lambda *a, **k: None)
         self.out = Path(recipe.export_dir)
         self.work = self.out / "work"
-        self.models = ModelCache(recipe.num_threads or None)
+        self.models = ModelCache(recipe.num_threads or None, recipe.engine)
         self.entries = [self._with_model_dir(entry) for entry in recipe.process]
         # every op is built (and its parameters checked) before anything runs
         self.ops = [build_op(entry, OpContext(work_dir=self.work), f"process[{i}]")

@@ -24,8 +24,9 @@ from ..runtime import UserError
 class ModelCache:
     """One Predictor per model directory for the whole run."""
 
-    def __init__(self, num_threads: int | None = None):
+    def __init__(self, num_threads: int | None = None, engine: str = ""):
         self.num_threads = num_threads
+        self.engine = engine or None  # None: what the directory holds (predictor.resolve_engine)
         self._loaded: dict = {}
 
     def get(self, model_dir: str):
@@ -36,7 +37,7 @@ class ModelCache:
             configure(self.num_threads)
             if not model_dir:
                 raise UserError("a model operation needs model_dir (in the op or at the recipe's top level)")
-            self._loaded[model_dir] = load_predictor(model_dir)
+            self._loaded[model_dir] = load_predictor(model_dir, engine=self.engine)
         return self._loaded[model_dir]
 
 
@@ -76,8 +77,11 @@ def caption_logprobs(predictor, images: list[np.ndarray], captions: list[str], m
     the vision tower is not run again for an image scored with many captions."""
     if not images:
         return np.zeros(0)
-    ids, pixels, mask, labels = _batch_tensors(predictor, images, captions, max_length)
     model = predictor.model
+    if not hasattr(model, "sequence_logprobs"):
+        raise UserError("caption scores (consistency, pseudo_label) need the training forward, which an exported model "
+                        "directory does not hold: give the op the checkpoint's model_dir (engine dygraph)")
+    ids, pixels, mask, labels = _batch_tensors(predictor, images, captions, max_length)
     given = {"image_features": pixels} if features else {"images": pixels}
     with images_ablated(model) if ablated else contextlib.nullcontext():
         sums, counts = model.sequence_logprobs(ids, attention_mask=mask, labels=labels, **given)
@@ -90,6 +94,9 @@ def image_features(predictor, images: list[np.ndarray], batch_size: int = 16) ->
     import paddle
 
     model = predictor.model
+    if hasattr(model, "encode_images"):  # an exported model: its vision graph on Paddle Inference
+        return np.concatenate([model.encode_images(np.stack(images[s:s + batch_size])).astype(np.float32)
+                               for s in range(0, len(images), batch_size)])
     dtype = next(iter(model.parameters())).dtype
     with paddle.no_grad():
         out = [model.visual(paddle.to_tensor(np.stack(images[s:s + batch_size])).astype(dtype))
