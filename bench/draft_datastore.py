@@ -38,7 +38,8 @@ def main() -> int:
     import numpy as np
 
     from paddle_caption.data.synthetic import format_caption, sample_fields
-    from paddle_caption.decoding.drafting import DraftDatastore, RetrievalDrafter
+    from paddle_caption.decoding.datastore import DraftDatastore
+    from paddle_caption.decoding.drafting import RetrievalDrafter
     from paddle_caption.tokenizer import QWenVLTokenizer
 
     rng = np.random.default_rng(0)

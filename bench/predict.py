@@ -50,6 +50,57 @@ TARGET_SPEEDUP_AT_16 = 8.0
 TARGET_SPECULATIVE = {1: 2.0, 16: 1.5}  # speculative over plain greedy at the same batch size (issue 17)
 
 
+class DraftProbe:
+    """Wraps a drafter: times its `propose` (the heads' own forward, the datastore lookups) and keeps
+    every draft with the position it was made at, so `missed` can name the tokens drafts got wrong."""
+
+    def __init__(self, drafter):
+        self.drafter = drafter
+        self.name, self.num_draft_tokens = drafter.name, drafter.num_draft_tokens
+        self.needs_hidden = getattr(drafter, "needs_hidden", False)
+        self.budget = getattr(drafter, "budget", None)
+        self.reset()
+
+    def reset(self) -> "DraftProbe":
+        self.seconds, self.drafts = 0.0, []
+        return self
+
+    def propose(self, rows, limits, hidden=None):
+        start = time.perf_counter()
+        out = (self.drafter.propose(rows, limits, hidden) if self.needs_hidden
+               else self.drafter.propose(rows, limits))
+        self.seconds += time.perf_counter() - start
+        for row, draft in zip(rows, out):
+            tokens = getattr(draft, "tokens", draft)
+            self.drafts.append((row, len(row.tokens), [int(t) for t in tokens]))
+        return out
+
+    def budget_summary(self):
+        return None if self.budget is None else self.budget.summary()
+
+    def missed(self, ids, tokenizer, top: int = 12) -> dict:
+        """Among the last timed run's drafts: where the first wrong token was, the true token there
+        (decoded), counted; plus how many drafts were empty."""
+        from collections import Counter
+
+        wrong, empty, total = Counter(), 0, 0
+        for row, at, draft in self.drafts:
+            final = row.tokens
+            total += 1
+            if not draft:
+                if at < len(final):
+                    wrong["(no draft) " + tokenizer.decode([final[at]])] += 1
+                empty += 1
+                continue
+            for j, token in enumerate(draft):
+                if at + j >= len(final):
+                    break  # beyond the caption's end: the stop id (not kept in row.tokens)
+                if final[at + j] != token:
+                    wrong[tokenizer.decode([final[at + j]])] += 1
+                    break
+        return {"drafts": total, "empty": empty, "first_wrong": wrong.most_common(top)}
+
+
 def worker(args) -> dict:
     """Runs in a child process whose OMP_NUM_THREADS is already set."""
     import paddle
@@ -75,24 +126,25 @@ def worker(args) -> dict:
         model.eval()
         keep_transposed_head(model.lm_head)  # as load_predictor does: this model only predicts
         predictor = Predictor(model, QWenVLTokenizer.for_model(model.config), PromptTemplate.from_files(), gen)
-    drafter = load_drafter(args.speculative, args.model, predictor.tokenizer, args.draft_source,
-                           args.num_draft_tokens)
+    modes = [m for m in args.speculative.split(",") if m != "none"]
+    drafters = {mode: DraftProbe(load_drafter(mode, args.model, predictor.tokenizer, args.draft_source,
+                                              args.num_draft_tokens, model=predictor.model)) for mode in modes}
     rows = list(generate_split("test", args.images, seed=0))  # synthetic ad images, 320-640 px JPEG
     payloads = [row.image_b64 for row in rows]
 
     def images_of(chunk):
         return [predictor.preprocess(decode_image(b64decode_strict(p))) for p in chunk]
 
-    def run(batch_size: int, config=None, speculative=False):
-        ids, predictor.drafter = [], drafter if speculative else None
+    def run(batch_size: int, config=None, speculative=None):
+        ids, predictor.drafter = [], drafters[speculative].reset() if speculative else None
         stats = SpeculationStats()
         for i in range(0, len(payloads), batch_size):
             ids += predictor.generate_ids(images_of(payloads[i:i + batch_size]), config=config, stats=stats)
         predictor.drafter = None
         return ids, stats
 
-    def one_by_one(speculative=False):
-        predictor.drafter = drafter if speculative else None
+    def one_by_one(speculative=None):
+        predictor.drafter = drafters[speculative].reset() if speculative else None
         stats = SpeculationStats()
         ids = [predictor.generate_ids(images_of([p]), stats=stats)[0] for p in payloads]
         predictor.drafter = None
@@ -109,30 +161,33 @@ def worker(args) -> dict:
                 "tokens_per_s": tokens / seconds, "ms_per_image": 1e3 * seconds / n,
                 "speedup": n / seconds / base, "outputs_equal": ids == reference, "tokens": tokens, **extra}
 
-    def speculative_row(mode, batch_size, fn, plain, prefill, reference, base):
+    def speculative_row(mode, drafter, batch_size, fn, plain, prefill, reference, base):
         """`plain`, `prefill`: (wall, cpu) seconds of plain greedy and of its prefill at this batch size."""
         seconds, cpu, (ids, stats) = best_of_with_cpu(args.repeats, fn)
-        return row(mode, batch_size, seconds, ids, reference, base, cpu_seconds=cpu,
+        probe = drafters[drafter]
+        return row(mode, batch_size, seconds, ids, reference, base, cpu_seconds=cpu, drafter=drafter,
                    vs_plain_same_batch=plain[0] / seconds, cpu_vs_plain_same_batch=plain[1] / cpu,
                    decode_vs_plain_same_batch=(plain[0] - prefill[0]) / max(seconds - prefill[0], 1e-9),
-                   speculation=stats.summary())
+                   speculation=stats.summary(), draft_ms_per_image=1e3 * probe.seconds / n,
+                   budget=probe.budget_summary(), missed=probe.missed(ids, predictor.tokenizer))
 
     seconds, cpu, (reference, _) = best_of_with_cpu(args.repeats, one_by_one)
     base = n / seconds
     results = [row("one-by-one", 1, seconds, reference, reference, base, cpu_seconds=cpu)]
-    if drafter is not None:
+    if drafters:
         prefill = best_of_with_cpu(args.repeats, lambda: run(1, prefill_cfg))[:2]
         results[0]["prefill_ms_per_image"] = 1e3 * prefill[0] / n
-        results.append(speculative_row("one-by-one speculative", 1, lambda: one_by_one(True), (seconds, cpu),
-                                       prefill, reference, base))
+        for mode in drafters:
+            results.append(speculative_row(f"one-by-one {mode}", mode, 1, lambda: one_by_one(mode),
+                                           (seconds, cpu), prefill, reference, base))
     for batch_size in args.batch_sizes:
         seconds, cpu, (ids, _) = best_of_with_cpu(args.repeats, lambda: run(batch_size))
         prefill = best_of_with_cpu(args.repeats, lambda: run(batch_size, prefill_cfg))[:2]
         results.append(row("batched", batch_size, seconds, ids, reference, base, cpu_seconds=cpu,
                            prefill_ms_per_image=1e3 * prefill[0] / n))
-        if drafter is not None:
-            results.append(speculative_row("batched speculative", batch_size,
-                                           lambda: run(batch_size, speculative=True), (seconds, cpu), prefill,
+        for mode in drafters:
+            results.append(speculative_row(f"batched {mode}", mode, batch_size,
+                                           lambda: run(batch_size, speculative=mode), (seconds, cpu), prefill,
                                            reference, base))
 
     with tempfile.TemporaryDirectory() as tmp:  # the whole file path, as predict_batch.py runs it
@@ -161,14 +216,18 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
     parser.add_argument("--model", help="a trained model directory (default: the tiny config, random weights)")
-    parser.add_argument("--speculative", default="none", choices=SPECULATIVE_MODES,
-                        help="add speculative rows (needs --model: random weights accept no draft)")
+    parser.add_argument("--speculative", default="none",
+                        help="comma-separated drafters for speculative rows, from " + ", ".join(SPECULATIVE_MODES)
+                             + " (needs --model: random weights accept no draft)")
     parser.add_argument("--draft-source", help="captions file or datastore (default: MODEL/draft_datastore)")
     parser.add_argument("--num-draft-tokens", type=int, default=DEFAULT_DRAFT_TOKENS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report (default bench/results/predict.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    unknown = [m for m in args.speculative.split(",") if m not in SPECULATIVE_MODES]
+    if unknown:
+        parser.error(f"--speculative: unknown mode(s) {unknown} (choose from {', '.join(SPECULATIVE_MODES)})")
     if args.speculative != "none" and not args.model:
         parser.error("--speculative needs --model (a trained model: random weights accept no draft)")
 
@@ -229,14 +288,21 @@ def main() -> int:
     spec = [(run["threads"], r) for run in runs for r in run["results"] if "speculation" in r]
     if spec:
         print("\n| threads | mode | batch | vs plain, same batch | by CPU time | decode only | tokens per step | "
-              "accepted per verify step | acceptance |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "tokens per verify step | acceptance | drafting ms/image | plain / draft steps |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for threads, r in spec:
-            st = r["speculation"]
+            st, budget = r["speculation"], r.get("budget") or {}
+            per_verify = 1 + st["accepted_per_verify"]  # the row's own token + the accepted drafts
             print(f"| {threads} | {r['mode']} | {r['batch_size']} | {r['vs_plain_same_batch']:.2f}× | "
                   f"{r['cpu_vs_plain_same_batch']:.2f}× | "
                   f"{r['decode_vs_plain_same_batch']:.2f}× | {st['tokens_per_step']:.2f} | "
-                  f"{st['accepted_per_verify']:.2f} | {100 * st['acceptance_rate']:.1f}% |")
+                  f"{per_verify:.2f} | {100 * st['acceptance_rate']:.1f}% | {r['draft_ms_per_image']:.1f} | "
+                  f"{budget.get('plain_steps', '–')} / {budget.get('draft_steps', '–')} |")
+        print("\nfirst wrong draft token (the true token there), most frequent:")
+        for threads, r in spec:
+            if r["batch_size"] == 1:
+                print(f"- {threads} thread(s), {r['mode']}: " + ", ".join(
+                    f"{tok!r} {count}" for tok, count in r["missed"]["first_wrong"]))
     print(f"\nwrote {args.out} ({report['wall_seconds']:.0f} s)")
     return 0
 

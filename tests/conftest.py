@@ -109,3 +109,29 @@ def caption_data(tmp_path_factory):
     convert(root / "tsv" / "val.tsv", root / "val", opts=opts)
     return {"train": root / "train" / "records.jsonl", "val": root / "val" / "records.jsonl",
             "test_tsv": root / "tsv" / "test.tsv", "test_refs": root / "tsv" / "test_refs.tsv"}
+
+
+@pytest.fixture(scope="session")
+def trained_micro(tmp_path_factory):
+    """A micro model (real vocabulary) trained for 60 steps on 200 synthetic ads and merged to
+    root/model (with its draft datastore): long enough that its captions follow the ads' formula.
+    root/tsv holds train/val/test TSVs (test: 100 images), root/train and root/val the records."""
+    from paddle_caption.data.convert import RunOptions, convert
+    from paddle_caption.data.synthetic import write_dataset
+    from paddle_caption.train.config import TrainConfig
+    from paddle_caption.train.merge import merge
+    from paddle_caption.train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("trained_micro")
+    write_dataset(root / "tsv", 200, 24, 100, seed=5, workers=1, progress=False)
+    for split in ("train", "val"):
+        convert(root / "tsv" / f"{split}.tsv", root / split, opts=RunOptions(workers=1, progress=False))
+    model_json = micro_model_json(root)
+    cfg = {"model_config": str(model_json), "train_records": str(root / "train" / "records.jsonl"),
+           "learning_rate": 2e-2, "per_device_train_batch_size": 8, "max_steps": 60, "num_workers": 0,
+           "warmup_ratio": 0.05, "frozen": ["visual.*"], "output_dir": str(root / "run"), "progress": False}
+    Trainer(TrainConfig.from_dict(cfg).validate(), log=lambda *_: None).train()
+    notes = []
+    merge(str(model_json), root / "model", local_path=str(root / "run"), log=notes.append)
+    assert any(note.startswith("draft datastore: ") for note in notes)
+    return root

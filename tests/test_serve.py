@@ -576,7 +576,8 @@ def test_speculative_engine_answers_the_same_captions(predictor, images, alone):
     service's captions are the plain ones, alone and sharing batches, and /metrics counts drafts."""
     from paddle_caption.data.images import decode_image
     from paddle_caption.decoding.config import GenerationConfig
-    from paddle_caption.decoding.drafting import DraftDatastore, RetrievalDrafter
+    from paddle_caption.decoding.datastore import DraftDatastore
+    from paddle_caption.decoding.drafting import RetrievalDrafter
 
     tok = predictor.tokenizer
     ids = [predictor.generate_ids([predictor.preprocess(decode_image(img))], config=GenerationConfig(max_new_tokens=NEW))[0]

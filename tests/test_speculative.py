@@ -8,14 +8,14 @@ import numpy as np
 import paddle
 import pytest
 
-from .conftest import micro_model_json, random_image_prompts, small_config
+from .conftest import random_image_prompts, small_config
 
 NEW = 12
 
 
 # ------------------------------------------------------------------------------------ the datastore
 def test_suffix_array_sorts_every_suffix_by_its_first_depth_tokens():
-    from paddle_caption.decoding.drafting import suffix_array
+    from paddle_caption.decoding.datastore import suffix_array
 
     rng = np.random.default_rng(0)
     for n, vocab, depth in ((1, 3, 4), (50, 2, 4), (300, 5, 8), (400, 40, 16)):
@@ -27,7 +27,7 @@ def test_suffix_array_sorts_every_suffix_by_its_first_depth_tokens():
 
 
 def build_store(captions: list[list[int]], depth: int = 16):
-    from paddle_caption.decoding.drafting import DraftDatastore
+    from paddle_caption.decoding.datastore import DraftDatastore
 
     return DraftDatastore.build(captions, depth=depth)
 
@@ -38,7 +38,7 @@ def occurrences(store, pattern) -> list[int]:
 
 
 def test_find_returns_exactly_the_occurrences_and_most_frequent_the_mode():
-    from paddle_caption.decoding.drafting import START
+    from paddle_caption.decoding.datastore import START
 
     rng = np.random.default_rng(1)
     captions = [list(rng.integers(0, 6, rng.integers(1, 12))) for _ in range(200)]
@@ -63,7 +63,7 @@ def test_wide_ranges_pick_the_mode_from_a_sample_and_narrow_exactly():
 
 
 def test_save_load_round_trip_and_format_errors(tmp_path):
-    from paddle_caption.decoding.drafting import DraftDatastore
+    from paddle_caption.decoding.datastore import DraftDatastore
     from paddle_caption.runtime import UserError
 
     store = build_store([[1, 2, 3], [1, 2, 4], [5]])
@@ -81,7 +81,7 @@ def test_save_load_round_trip_and_format_errors(tmp_path):
 
 
 def test_captions_files_and_their_errors(tmp_path):
-    from paddle_caption.decoding.drafting import DraftDatastore, load_datastore, read_captions
+    from paddle_caption.decoding.datastore import DraftDatastore, load_datastore, read_captions
     from paddle_caption.runtime import UserError
     from paddle_caption.tokenizer import QWenVLTokenizer
 
@@ -118,21 +118,21 @@ def test_retrieval_drafter_follows_the_longest_matching_suffix():
     store = build_store(captions)
     drafter = RetrievalDrafter(store, num_draft_tokens=8, stop_ids=(stop,))
     row = FakeRow([])
-    assert drafter.draft(row, 8).tolist() == [1, 2, 3, 4, 5, stop]  # the most frequent caption, to its stop
+    assert drafter.draft(row, 8).tokens.tolist() == [1, 2, 3, 4, 5, stop]  # the most frequent caption, to its stop
     row.tokens += [1, 2, 3, 6]
-    assert drafter.draft(row, 8).tolist() == [7, stop]
-    assert drafter.draft(row, 1).tolist() == [7]  # the limit (max_new_tokens, cache room) holds
+    assert drafter.draft(row, 8).tokens.tolist() == [7, stop]
+    assert drafter.draft(row, 1).tokens.tolist() == [7]  # the limit (max_new_tokens, cache room) holds
     row.tokens += [0, 3, 4]  # 0 occurs nowhere: the match falls back to the longest suffix, [3, 4]
-    assert drafter.draft(row, 8).tolist() == [5, stop]  # [3, 4] continues as 5 three times, 9 once
+    assert drafter.draft(row, 8).tokens.tolist() == [5, stop]  # [3, 4] continues as 5 three times, 9 once
     assert row.draft_state.start == 1 + 5  # text = [START, 1, 2, 3, 6, 0, 3, 4]: suffix [3, 4]
     row.tokens += [77]  # occurs nowhere: no match, no draft
-    assert drafter.draft(row, 8).tolist() == []
+    assert drafter.draft(row, 8).tokens.tolist() == []
     row.tokens += [8]  # matches again
-    assert drafter.draft(row, 8).tolist() == [3, 4, 9, stop]
+    assert drafter.draft(row, 8).tokens.tolist() == [3, 4, 9, stop]
     # min_share: stop before a token that less than that share of the matches continue with
     unsure = RetrievalDrafter(store, num_draft_tokens=8, stop_ids=(stop,), min_share=0.8)
-    assert unsure.draft(FakeRow([1, 2]), 8).tolist() == [3]  # then 4 in 3 of 4 matches only
-    assert unsure.draft(FakeRow([1, 2, 3, 4]), 8).tolist() == [5, stop]
+    assert unsure.draft(FakeRow([1, 2]), 8).tokens.tolist() == [3]  # then 4 in 3 of 4 matches only
+    assert unsure.draft(FakeRow([1, 2, 3, 4]), 8).tokens.tolist() == [5, stop]
     with pytest.raises(ValueError, match="num_draft_tokens"):
         RetrievalDrafter(store, num_draft_tokens=16)
 
@@ -354,27 +354,10 @@ def test_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
 
 # ------------------------------------------------------------------------------------ a trained model
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A micro model (real vocabulary) trained for 60 steps on synthetic ads: long enough that its
-    captions follow the ads' formula, so drafts from the training captions get accepted."""
-    from paddle_caption.data.convert import RunOptions, convert
-    from paddle_caption.data.synthetic import write_dataset
-    from paddle_caption.train.config import TrainConfig
-    from paddle_caption.train.merge import merge
-    from paddle_caption.train.trainer import Trainer
-
-    root = tmp_path_factory.mktemp("speculative")
-    write_dataset(root / "tsv", 200, 0, 100, seed=5, workers=1, progress=False)
-    convert(root / "tsv" / "train.tsv", root / "train", opts=RunOptions(workers=1, progress=False))
-    model_json = micro_model_json(root)
-    cfg = {"model_config": str(model_json), "train_records": str(root / "train" / "records.jsonl"),
-           "learning_rate": 2e-2, "per_device_train_batch_size": 8, "max_steps": 60, "num_workers": 0,
-           "warmup_ratio": 0.05, "frozen": ["visual.*"], "output_dir": str(root / "run"), "progress": False}
-    Trainer(TrainConfig.from_dict(cfg).validate(), log=lambda *_: None).train()
-    notes = []
-    merge(str(model_json), root / "model", local_path=str(root / "run"), log=notes.append)
-    assert any(note.startswith("draft datastore: ") for note in notes)
-    return root
+def trained(trained_micro):
+    """The shared trained micro model (conftest.trained_micro): its captions follow the ads' formula,
+    so drafts from the training captions get accepted."""
+    return trained_micro
 
 
 @pytest.mark.slow

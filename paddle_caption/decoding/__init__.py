@@ -8,8 +8,11 @@
 - `scheduler.py`: `ContinuousBatch`, greedy, sampling and beam requests joining and leaving one
   batch at step boundaries, with speculative verification of drafted tokens;
 - `generate.py`: `generate`, the one-call API on top of the scheduler;
-- `drafting.py`: the retrieval datastore and drafter speculative decoding drafts with;
+- `datastore.py`: the training captions' suffix-array datastore retrieval drafting reads;
+- `drafting.py`: `Draft`, the retrieval drafter and `load_drafter` (what `--speculative` builds);
+- `head_drafting.py`: drafting from the model's hidden state with Medusa heads, and the hybrid;
+- `draft_budget.py`: how many draft tokens a step feeds, from the step's measured cost;
 - `output_head.py`: the output layer's transposed weight kept while decoding (fast few-row logits).
 
-Importing `config`, `derive` and `drafting` loads no Paddle (command lines parse before the model loads).
+Importing `config`, `derive`, `datastore` and `drafting` loads no Paddle (command lines parse before the model loads).
 """

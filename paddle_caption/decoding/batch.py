@@ -32,6 +32,8 @@ class DecodeBatch:
         batch = DecodeBatch(model)          # empty
         new = batch.add(prompts, images)    # prefill new rows; they join the running rows at the end
         batch.logits                        # [rows, vocab] float32 next-token logits, one per row
+        batch.hidden                        # [rows, C] the final hidden states they come from
+                                            # (draft heads read them), or None if the model has none
         batch.step(tokens)                  # feed one token per row; refreshes `logits`
         batch.step_many(tokens, lengths)    # feed several tokens per row in one forward -> the
                                             # logits after each of them
@@ -64,6 +66,7 @@ class DecodeBatch:
         self.past = None  # per layer (k, v), each [rows, heads, width, head_dim]
         self.mask = None  # int64 [rows, width]: 1 = real token
         self.logits = np.zeros((0, 0), dtype=np.float32)
+        self.hidden = None  # float32 [rows, C], row i's final hidden state behind logits[i]
         self._fed = None  # after step_many, until the next change: what rollback needs
 
     def __len__(self) -> int:
@@ -82,10 +85,11 @@ class DecodeBatch:
             out = self.model(paddle.to_tensor(ids), images=images, attention_mask=mask,
                              use_cache=True, last_logits_only=True)
         logits = out.logits[:, -1].astype("float32").numpy()
+        hidden = _hidden_rows(out)
         first = len(self)
         self._fed = None
         if self.past is None:
-            self.past, self.mask, self.logits = out.past_key_values, mask, logits
+            self.past, self.mask, self.logits, self.hidden = out.past_key_values, mask, logits, hidden
         else:
             width = max(self.width, int(mask.shape[1]))
             self.past = [(paddle.concat([_pad_left(k_old, width), _pad_left(k_new, width)], axis=0),
@@ -93,6 +97,8 @@ class DecodeBatch:
                          for (k_old, v_old), (k_new, v_new) in zip(self.past, out.past_key_values)]
             self.mask = paddle.concat([_pad_left(self.mask, width), _pad_left(mask, width)], axis=0)
             self.logits = np.concatenate([self.logits, logits])
+            self.hidden = (None if self.hidden is None or hidden is None
+                           else np.concatenate([self.hidden, hidden]))
         return np.arange(first, len(self))
 
     def step(self, tokens: np.ndarray) -> None:
@@ -120,14 +126,15 @@ class DecodeBatch:
         self.past = out.past_key_values
         logits = out.logits if out.logits.dtype == paddle.float32 else out.logits.astype("float32")
         logits = as_numpy(logits)  # [sum(lengths), vocab]; a view
-        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits)
+        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits, _hidden_rows(out))
         self._select(lengths)
         return logits
 
     def _select(self, kept: np.ndarray) -> None:
         """`logits` from the fed positions: row i's after its kept[i]-th fed token."""
-        _, _, starts, logits = self._fed
+        _, _, starts, logits, hidden = self._fed
         self.logits = logits[starts + kept - 1]  # a copy: callers may edit it (repetition penalty)
+        self.hidden = None if hidden is None else hidden[starts + kept - 1]
 
     def rollback(self, kept) -> None:
         """After `step_many`: keep only the first kept[i] (>= 1) tokens fed to row i, as if no more
@@ -201,6 +208,7 @@ class DecodeBatch:
             return
         self._fed = None
         self.logits = self.logits[rows]
+        self.hidden = None if self.hidden is None else self.hidden[rows]
         index = paddle.to_tensor(rows)
         mask = paddle.gather(self.mask, index)
         used = np.flatnonzero(mask.numpy().any(axis=0))
@@ -208,6 +216,15 @@ class DecodeBatch:
         self.mask = mask[:, first:] if first else mask
         self.past = [(_cut_left(paddle.gather(k, index), first), _cut_left(paddle.gather(v, index), first))
                      for k, v in self.past]
+
+
+def _hidden_rows(out) -> np.ndarray | None:
+    """The model output's final hidden states as float32 numpy [rows, C] (None if it has none)."""
+    hidden = getattr(out, "hidden", None)
+    if hidden is None:
+        return None
+    hidden = hidden if isinstance(hidden, np.ndarray) else hidden.astype("float32").numpy()
+    return np.asarray(hidden, dtype=np.float32).reshape(-1, hidden.shape[-1])
 
 
 def _pad_left(x, width: int):

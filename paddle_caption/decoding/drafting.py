@@ -1,12 +1,6 @@
-"""Retrieval drafting for speculative decoding: a suffix array over caption token ids (as REST).
-
-The datastore is every caption of a captions file (the training records by default), tokenised,
-each followed by `<|im_end|>` (what the model is trained to emit last) and preceded by a start
-marker, concatenated into one int32 array `tokens`; `suffix_array` lists every position of it
-sorted by the `depth` tokens that follow (a suffix array cut at that depth: positions equal that far
-keep their order). A token pattern's occurrences are then one contiguous range of the suffix array,
-found by binary search, and because the range is sorted by what follows the pattern, the most
-frequent continuation is the longest run of equal tokens in it, found again by binary search.
+"""Drafting for speculative decoding: the drafts every drafter returns (`Draft`), retrieval drafting
+from the training captions (`RetrievalDrafter`, over `datastore.DraftDatastore`), and `load_drafter`,
+which builds the drafter `--speculative` names (retrieval, heads, hybrid: see head_drafting.py).
 
 `RetrievalDrafter` keeps, per decoded row, the longest suffix of the row's text so far (start
 marker + generated tokens) that occurs in the datastore, with its range, and extends it as tokens
@@ -14,187 +8,60 @@ are accepted (one binary search per token; a fresh search only when the text lea
 caption). It drafts by following the most frequent continuation for up to `num_draft_tokens`
 tokens. The drafts only decide speed: `scheduler.ContinuousBatch` verifies every draft against the
 model's own greedy choice, so the output is plain greedy's whatever the datastore holds.
-
-On disk (a directory, written atomically): `tokens.npy`, `suffix_array.npy` (int32, memory-mapped
-on load: a datastore of 1M captions loads in milliseconds and pages in what lookups touch) and
-`datastore.json` (format, depth, counts, source). `tools/merge_local_params.py` builds one into the
-model directory from the run's training records (`draft_datastore/`); `load_drafter` is what
-`predict_batch.py --speculative` and the caption service use.
 """
 from __future__ import annotations
 
-import bisect
-import json
-import os
-import shutil
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
-from ..data.records import iter_captions
-from ..files import iter_text_lines, write_json
 from ..runtime import UserError
+from .datastore import START, DraftDatastore, load_datastore
 
-DATASTORE_DIR = "draft_datastore"
-FORMAT = "paddle_caption.draft_datastore/1"
-START = -1  # marks the beginning of every caption (and of every row's text when matching)
-END = -2  # after the last caption, `depth` times: every read `tokens[p + d]` (d <= depth) is in range
-DEFAULT_DEPTH = 64
-SPECULATIVE_MODES = ("none", "retrieval")
+SPECULATIVE_MODES = ("none", "retrieval", "heads", "hybrid")
 DEFAULT_DRAFT_TOKENS = 16
 DEFAULT_MIN_SHARE = 0.5
-_EXACT = 1024  # ranges up to this width are scanned whole
-_SAMPLE = 256  # wider ones find their most frequent continuation among this many evenly spaced entries
 
 
-def suffix_array(tokens: np.ndarray, depth: int) -> np.ndarray:
-    """Positions of `tokens` sorted by the (up to) `depth` tokens starting there (prefix doubling:
-    one argsort per doubling of the compared length, so log2(depth) sorts). Past the end of the
-    array counts as smaller than every token."""
-    n = len(tokens)
-    if n == 0:
-        return np.zeros(0, dtype=np.int32)
-    _, rank = np.unique(tokens, return_inverse=True)
-    rank = rank.astype(np.int64) + 1  # 0 is reserved for "past the end"
-    order = np.argsort(rank, kind="stable")
-    width = 1  # `rank` orders suffixes by their first `width` tokens
-    while width < depth and rank.max() < n:  # all distinct: longer prefixes change nothing
-        following = np.zeros(n, dtype=np.int64)
-        following[:n - width] = rank[width:]
-        key = rank * (n + 1) + following
-        order = np.argsort(key, kind="stable")
-        ordered = key[order]
-        fresh = np.empty(n, dtype=np.bool_)
-        fresh[0] = True
-        np.not_equal(ordered[1:], ordered[:-1], out=fresh[1:])
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.cumsum(fresh)
-        width *= 2
-    return order.astype(np.int32)
+@dataclass
+class Draft:
+    """Drafted tokens and each one's conditional probability of being right (same length)."""
 
-
-class DraftDatastore:
-    """Caption token ids and their suffix array (see the module docstring)."""
-
-    def __init__(self, tokens: np.ndarray, suffix: np.ndarray, depth: int, info: dict | None = None):
-        self.tokens, self.suffix, self.depth = tokens, suffix, int(depth)
-        self.info = dict(info or {})
-        self.size = len(suffix)  # real positions (the END tail is not in the suffix array)
-
-    # ---- building, saving, loading ----------------------------------------------------------------
-    @classmethod
-    def build(cls, sequences: Iterable, depth: int = DEFAULT_DEPTH, **info) -> "DraftDatastore":
-        """From token id sequences (each one caption, its stop id included)."""
-        if depth < 2:
-            raise ValueError("depth must be >= 2")
-        parts, count = [], 0
-        for seq in sequences:
-            seq = np.asarray(seq, dtype=np.int64)
-            if len(seq) == 0:
-                continue
-            if seq.min() < 0 or seq.max() >= 2 ** 31:
-                raise ValueError("token ids must be in [0, 2**31)")
-            parts.append(np.concatenate([[START], seq]))
-            count += 1
-        body = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
-        start = time.perf_counter()
-        suffix = suffix_array(body, depth)
-        tokens = np.concatenate([body, np.full(depth + 1, END, dtype=np.int32)])
-        info.update(captions=count, tokens=int(len(body)), build_seconds=round(time.perf_counter() - start, 3))
-        return cls(tokens, suffix, depth, info)
+    tokens: np.ndarray
+    probs: np.ndarray
 
     @classmethod
-    def from_captions(cls, captions: Iterable[str], tokenizer, depth: int = DEFAULT_DEPTH,
-                      **info) -> "DraftDatastore":
-        """Each caption as the model is trained to write it: its BPE ids, then `<|im_end|>`."""
-        stop = tokenizer.im_end_id
-        return cls.build((ids + [stop] for ids in tokenizer.encode_batch(list(captions))), depth, **info)
+    def empty(cls) -> "Draft":
+        return cls(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, tokenizer, depth: int = DEFAULT_DEPTH) -> "DraftDatastore":
-        """From a captions file: `.jsonl` lines with a "caption" (records.jsonl), else one caption
-        per line of text."""
-        return cls.from_captions(read_captions(path), tokenizer, depth, source=str(Path(path).resolve()))
+    def of(cls, proposal) -> "Draft":
+        """A drafter's proposal as a Draft: token arrays without estimates count as certain."""
+        if isinstance(proposal, Draft):
+            return proposal
+        tokens = np.asarray(proposal, dtype=np.int64).reshape(-1)
+        return cls(tokens, np.ones(len(tokens), dtype=np.float64))
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the directory atomically (temp directory + rename)."""
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "tokens.npy", np.ascontiguousarray(self.tokens, dtype=np.int32))
-        np.save(tmp / "suffix_array.npy", np.ascontiguousarray(self.suffix, dtype=np.int32))
-        write_json(tmp / "datastore.json", {"format": FORMAT, "depth": self.depth, **self.info})
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-        return directory
+    def __len__(self) -> int:
+        return len(self.tokens)
 
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "DraftDatastore":
-        directory = Path(directory)
-        meta_path = directory / "datastore.json"
-        if not meta_path.is_file():
-            raise UserError(f"{directory}: not a draft datastore (no datastore.json)")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{meta_path}: unreadable ({err})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise UserError(f"{meta_path}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                            f"expected {FORMAT!r}")
-        try:  # mapped, not read; plain ndarray views index faster than np.memmap's Python __getitem__
-            tokens = np.load(directory / "tokens.npy", mmap_mode="r").view(np.ndarray)
-            suffix = np.load(directory / "suffix_array.npy", mmap_mode="r").view(np.ndarray)
-        except (OSError, ValueError) as err:
-            raise UserError(f"{directory}: cannot read the datastore arrays ({err})") from None
-        depth = meta.pop("depth", None)
-        meta.pop("format")
-        if (tokens.dtype != np.int32 or suffix.dtype != np.int32 or not isinstance(depth, int)
-                or len(tokens) != len(suffix) + depth + 1):
-            raise UserError(f"{directory}: tokens.npy and suffix_array.npy do not match datastore.json")
-        return cls(tokens, suffix, depth, meta)
+    def cut(self, n: int) -> "Draft":
+        return Draft(self.tokens[:n], self.probs[:n])
 
-    # ---- lookups ----------------------------------------------------------------------------------
-    def _at(self, offset: int):
-        """key(i) = the token `offset` places into the suffix at suffix-array index i."""
-        tokens, suffix = self.tokens, self.suffix
-        return lambda i: tokens[suffix[i] + offset]
+    @property
+    def cumulative(self) -> np.ndarray:
+        """P(the first j+1 tokens are all accepted), as the drafter estimates it."""
+        return np.cumprod(self.probs)
 
-    def narrow(self, lo: int, hi: int, offset: int, token: int) -> tuple[int, int]:
-        """Within [lo, hi) (suffixes equal in their first `offset` tokens), the sub-range whose
-        token at `offset` is `token` (empty: lo == hi)."""
-        if hi - lo <= _EXACT:
-            values = self.tokens[self.suffix[lo:hi] + offset]
-            return lo + int(np.searchsorted(values, token, "left")), lo + int(np.searchsorted(values, token, "right"))
-        key = self._at(offset)
-        first = bisect.bisect_left(range(self.size), token, lo, hi, key=key)
-        return first, bisect.bisect_right(range(self.size), token, first, hi, key=key)
 
-    def find(self, pattern) -> tuple[int, int]:
-        """The suffix-array range of `pattern`'s occurrences (len(pattern) <= depth)."""
-        lo, hi = 0, self.size
-        for offset, token in enumerate(pattern):
-            lo, hi = self.narrow(lo, hi, offset, int(token))
-            if lo == hi:
-                break
-        return lo, hi
+@dataclass
+class _Cursor:
+    """A hypothetical continuation of a row's text and its match: text[start:] occurs at [lo, hi)."""
 
-    def most_frequent(self, lo: int, hi: int, offset: int) -> tuple[int, int, int]:
-        """(token, lo, hi): the most frequent token at `offset` in [lo, hi) and its sub-range. Wide
-        ranges pick it from an even sample (a draft needs a likely token, not a census)."""
-        if hi - lo <= _EXACT:
-            values = self.tokens[self.suffix[lo:hi] + offset]
-        else:
-            values = self.tokens[self.suffix[lo + (np.arange(_SAMPLE) * (hi - lo)) // _SAMPLE] + offset]
-        bounds = np.flatnonzero(np.diff(values)) + 1
-        starts = np.concatenate([[0], bounds])
-        lengths = np.diff(np.concatenate([starts, [len(values)]]))
-        token = int(values[starts[int(np.argmax(lengths))]])
-        return (token, *self.narrow(lo, hi, offset, token))
+    text: list
+    start: int
+    lo: int
+    hi: int
 
 
 @dataclass
@@ -230,31 +97,63 @@ class RetrievalDrafter:
         self.max_match = store.depth - self.num_draft_tokens
         self.resync_length = max(1, self.max_match // 2)
 
-    def propose(self, rows, limits) -> list[np.ndarray]:
+    def propose(self, rows, limits, hidden=None) -> list[Draft]:
         return [self.draft(row, limit) for row, limit in zip(rows, limits)]
 
-    def draft(self, row, limit: int) -> np.ndarray:
+    def draft(self, row, limit: int) -> Draft:
         limit = min(int(limit), self.num_draft_tokens)
         if limit <= 0:
-            return np.zeros(0, dtype=np.int64)
+            return Draft.empty()
+        cursor, out, probs, share = self.cursor(row), [], [], 1.0
+        while len(out) < limit:
+            choice = self.peek(cursor)
+            if choice is None:
+                break
+            token, step = choice
+            # The share of the matches that continue this way all along the draft: an estimate of
+            # the chance the whole draft is accepted. Below min_share the token is not worth a place.
+            share *= step
+            if share < self.min_share:
+                break
+            out.append(token)
+            probs.append(step)
+            if token in self.stop_ids:
+                break
+            self.advance(cursor, token)
+        return Draft(np.asarray(out, dtype=np.int64), np.asarray(probs, dtype=np.float64))
+
+    # ---- a cursor over a hypothetical continuation (draft() and the hybrid drafter walk it) ----------
+    def cursor(self, row) -> "_Cursor":
+        """Where the row's text so far (start marker + its tokens) stands in the datastore."""
         text = [START] + list(row.tokens)
         match = self._update(getattr(row, "draft_state", None), text)
         row.draft_state = match
-        store, out, share = self.store, [], 1.0
-        lo, hi, offset = match.lo, match.hi, len(text) - match.start
-        while len(out) < limit and hi > lo and offset > 0:  # an empty match predicts nothing
-            token, run_lo, run_hi = store.most_frequent(lo, hi, offset)
-            # The share of the matches that continue this way all along the draft: an estimate of
-            # the chance the whole draft is accepted. Below min_share the token is not worth a place.
-            share *= (run_hi - run_lo) / (hi - lo)
-            if token < 0 or share < self.min_share:  # token < 0: a caption's start or the store's end
-                break
-            out.append(token)
-            lo, hi = run_lo, run_hi
-            offset += 1
-            if token in self.stop_ids:
-                break
-        return np.asarray(out, dtype=np.int64)
+        return _Cursor(text, match.start, match.lo, match.hi)
+
+    def peek(self, cursor: "_Cursor") -> tuple[int, float] | None:
+        """(the most frequent next token after the cursor's text, the share of matches that continue
+        with it), or None when the datastore predicts nothing there."""
+        offset = len(cursor.text) - cursor.start
+        if cursor.hi <= cursor.lo or offset <= 0 or offset >= self.store.depth:
+            return None
+        token, run_lo, run_hi = self.store.most_frequent(cursor.lo, cursor.hi, offset)
+        if token < 0:  # a caption's start or the store's end
+            return None
+        return token, (run_hi - run_lo) / (cursor.hi - cursor.lo)
+
+    def advance(self, cursor: "_Cursor", token: int) -> None:
+        """Extend the cursor's text by `token` (any token: the hybrid drafter also feeds the heads'):
+        narrow the match, or find the longest matching suffix again when the text leaves every
+        stored caption (or outgrows the sorted depth)."""
+        offset = len(cursor.text) - cursor.start
+        cursor.text.append(int(token))
+        if cursor.hi > cursor.lo and offset < self.store.depth - 1:
+            lo, hi = self.store.narrow(cursor.lo, cursor.hi, offset, int(token))
+            if lo < hi:
+                cursor.lo, cursor.hi = lo, hi
+                return
+        match = self._longest_suffix(cursor.text)
+        cursor.start, cursor.lo, cursor.hi = match.start, match.lo, match.hi
 
     def _update(self, match: _Match | None, text: list) -> _Match:
         """Take in the tokens added to `text` since the last call."""
@@ -287,46 +186,65 @@ class RetrievalDrafter:
         return _Match(*best, seen=len(text))
 
 
-def read_captions(path: str | os.PathLike) -> list[str]:
-    """The captions of a JSON-lines file (records.jsonl, curated samples, a caption export: read by
-    `data.records.iter_captions`) or of a text file (one caption per line); blank lines are skipped."""
-    path = Path(path)
-    if path.suffix.lower() == ".jsonl":
-        return list(iter_captions(path))
-    return [where_line[1].strip() for where_line in iter_text_lines(path, "captions file")]
-
-
-def load_datastore(model_dir: str | os.PathLike | None, tokenizer, source: str | os.PathLike | None = None,
-                   log=None) -> DraftDatastore:
-    """`source` (a datastore directory, or a captions file to build one from in memory), else
-    MODEL_DIR/draft_datastore."""
-    if source is not None:
-        path = Path(source)
-        if path.is_dir():
-            return DraftDatastore.load(path)
-        if not path.is_file():
-            raise UserError(f"draft source {path}: no such file or directory")
-        store = DraftDatastore.from_file(path, tokenizer)
-        if log is not None:
-            log(f"built a draft datastore from {path}: {store.info['captions']} captions, "
-                f"{store.info['tokens']} tokens in {store.info['build_seconds']:.1f} s")
-        return store
-    path = Path(model_dir or ".") / DATASTORE_DIR
-    if not path.is_dir():
-        raise UserError(f"{model_dir} has no {DATASTORE_DIR}/ (tools/merge_local_params.py builds it from "
-                        "the training records): pass a captions file or datastore as the draft source")
-    return DraftDatastore.load(path)
-
-
 def load_drafter(mode: str, model_dir, tokenizer, source=None, num_draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-                 min_share: float = DEFAULT_MIN_SHARE, log=None):
-    """The drafter `predict_batch.py --speculative MODE` uses (None for "none")."""
+                 min_share: float = DEFAULT_MIN_SHARE, log=None, model=None, budget: bool = True):
+    """The drafter `predict_batch.py --speculative MODE` uses (None for "none"):
+
+    - "retrieval": the training captions' datastore (`source`, else MODEL_DIR/draft_datastore);
+    - "heads": the model's draft heads (`model.draft_heads`, else MODEL_DIR/draft_heads.*; trained
+      by the `draft_heads` fine-tune mode), see `head_drafting.HeadDrafter`;
+    - "hybrid": both, the more confident at each draft position (`head_drafting.HybridDrafter`).
+
+    With `budget` (default) each step feeds only the draft tokens that pay on this machine
+    (`draft_budget.DraftBudget`), down to a plain step."""
     if mode not in SPECULATIVE_MODES:
         raise UserError(f"speculative mode must be one of {', '.join(SPECULATIVE_MODES)}, not {mode!r}")
     if mode == "none":
         return None
-    store = load_datastore(model_dir, tokenizer, source, log)
-    try:
-        return RetrievalDrafter(store, num_draft_tokens, stop_ids=tokenizer.stop_ids, min_share=min_share)
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    from .draft_budget import DraftBudget
+
+    retrieval = heads = None
+    if mode in ("retrieval", "hybrid"):
+        store = load_datastore(model_dir, tokenizer, source, log)
+        try:
+            retrieval = RetrievalDrafter(store, num_draft_tokens, stop_ids=tokenizer.stop_ids, min_share=min_share)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+    if mode in ("heads", "hybrid"):
+        heads = load_head_drafter(model, model_dir, tokenizer)
+    drafter = retrieval if mode == "retrieval" else heads if mode == "heads" else None
+    if drafter is None:
+        from .head_drafting import HybridDrafter
+
+        drafter = HybridDrafter(retrieval, heads)
+    drafter.budget = DraftBudget() if budget else None
+    return drafter
+
+
+def load_head_drafter(model, model_dir, tokenizer):
+    """A `HeadDrafter` over the model's draft heads (loaded with it, or from MODEL_DIR)."""
+    from ..model.draft_heads import HeadWeights, has_draft_heads
+    from .head_drafting import HeadDrafter
+
+    layer = getattr(model, "draft_heads", None) if model is not None else None
+    if layer is not None:
+        weights = HeadWeights.from_layer(layer)
+    elif has_draft_heads(model_dir):
+        weights = HeadWeights.from_directory(model_dir)
+    else:
+        raise UserError(f"{model_dir} has no draft heads (draft_heads.json): train them with a config "
+                        "whose finetune_mode is 'draft_heads' (docs/decoding.md), or use --speculative retrieval")
+    lm_head_t = None
+    if not weights.config.draft_vocab:  # heads that project through the model's own output layer
+        lm_head_t = output_layer_transposed(model)
+    return HeadDrafter(weights, lm_head_t, stop_ids=tokenizer.stop_ids)
+
+
+def output_layer_transposed(model) -> np.ndarray:
+    """The output layer's weight as a [vocab, hidden] float32 array (eager model or exported engine)."""
+    head = getattr(model, "head", None)
+    if head is not None and hasattr(head, "weight_t"):  # deploy.engine.OutputHead
+        return head.weight_t
+    from ..model.numpy_bridge import as_numpy
+
+    return np.ascontiguousarray(as_numpy(model.lm_head.weight.astype("float32")).T)

@@ -16,9 +16,12 @@ exactly the token plain greedy decoding would have produced at that point (same 
 rules, repetition penalty included), so the output is plain greedy's token for token, one-by-one or
 batched (tested); the speed-up is the accepted tokens, which cost one forward for several.
 Sampling and beam rows ride along with one token each. `SpeculationStats` counts what drafting did.
+A drafter with a `budget` (`draft_budget.DraftBudget`) has each step's drafts cut to the width
+that pays on this machine, down to a plain step.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,6 +29,7 @@ import numpy as np
 from .batch import DecodeBatch, repeat_images
 from .beam import BeamSearch
 from .config import GenerationConfig
+from .drafting import Draft
 from .logits import apply_repetition_penalty, sample_tokens
 
 
@@ -170,23 +174,35 @@ class ContinuousBatch:
             return finished
         tokens = np.asarray(feed, dtype=np.int64)
         drafts = self._drafts()
+        budget = getattr(self.drafter, "budget", None)
+        width = 0 if drafts is None else max(len(d) for d in drafts)
+        if budget is not None and drafts is not None:
+            width = budget.choose(drafts)
+            drafts = [d.cut(width) for d in drafts] if width else None
         self.stats.steps += 1
         self.stats.row_steps += len(self.rows)
+        started = time.perf_counter()
         if drafts is None:
             self.decoder.step(tokens)
+            if budget is not None:
+                budget.record(len(self.rows), 0, time.perf_counter() - started)
             return finished
         lengths = np.array([1 + len(d) for d in drafts], dtype=np.int64)
         fed = np.full((len(self.rows), int(lengths.max())), self.decoder.pad_id, dtype=np.int64)
         fed[:, 0] = tokens
         for i, draft in enumerate(drafts):
-            fed[i, 1:1 + len(draft)] = draft
+            fed[i, 1:1 + len(draft)] = draft.tokens
         logits = self.decoder.step_many(fed, lengths)
-        kept = [1 + self._verify(row, draft, logits[start:start + len(draft)])
+        kept = [1 + self._verify(row, draft.tokens, logits[start:start + len(draft)])
                 for row, draft, start in zip(self.rows, drafts, np.cumsum(lengths) - lengths)]
         self.decoder.rollback(kept)
+        accepted = sum(kept) - len(kept)
+        if budget is not None:
+            budget.record(len(self.rows), width, time.perf_counter() - started,
+                          expected=float(sum(d.cumulative.sum() for d in drafts)), accepted=accepted)
         self.stats.verify_steps += sum(1 for d in drafts if len(d))
         self.stats.drafted += int(lengths.sum()) - len(lengths)
-        self.stats.accepted += sum(kept) - len(kept)
+        self.stats.accepted += accepted
         return finished + self._leave([row.finish_reason is not None for row in self.rows])
 
     def _choose(self, logits: np.ndarray) -> np.ndarray:
@@ -239,9 +255,10 @@ class ContinuousBatch:
         self._keep([i for i, d in enumerate(done) if not d])
         return finished
 
-    def _drafts(self) -> list[np.ndarray] | None:
+    def _drafts(self) -> list[Draft] | None:
         """Drafted tokens per row (greedy rows only, within max_new_tokens and the cache's room),
-        or None when no row has any."""
+        or None when no row has any. Drafters that read hidden states (`needs_hidden`: draft heads)
+        get each greedy row's final hidden state behind the token it just chose."""
         if self.drafter is None:
             return None
         room = self.decoder.feed_room(1 + self.drafter.num_draft_tokens) - 1  # the row's own token takes one
@@ -249,13 +266,18 @@ class ContinuousBatch:
         if room < 1 or not greedy:
             return None
         limits = [min(room, self.rows[i].config.max_new_tokens - len(self.rows[i].tokens)) for i in greedy]
-        proposed = self.drafter.propose([self.rows[i] for i in greedy], limits)
-        drafts = [np.zeros(0, dtype=np.int64)] * len(self.rows)
+        rows = [self.rows[i] for i in greedy]
+        if getattr(self.drafter, "needs_hidden", False):
+            hidden = None if self.decoder.hidden is None else self.decoder.hidden[greedy]
+            proposed = self.drafter.propose(rows, limits, hidden)
+        else:
+            proposed = self.drafter.propose(rows, limits)
+        drafts = [Draft.empty()] * len(self.rows)
         vocab = self.decoder.model.config.vocab_size
         for i, draft, limit in zip(greedy, proposed, limits):
-            draft = np.asarray(draft, dtype=np.int64)[:limit]
-            outside = np.flatnonzero((draft < 0) | (draft >= vocab))  # e.g. another vocabulary's datastore
-            drafts[i] = draft[:outside[0]] if len(outside) else draft
+            draft = Draft.of(draft).cut(limit)
+            outside = np.flatnonzero((draft.tokens < 0) | (draft.tokens >= vocab))  # e.g. another vocabulary's datastore
+            drafts[i] = draft.cut(outside[0]) if len(outside) else draft
         return drafts if any(len(d) for d in drafts) else None
 
     def _verify(self, row: Row, draft: np.ndarray, logits: np.ndarray) -> int:

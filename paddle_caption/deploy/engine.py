@@ -36,6 +36,7 @@ class EngineOutput:
     logits: object  # paddle.Tensor: [B, 1, V] (prefill), [B, T, V] or [len(logits_index), V] (decode)
     past_key_values: list  # per layer (k, v), each paddle.Tensor [B, H, width, D]
     loss: None = None
+    hidden: object = None  # numpy [rows, C]: the final hidden states behind selected logits (draft heads)
 
 
 class OutputHead:
@@ -176,7 +177,7 @@ class InferenceEngine:
             features = self.encode_images(images)
         outputs = self.prefill(ids, mask, rows.astype(np.int64), features)
         last = outputs[0][:, -1]  # [B, C]
-        return EngineOutput(_tensor(self.head(last)[:, None]), self._pairs(outputs[1:]))
+        return EngineOutput(_tensor(self.head(last)[:, None]), self._pairs(outputs[1:]), hidden=last)
 
     def _decode(self, ids, mask, past, last_logits_only, logits_index) -> EngineOutput:
         flat_past = [_array(t, np.float32) for layer in past for t in layer]
@@ -186,11 +187,13 @@ class InferenceEngine:
             rows = hidden.reshape(-1, hidden.shape[-1])[np.asarray(logits_index, dtype=np.int64)]
             logits = self.head(np.ascontiguousarray(rows))
         elif last_logits_only:
-            logits = self.head(np.ascontiguousarray(hidden[:, -1]))[:, None]
+            rows = hidden[:, -1]
+            logits = self.head(np.ascontiguousarray(rows))[:, None]
         else:
             batch, length, width = hidden.shape
             logits = self.head(hidden.reshape(-1, width)).reshape(batch, length, -1)
-        return EngineOutput(_tensor(logits), self._pairs(outputs[1:]))
+            rows = None
+        return EngineOutput(_tensor(logits), self._pairs(outputs[1:]), hidden=rows)
 
     @staticmethod
     def _pairs(flat: list) -> list:

@@ -13,6 +13,7 @@
                                files when it has them)
       prompt.json              the training prompt (when the model has one)
       draft_datastore/         speculative decoding's datastore (when the model has one)
+      draft_heads.*            the model's draft heads (when it has them; drafting runs them in numpy)
 
 The graphs are traced from the float32 model with Paddle's kernels (`graphs.py`); the precision is
 how Paddle Inference runs them: float32, or bfloat16 (oneDNN's bfloat16 pass over the same program,
@@ -35,7 +36,9 @@ from .predictors import PRECISIONS
 FORMAT = "paddle_caption.export/1"
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("vision", "prefill", "decode")
-OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.json")
+# draft_heads.*: the Medusa heads drafting reads in numpy (model/draft_heads.py): no graph needed
+OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.json", "draft_heads.json",
+                  "draft_heads.safetensors")
 DATASTORE_DIR = "draft_datastore"
 HEAD_FILE = "lm_head.npy"
 INT8_REFUSAL = ("precision int8 is not supported: Paddle 3.3.1's post-training quantisation (paddle.quantization.PTQ) "

@@ -16,12 +16,14 @@ import numpy as np
 import paddle
 
 from .config import IGNORE_INDEX, MgenVLConfig
+from .draft_heads import has_draft_heads, load_draft_heads, save_draft_heads
 from .head import cross_entropy, linear_cross_entropy, linear_target_logprobs, project
 from .precision import check_compute_dtype, default_dtype, default_load_dtype, dtype_name
 from .qwen import QWenModel
 from .visual import VisionTower
 
 nn = paddle.nn
+HEADS_PREFIX = "draft_heads."  # registered (trainable) draft heads' parameter names
 F = paddle.nn.functional
 
 
@@ -32,6 +34,9 @@ class CausalLMOutput:
     # loss_on="supervised": only the supervised positions, [N_supervised, V].
     logits: "paddle.Tensor | None" = None
     past_key_values: list | None = None
+    # Inference paths that project selected rows (`last_logits_only`, `logits_index`): the final
+    # hidden states (after ln_f) those logits come from, [rows, C]. Draft heads read them.
+    hidden: "paddle.Tensor | None" = None
 
 
 class LanguageModel(nn.Layer):
@@ -89,8 +94,22 @@ class MgenVLForCausalLM(nn.Layer):
         dtype = dtype_name(dtype) if dtype else default_load_dtype(checkpoint_dtype(path, allow_pickle))
         model = cls.from_config(config, dtype=dtype, lazy=True)
         load_into_model(model, path, allow_pickle=allow_pickle)
+        if has_draft_heads(path):  # Medusa heads saved beside the model (model/draft_heads.py)
+            model.attach_draft_heads(load_draft_heads(path))
         model.eval()
         return model
+
+    def attach_draft_heads(self, heads, trainable: bool = False) -> None:
+        """`self.draft_heads = heads` (None: remove). Trainable heads are a registered sublayer
+        (the draft-heads fine-tune mode: their parameters train, checkpoint and all-reduce like any
+        other); otherwise they stay outside the registry, so the base model's `state_dict()` is
+        the checkpoint's and nothing else trains them by accident."""
+        self.__dict__.pop("draft_heads", None)
+        self._sub_layers.pop("draft_heads", None)
+        if heads is not None and trainable:
+            self.add_sublayer("draft_heads", heads)
+        elif heads is not None:
+            self.__dict__["draft_heads"] = heads
 
     def save_pretrained(self, directory, max_shard_bytes: int = 2 << 30):
         """config.json + safetensors weights in the model's own dtype, written shard by shard."""
@@ -98,8 +117,12 @@ class MgenVLForCausalLM(nn.Layer):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_model_state(self.state_dict(), directory, max_shard_bytes=max_shard_bytes)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith(HEADS_PREFIX)}
+        save_model_state(state, directory, max_shard_bytes=max_shard_bytes)
         self.config.save_pretrained(directory)
+        heads = getattr(self, "draft_heads", None)
+        if heads is not None:
+            save_draft_heads(heads, directory)
 
     def load_weights(self, state: dict, source: str = "checkpoint"):
         """Strict by-name load of an in-memory {name: tensor or array}: every key present, no extra
@@ -190,12 +213,14 @@ class MgenVLForCausalLM(nn.Layer):
             last = paddle.full([batch, 1], length - 1, dtype="int64") if length > 1 else None
             hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
                                    output_index=last)
-            return CausalLMOutput(logits=project(hidden[:, -1:], self.lm_head), past_key_values=presents)
+            last_hidden = hidden[:, -1]
+            return CausalLMOutput(logits=project(last_hidden[:, None], self.lm_head), past_key_values=presents,
+                                  hidden=last_hidden)
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
         if labels is None and logits_index is not None:
             rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]),
                                  paddle.to_tensor(np.asarray(logits_index, dtype=np.int64)))
-            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents)
+            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents, hidden=rows)
         if labels is None:
             return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":

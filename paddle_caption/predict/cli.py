@@ -36,7 +36,8 @@ def build_parser(decoding=GenerationConfig) -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("decoding (GenerationConfig)"), decoding)
     p.add_argument("--speculative", choices=SPECULATIVE_MODES, default="none",
                    help="draft-and-verify greedy decoding, same captions in fewer forwards: 'retrieval' "
-                        "drafts from the training captions (MODEL_DIR/draft_datastore or --draft_source)")
+                        "drafts from the training captions (MODEL_DIR/draft_datastore or --draft_source), "
+                        "'heads' with the model's draft heads (MODEL_DIR/draft_heads.*), 'hybrid' with both")
     p.add_argument("--draft_source", help="captions file (records.jsonl or one caption per line) or "
                                           "datastore directory to draft from (default: MODEL_DIR/draft_datastore)")
     p.add_argument("--num_draft_tokens", type=int, default=DEFAULT_DRAFT_TOKENS,

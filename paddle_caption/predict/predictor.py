@@ -123,8 +123,8 @@ def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | 
     `dtype` (dygraph only): None loads as stored where this device computes in it, else float32
     (`precision.default_load_dtype`); a dtype this device cannot compute in (bfloat16/float16 on a
     CPU) is refused in one line before anything loads. `speculative` "retrieval" drafts from
-    `draft_source` (a captions file or datastore directory; default MODEL_DIR/draft_datastore), see
-    `decoding.drafting.load_drafter`."""
+    `draft_source` (a captions file or datastore directory; default MODEL_DIR/draft_datastore),
+    "heads" from the model's draft heads, "hybrid" from both, see `decoding.drafting.load_drafter`."""
     from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, load_drafter
     from ..tokenizer import QWenVLTokenizer
 
@@ -146,7 +146,7 @@ def load_predictor(model_dir: str | os.PathLike, gen_config: GenerationConfig | 
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the tokenizer of {model_dir}: {err}") from None
     drafter = load_drafter(speculative, model_dir, tokenizer, draft_source,
-                           num_draft_tokens or DEFAULT_DRAFT_TOKENS, log=log)
+                           num_draft_tokens or DEFAULT_DRAFT_TOKENS, log=log, model=model)
     return Predictor(model, tokenizer, template, gen_config, source=model_dir_signature(model_dir),
                      drafter=drafter)
 

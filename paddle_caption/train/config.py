@@ -25,6 +25,16 @@ SHARDING = ("none", "stage1", "stage2")
 
 
 @dataclass
+class DraftHeadsTraining:
+    """The `draft_heads` fine-tune mode's settings (train/draft_heads.py)."""
+
+    num_heads: int = 4  # head k drafts the token k+2 places after the hidden state's position
+    num_layers: int = 1  # residual blocks per head
+    draft_vocab_size: int = 8192  # the N most frequent caption tokens; 0: full vocabulary via lm_head
+    targets: str = "self"  # "self": the model's own greedy tokens (teacher-forced); "labels": the captions'
+
+
+@dataclass
 class TrainConfig:
     RENAMED_KEYS: ClassVar[dict] = {"precision": "dtype (float32 | bfloat16 | float16)"}
 
@@ -47,7 +57,8 @@ class TrainConfig:
     # ---- what trains ----------------------------------------------------------------------------
     # "full": every parameter; "partial": the `trainable` globs minus the `frozen` globs;
     # "lora": LoRA adapters on `lora_target_modules`, everything else frozen.
-    finetune_mode: str = "full"
+    finetune_mode: str = "full"  # full | partial | lora | draft_heads (base frozen, Medusa heads train)
+    draft_heads: DraftHeadsTraining = field(default_factory=DraftHeadsTraining)
     trainable: list = field(default_factory=lambda: ["*"])
     frozen: list = field(default_factory=list)
     # [[glob, factor], ...]: these trainable parameters learn at factor x learning_rate (last match
@@ -116,7 +127,7 @@ class TrainConfig:
                             "model_config (architecture JSON, trained from scratch)")
         if not self.train_records:
             raise UserError("config: train_records is required")
-        choices = {"finetune_mode": ("full", "partial", "lora"), "dtype": DTYPES, "sharding": SHARDING,
+        choices = {"finetune_mode": ("full", "partial", "lora", "draft_heads"), "dtype": DTYPES, "sharding": SHARDING,
                    "lr_scheduler": ("cosine", "linear", "constant")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -130,6 +141,11 @@ class TrainConfig:
             raise UserError("config: set max_steps, num_train_epochs or max_train_minutes")
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("config: warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+        heads = self.draft_heads
+        if heads.targets not in ("self", "labels"):
+            raise UserError(f"config: draft_heads.targets must be 'self' or 'labels', not {heads.targets!r}")
+        if heads.num_heads < 1 or heads.num_layers < 1 or heads.draft_vocab_size < 0:
+            raise UserError("config: draft_heads needs num_heads >= 1, num_layers >= 1, draft_vocab_size >= 0")
         from ..eval.scorers import EXTRA_SCORERS
 
         for name in self.eval_extra_scores:

@@ -58,6 +58,11 @@ def evaluate(model, predictor, val_set, cfg) -> dict:
     try:
         record = {"val_loss": validation_loss(model, val_set, min(cfg.eval_loss_samples, len(val_set)),
                                               cfg.eval_batch_size)}
+        if cfg.finetune_mode == "draft_heads":  # each head's accuracy on the targets it learns
+            from .draft_heads import head_accuracy
+
+            record.update(head_accuracy(model, val_set, min(cfg.eval_loss_samples, len(val_set)),
+                                        cfg.eval_batch_size, cfg.draft_heads.targets))
         n_captions = min(cfg.eval_caption_samples, len(val_set))
         if n_captions:
             record.update(caption_scores(predictor, val_set, n_captions, cfg.eval_batch_size,

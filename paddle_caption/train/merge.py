@@ -20,6 +20,10 @@ and nothing computes in it, so a bfloat16 base merges on a CPU: trained paramete
 ones keep their bits, and LoRA's A·B is computed in float32 and then cast. A from-scratch
 architecture is rebuilt in the run's dtype (its exact initial weights) and cast when written.
 
+A `draft_heads` run's checkpoint (trained Medusa heads on a frozen base) merges the same way: OUT is
+the base model with `draft_heads.safetensors` + `draft_heads.json` beside it; merging any other run
+drops heads the base carried (they were trained for the old weights).
+
 OUT also gets `draft_datastore/`, built from the run's training records (its train_config.json's
 `train_records`, when that file is readable): what `predict_batch.py --speculative retrieval`
 drafts from (`decoding/drafting.py`).
@@ -107,6 +111,8 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
           allow_pickle: bool = False, max_shard_bytes: int = 2 << 30, dtype: str | None = None,
           log=print) -> Path:
     """Write OUT (see the module docstring); `dtype` None: the base model's (float32 from scratch)."""
+    from ..model.draft_heads import build_heads, has_draft_heads, read_heads_config, save_draft_heads
+    from ..model.mgen_vl import HEADS_PREFIX
     from ..model.weights_io import checkpoint_dtype, save_model_state
     from ..model.precision import dtype_name
 
@@ -120,6 +126,11 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
         checkpoint_dtype(base_dir, allow_pickle) if base_dir is not None else "float32")
     model, base_dir = build_base(base, ckpt, allow_pickle, out_dtype)
     check_same_architecture(model, ckpt)
+    heads_run = not lora_path and has_draft_heads(ckpt)
+    # a draft_heads run: fresh heads of its config take its trained weights below; any other run
+    # drops heads the base carried (they were trained for the base's weights, not the new ones)
+    model.attach_draft_heads(build_heads(read_heads_config(ckpt), model.lm_head.weight) if heads_run else None,
+                             trainable=True)
     if lora_path:
         from .lora import merge_lora
 
@@ -127,8 +138,8 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
         state, replaced = merge_lora(model, lora_dir, allow_pickle=allow_pickle)
         mode = "lora"
     else:
-        replaced, mode = replace_local_params(model, ckpt), "local"
-        state = model.state_dict()
+        replaced, mode = replace_local_params(model, ckpt), "draft_heads" if heads_run else "local"
+        state = {k: v for k, v in model.state_dict().items() if not k.startswith(HEADS_PREFIX)}
     saved_model_config = _read_json(ckpt / "model_config.json") or {}
     model.config.ablate_images = bool(saved_model_config.get("ablate_images", False))
 
@@ -137,6 +148,8 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
     tmp.mkdir(parents=True)
     save_model_state(state, tmp, max_shard_bytes=max_shard_bytes, dtype=out_dtype)
     model.config.save_pretrained(tmp)
+    if getattr(model, "draft_heads", None) is not None:
+        save_draft_heads(model.draft_heads, tmp)  # beside the model, float32 (model/draft_heads.py)
     if base_dir is not None:  # the base model's tokenizer files travel with it
         for name in TOKENIZER_FILES:
             if (base_dir / name).is_file():
@@ -159,7 +172,7 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
 def build_draft_datastore(out: Path, model_config, base_dir: Path | None, ckpt: Path, log=print) -> bool:
     """OUT/draft_datastore from the run's training records; a note (not an error) when there are
     none to read (e.g. a LoRA directory without its run, or records moved away)."""
-    from ..decoding.drafting import DATASTORE_DIR, DraftDatastore
+    from ..decoding.datastore import DATASTORE_DIR, DraftDatastore
     from ..tokenizer import QWenVLTokenizer
 
     train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json") or {}

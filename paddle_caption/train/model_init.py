@@ -44,6 +44,8 @@ def setup_trainable(model, cfg, log=print):
 
         model = apply_lora(model, cfg.lora_target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                            dtype=model.dtype)
+    elif cfg.finetune_mode == "draft_heads":
+        return model  # the base is frozen and the heads attached once the data is read (objectives.py)
     elif cfg.finetune_mode == "full":
         apply_freezing(model, ["*"], cfg.frozen, "full")
     else:

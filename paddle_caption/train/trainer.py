@@ -43,6 +43,8 @@ from ..files import write_json
 from ..runtime import UserError, configure
 from . import run_checkpoints as ckpt
 from .config import TrainConfig, config_fingerprint, resolve_path
+from ..model.draft_heads import CONFIG_FILE as HEADS_CONFIG_FILE, heads_config_record
+from .objectives import make_objective
 from .run_log import RunLog
 from .schedule import lr_at
 
@@ -155,6 +157,7 @@ class Trainer:
         self.model = model
         self.base_model = getattr(model, "model", model)  # LoRA wrappers keep the base as .model
         self.build_data(self.base_model.config)
+        self.objective = make_objective(self)  # draft_heads: attaches the trainable heads
         self.predictor = self.build_predictor()
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
         # O2 decoration precedes the parallel wrappers (PaddleNLP's order). The parallel engine wraps
@@ -196,7 +199,7 @@ class Trainer:
                                         enabled=cfg.progress)
         start = time.time() - state.elapsed_s
         last_eval = last_save = state.elapsed_s  # rank 0's clock; only rank 0 decides with them
-        step_times, window_loss, window_samples, window_t = [], [], 0, time.time()
+        step_times, window_loss, window_samples, window_t, window_extras = [], [], 0, time.time(), {}
         micro, step_loss, done = 0, 0.0, state.step >= total_steps
         stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
         while not done:
@@ -211,8 +214,9 @@ class Trainer:
                 paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
                 with self.parallel.micro_step(train_module):
                     with precision.autocast():
-                        loss = train_module(batch["input_ids"], images=batch["images"],
-                                            attention_mask=batch["attention_mask"], labels=batch["labels"])
+                        loss, extras = self.objective.loss(train_module, batch, state.step)
+                    for key, value in extras.items():
+                        window_extras.setdefault(key, []).append(value)
                     # each micro-batch's loss is the mean over its supervised tokens; DataParallel
                     # averages over ranks, so a step is the mean of its world x accum micro-batches
                     precision.backward(loss / accum)
@@ -250,12 +254,13 @@ class Trainer:
                     rate = window_samples / max(1e-9, time.time() - window_t)
                     record = {"kind": "train", "step": state.step, "epoch": state.epoch,
                               "elapsed_s": round(state.elapsed_s, 3), "loss": float(np.mean(window_loss)),
-                              "lr": lr, "samples_per_s": rate}
+                              "lr": lr, "samples_per_s": rate,
+                              **{k: float(np.mean(v)) for k, v in window_extras.items()}}
                     if precision.loss_scale() is not None:
                         record["loss_scale"] = precision.loss_scale()
                     self.run_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
-                    window_loss, window_samples, window_t = [], 0, time.time()
+                    window_loss, window_samples, window_t, window_extras = [], 0, time.time(), {}
                 bar.update(1)
                 if stop:
                     done, stop_reason = True, STOP_REASONS[int(stop)]
@@ -282,8 +287,9 @@ class Trainer:
             write_json(self.output_dir / "train_summary.json", summary)
             self.log(f"done: {state.step} steps, {state.samples} samples in {state.elapsed_s / 60:.1f} min "
                      f"({stop_reason}); final checkpoint {final}"
-                     + (f"; val loss {metrics.get('val_loss', float('nan')):.3f}, "
-                        f"CIDEr-D {metrics.get('CIDEr-D', float('nan')):.3f}" if metrics else ""))
+                     + "".join(f", {label} {metrics[key]:.3f}" for key, label in
+                               (("val_loss", "val loss"), ("CIDEr-D", "CIDEr-D"), ("head0_top1", "head 0 top-1"))
+                               if key in metrics))
         return summary
 
     @staticmethod
@@ -327,6 +333,8 @@ class Trainer:
         files = {"model_config.json": self.base_model.config.to_dict(),
                  "prompt.json": {"system": self.template.system, "prompt": self.template.prompt},
                  "train_config.json": self.cfg.to_dict()}
+        if self.cfg.finetune_mode == "draft_heads":  # what merge needs to rebuild the heads
+            files[HEADS_CONFIG_FILE] = heads_config_record(self.model.draft_heads)
         if self._scaling():
             files[ckpt.SCALER_STATE] = ckpt.scaler_state(self.precision.scaler)
         return ckpt.save_checkpoint(
