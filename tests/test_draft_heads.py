@@ -167,6 +167,24 @@ class FixedHeads:
         return np.tile(self.tokens, (len(hidden), 1)), np.tile(self.probs, (len(hidden), 1))
 
 
+def test_head_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
+    """No forward may cross seq_length (Qwen's dynamic NTK): head drafts shrink and then stop there,
+    and the output stays plain greedy's."""
+    from paddle_caption.decoding.generate import generate
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+
+    model, prompts, images = setup
+    short = MgenVLForCausalLM(small_config(seq_length=len(prompts[4]) + 7))
+    short.set_state_dict(model.state_dict())
+    short.eval()
+    cfg = config(max_new_tokens=14)
+    want = generate(short, prompts[4:5], images[4:5], cfg)
+    got, _, stats = run_batch(short, prompts[4:5], images[4:5], [cfg], head_drafter(short, random_heads(short)))
+    assert got == want
+    # 7 tokens fit after the prompt: once 6 are in the cache no step has room for a draft
+    assert stats.drafted > 0 and 0 < stats.verify_steps <= 6
+
+
 def test_hybrid_takes_the_more_confident_drafter_per_position_and_retrieval_continues_after_a_head_word():
     from paddle_caption.decoding.datastore import DraftDatastore
     from paddle_caption.decoding.drafting import RetrievalDrafter
@@ -252,7 +270,11 @@ def trained_heads(trained_micro):
                  "learning_rate": 1e-2, "weight_decay": 0.0, "per_device_train_batch_size": 8, "max_steps": 40,
                  "num_workers": 0, "warmup_ratio": 0.05, "eval_caption_samples": 0, "eval_loss_samples": 24,
                  "output_dir": str(root / "heads_run"), "progress": False, "logging_steps": 10}
-    summary = Trainer(TrainConfig.from_dict(heads_cfg).validate(), log=lambda *_: None).train()
+    trainer = Trainer(TrainConfig.from_dict(heads_cfg).validate(), log=lambda *_: None)
+    summary = trainer.train()
+    # the trained model's own base parameters, as training left them in memory
+    summary["base_after"] = {name: p.numpy().copy() for name, p in trainer.model.named_parameters()
+                             if not name.startswith("draft_heads.")}
     merge(str(root / "model"), root / "model_heads", local_path=str(root / "heads_run"), log=lambda *_: None)
     return root, summary, MgenVLForCausalLM
 
@@ -271,6 +293,11 @@ def test_training_heads_leaves_the_base_bit_identical_and_merges_beside_it(train
     assert set(base_state) == set(merged_state)  # the heads stay outside the model's state
     for name, value in base_state.items():
         assert np.array_equal(value.numpy(), merged_state[name].numpy()), name
+    # training moved no base parameter by a bit (the trainer's model after the run)
+    after = summary["base_after"]
+    assert set(after) == {n for n, _ in base.named_parameters()}
+    for name, param in base.named_parameters():
+        assert np.array_equal(after[name], param.numpy()), name
     for name, value in merged.draft_heads.state_dict().items():
         assert np.array_equal(value.numpy(), trained["draft_heads." + name].numpy()), name
     assert (root / "model_heads" / "draft_heads.safetensors").is_file()
@@ -349,3 +376,27 @@ def test_heads_drafting_on_the_exported_engine_and_in_the_service(trained_heads,
         assert r.status_code == 200, r.text
         assert [item["caption"] for item in r.json()] == [plain.decode(ids) for ids in want[:4]]
         assert metric(client.get("/metrics").text, "paddle_caption_draft_tokens_total", outcome="accepted") > 0
+
+
+def test_memory_plan_counts_the_heads_exactly_and_the_7b_recipe_fits_one_card():
+    from paddle_caption.model.draft_heads import DraftHeadsConfig, build_heads
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.train import memory_plan as MP
+    from paddle_caption.train.config import TrainConfig
+
+    config = small_config(num_hidden_layers=2)
+    for vocab_size in (64, 0):
+        cfg = TrainConfig.from_dict({"finetune_mode": "draft_heads", "draft_heads": {
+            "num_heads": 3, "num_layers": 2, "draft_vocab_size": vocab_size}})
+        plan = MP.make_plan(config, cfg)
+        paddle.seed(0)
+        model = MgenVLForCausalLM(config)
+        heads = build_heads(DraftHeadsConfig(config.hidden_size, 3, 2, list(range(vocab_size))), model.lm_head.weight)
+        assert plan.groups.trainable == sum(int(np.prod(p.shape)) for p in heads.parameters())
+        assert plan.groups.frozen == sum(int(np.prod(p.shape)) for p in model.parameters())
+        assert plan.rows["weights, trainable"] == 4 * plan.groups.trainable
+    seven = TrainConfig.load("config/mgen_vl/draft_heads.json")
+    model_config, _ = MP.load_model_config(seven, "config/model/qwen-vl-chat-7b.json")
+    plan = MP.make_plan(model_config, seven)
+    assert plan.groups.trainable == 4 * (4096 * 4096 + 4096 + 4096 * 8192)
+    assert MP.fits(plan.per_gpu(1, "dp")["total"], 80)

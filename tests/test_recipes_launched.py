@@ -26,7 +26,8 @@ from .test_data_parallel import final_params, run_launched
 from .test_train import ROOT, train
 
 pytestmark = pytest.mark.slow
-RECIPES = sorted((ROOT / "config/mgen_vl").glob("*.json"))
+HEADS_RECIPE = ROOT / "config/mgen_vl/draft_heads.json"  # trains heads on a model the others produce
+RECIPES = sorted(p for p in (ROOT / "config/mgen_vl").glob("*.json") if p != HEADS_RECIPE)
 SHARDINGS = ("none", "stage1")
 
 
@@ -45,11 +46,34 @@ def write(tmp_path: Path, name: str, cfg: dict) -> Path:
     return path
 
 
+def heads_config(tmp_path: Path, caption_data, name: str, **changes) -> dict:
+    """The shipped draft-heads recipe (Medusa heads on a frozen model) on a saved micro model: the
+    model, data, dtype float32, 2 steps, batch 2 and a higher learning rate change; all else as shipped."""
+    from .conftest import make_model_dir
+
+    base = tmp_path / "heads_base" / "model"
+    if not base.is_dir():
+        make_model_dir(tmp_path / "heads_base")
+    cfg = json.loads(HEADS_RECIPE.read_text())
+    cfg.update(model_name_or_path=str(base), train_records=str(caption_data["train"]), val_records=None,
+               dtype="float32", learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2,
+               output_dir=str(tmp_path / name), progress=False)
+    cfg.update(changes)
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory, caption_data):
-    """All twelve combinations, trained under the launcher: {(recipe, sharding, recompute): run dir}."""
+    """All twelve combinations, trained under the launcher: {(recipe, sharding, recompute): run dir};
+    and the draft_heads mode with each sharding x recompute: {("draft_heads", sharding, recompute): run dir}."""
     tmp_path = tmp_path_factory.mktemp("recipes")
     runs, groups = {}, {s: [] for s in SHARDINGS}
+    for sharding in SHARDINGS:
+        for recompute in (True, False):
+            name = f"draft_heads-{sharding}-{'recompute' if recompute else 'plain'}"
+            groups[sharding].append(write(tmp_path, name, heads_config(tmp_path, caption_data, name, sharding=sharding,
+                                                                       recompute=recompute)))
+            runs["draft_heads", sharding, recompute] = tmp_path / name
     for recipe in RECIPES:
         for sharding in SHARDINGS:
             for recompute in (True, False):
@@ -74,6 +98,23 @@ def single_process(launched, caption_data):
         train(cfg)
         out[recipe.stem] = tmp_path / f"{recipe.stem}-single"
     return out
+
+
+@pytest.mark.parametrize("sharding", SHARDINGS)
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "plain"])
+def test_launched_draft_heads_equal_one_process(launched, caption_data, sharding, recompute):
+    """Medusa heads trained under the launcher (data parallel, with recompute and ZeRO-1) end as one
+    process with twice the accumulation; only the heads trained."""
+    tmp_path = launched["tmp"]
+    single = tmp_path / "draft_heads-single"
+    if not single.is_dir():
+        accumulation = 2 * json.loads(HEADS_RECIPE.read_text())["gradient_accumulation_steps"]
+        train(heads_config(tmp_path, caption_data, "draft_heads-single", gradient_accumulation_steps=accumulation))
+    ours, theirs = final_params(launched["runs"]["draft_heads", sharding, recompute]), final_params(single)
+    assert ours.keys() == theirs.keys() and all(k.startswith("draft_heads.") for k in ours)
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=1e-5, err_msg=name)
+    assert max(float(np.abs(v).max()) for k, v in ours.items() if k.endswith("linear.weight")) > 1e-6
 
 
 def test_the_matrix_covers_every_shipped_recipe_as_shipped():

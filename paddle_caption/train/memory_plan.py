@@ -75,6 +75,7 @@ class ParameterGroups:
     trainable_tensors: int = 0
     lora: dict = field(default_factory=dict)  # adapted Linear name -> (in, out)
     trainable_names: set = field(default_factory=set)
+    draft_heads: tuple = ()  # draft_heads mode: (heads, blocks per head, draft vocabulary width)
 
 
 @dataclass
@@ -135,6 +136,13 @@ def parameter_groups(model, cfg) -> ParameterGroups:
         for name, layer in matching_linears(model, cfg.lora_target_modules):
             groups.lora[name] = tuple(layer.weight.shape)  # Paddle Linear weight: [in, out]
         trainable = set()
+    elif cfg.finetune_mode == "draft_heads":  # the base frozen; the heads are counted below
+        for param in model.parameters():
+            param.stop_gradient = True
+        block = cfg.draft_heads
+        width = min(block.draft_vocab_size, model.config.vocab_size)  # 0: lm_head, shared and frozen
+        groups.draft_heads = (block.num_heads, block.num_layers, width)
+        trainable = set()
     else:
         patterns = ["*"] if cfg.finetune_mode == "full" else cfg.trainable
         trainable = apply_freezing(model, patterns, cfg.frozen, cfg.finetune_mode)
@@ -148,6 +156,11 @@ def parameter_groups(model, cfg) -> ParameterGroups:
     for din, dout in groups.lora.values():
         groups.trainable += cfg.lora_r * (din + dout)
         groups.trainable_tensors += 2
+    if groups.draft_heads:
+        heads, blocks, width = groups.draft_heads
+        hidden = model.config.hidden_size
+        groups.trainable += heads * (blocks * (hidden * hidden + hidden) + hidden * width)
+        groups.trainable_tensors += heads * (2 * blocks + (1 if width else 0))
     groups.trainable_names = trainable | {f"{name}.lora" for name in groups.lora}
     return groups
 
@@ -261,6 +274,10 @@ def activation_plan(config, groups: ParameterGroups, w: Workload, ablate_images:
         grad = grad or own
     if grad or any_trainable("transformer.llm.ln_f") or any_trainable("lm_head"):
         plan.parts["ln_f + head"] = head_bytes(d, w)
+    if groups.draft_heads:  # the base runs without autograd; each head keeps its block inputs and logits
+        heads, blocks, width = groups.draft_heads
+        plan.parts["draft heads"] = w.batch * w.answer_tokens * heads * (
+            2 * blocks * d.H * w.dtype_bytes + (width or d.vocab) * 4)
     plan.stored = sum(plan.parts.values())
     biggest_tensor = max(w.batch * w.seq_len * d.F * w.dtype_bytes,
                          w.batch * d.heads * w.seq_len ** 2 * w.dtype_bytes if w.attention == "eager" else 0,
