@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser gpu-check demo replicate compare-modes curate-demo serve demo-model-exists test test-fast bench clean
+.PHONY: setup browser gpu-check demo replicate compare-modes curate-demo serve demo-heads demo-model-exists test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -39,6 +39,13 @@ serve: demo-model-exists setup
 # float32, PASS/FAIL per item, about a minute. Refuses on a machine without a GPU.
 gpu-check: setup
 	$(PY) -m paddle_caption gpu-check
+
+# Draft heads (multi-head decoding) for the demo model, about 5 minutes; then
+# predict_batch.py ... checkpoints/demo_heads/model --speculative hybrid (docs/decoding.md)
+demo-heads: demo-model-exists setup
+	$(PY) supervised_finetune.py config/demo_heads.json
+	$(PY) tools/merge_local_params.py --model_name_or_path $(DEMO_MODEL) --local_path checkpoints/demo_heads/run \
+	    --merge_model_path checkpoints/demo_heads/model
 
 demo-model-exists:
 	@test -f $(DEMO_MODEL)/config.json || { echo "no demo model at $(DEMO_MODEL): run 'make demo' first (about 15 minutes)" >&2; exit 2; }

@@ -400,3 +400,19 @@ def test_memory_plan_counts_the_heads_exactly_and_the_7b_recipe_fits_one_card():
     plan = MP.make_plan(model_config, seven)
     assert plan.groups.trainable == 4 * (4096 * 4096 + 4096 + 4096 * 8192)
     assert MP.fits(plan.per_gpu(1, "dp")["total"], 80)
+
+
+def test_speculative_heads_without_heads_is_one_line_naming_the_directory(tmp_path):
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.predict.predictor import load_predictor
+    from paddle_caption.runtime import UserError
+
+    from .conftest import make_model_dir
+
+    model_dir = make_model_dir(tmp_path)
+    (tmp_path / "captions.txt").write_text("卡通风格。背景是白色。\n", encoding="utf-8")
+    for mode in ("heads", "hybrid"):
+        with pytest.raises(UserError, match=f"{model_dir} has no draft heads") as err:
+            load_predictor(model_dir, GenerationConfig(max_new_tokens=4), speculative=mode,
+                           draft_source=str(tmp_path / "captions.txt") if mode == "hybrid" else None)
+        assert "\n" not in str(err.value)

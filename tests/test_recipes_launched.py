@@ -48,13 +48,16 @@ def write(tmp_path: Path, name: str, cfg: dict) -> Path:
 
 def heads_config(tmp_path: Path, caption_data, name: str, **changes) -> dict:
     """The shipped draft-heads recipe (Medusa heads on a frozen model) on a saved micro model: the
-    model, data, dtype float32, 2 steps, batch 2 and a higher learning rate change; all else as shipped."""
+    model, data, targets, dtype float32, 2 steps, batch 2 and a higher learning rate change; all else
+    as shipped."""
     from .conftest import make_model_dir
 
     base = tmp_path / "heads_base" / "model"
     if not base.is_dir():
         make_model_dir(tmp_path / "heads_base")
     cfg = json.loads(HEADS_RECIPE.read_text())
+    # a random model's own greedy tokens fall outside the captions' vocabulary: learn the references
+    cfg["draft_heads"]["targets"] = "labels"
     cfg.update(model_name_or_path=str(base), train_records=str(caption_data["train"]), val_records=None,
                dtype="float32", learning_rate=1e-2, per_device_train_batch_size=2, max_steps=2,
                output_dir=str(tmp_path / name), progress=False)

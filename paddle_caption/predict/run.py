@@ -139,6 +139,9 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     }
     if predictor.drafter is not None:
         summary["speculative"] = {"mode": predictor.drafter.name, **stats["speculation"].summary()}
+        budget = getattr(predictor.drafter, "budget", None)
+        if budget is not None:  # how often drafting paid on this machine (decoding/draft_budget.py)
+            summary["speculative"]["budget"] = budget.summary()
     if rank != 0:
         return summary
     merged = dict(own)

@@ -128,6 +128,8 @@ class DraftHeadsLoss:
         total, extras = None, {}
         for k in range(heads.config.num_heads):
             rows, target = targets.head_rows(k, self.vocab_index)
+            if k == 0:  # how many caption positions head 0 can learn at (0: a vocabulary that misses the model)
+                extras["head0_targets"] = float(0 if rows is None else len(target))
             if rows is None:
                 continue
             if heads.config.draft_vocab:
