@@ -4,8 +4,8 @@
       manifest.json            format, Paddle version, precision, graphs with their inputs/outputs,
                                export time, source, limits (max_total_tokens)
       vision.json/.pdiparams   images -> image features           (Paddle 3 PIR program + parameters)
-      prefill.json/.pdiparams  ids, mask, image rows, features -> last hidden state + k/v per layer
-      decode.json/.pdiparams   ids, mask, past k/v per layer -> hidden state of every fed token + new k/v
+      prefill.json/.pdiparams  ids, mask, mask bias, image rows, features -> last hidden state + k/v per layer
+      decode.json/.pdiparams   ids, mask, mask bias, past k/v per layer -> hidden state of every fed token + new k/v
       lm_head.npy              the output layer's weight [hidden, vocab] float32 (graphs.py: why
                                it runs outside the graphs)
       config.json              the architecture (sizes, special ids, seq_length)
@@ -32,7 +32,7 @@ from ..runtime import UserError
 from .cpu_features import require_precision_support
 from .predictors import PRECISIONS
 
-FORMAT = "paddle_caption.export/1"
+FORMAT = "paddle_caption.export/2"  # 2: the mask bias is an input of prefill and decode
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("vision", "prefill", "decode")
 OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.json")
@@ -71,13 +71,14 @@ def graph_specs(cfg) -> dict:
     size = cfg.visual.image_size
     ids = InputSpec([None, None], "int64", "input_ids")
     mask = InputSpec([None, None], "int64", "attention_mask")
+    bias = InputSpec([None, 1, None, None], "float32", "attention_bias")
     past = [InputSpec([None, heads, None, head_dim], "float32", f"past_{kind}_{i}")
             for i in range(layers) for kind in ("key", "value")]
     return {
         "vision": [InputSpec([None, 3, size, size], "float32", "images")],
-        "prefill": [ids, mask, InputSpec([None], "int64", "image_rows"),
+        "prefill": [ids, mask, bias, InputSpec([None], "int64", "image_rows"),
                     InputSpec([None, cfg.visual.n_queries, cfg.hidden_size], "float32", "image_features")],
-        "decode": [ids, mask, past],
+        "decode": [ids, mask, bias, past],
     }
 
 
