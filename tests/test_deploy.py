@@ -48,6 +48,21 @@ def assert_close(a, b):
     assert np.abs(a - b).max() < TOL
 
 
+@pytest.mark.parametrize("queries", [7, 3, 1], ids=["prefill", "verify_step", "decode_step"])
+def test_mask_bias_built_in_numpy_equals_the_eager_models_attention_bias(queries):
+    """The engine feeds the graphs the additive mask (engine.mask_bias): the eager model's values exactly."""
+    from paddle_caption.deploy.engine import mask_bias
+    from paddle_caption.model.qwen import attention_bias
+
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]], np.int64)
+    total = mask.shape[1]
+    q_abs = paddle.to_tensor(np.tile(np.arange(total - queries, total), (len(mask), 1)))
+    want = attention_bias(q_abs, total, paddle.to_tensor(mask)).numpy()
+    got = mask_bias(mask, queries)
+    assert got.shape == want.shape == (3, 1, queries, total) and got.dtype == np.float32
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("shapes", [((4, 4), (4, 4)), SHAPES], ids=["equal_length", "left_padded"])
 def test_prefill_and_decode_logits_and_cache_match_dygraph(exported, shapes):
     from paddle_caption.decoding.batch import left_pad
