@@ -16,8 +16,8 @@
 
 The graphs are traced from the float32 model with Paddle's kernels (`graphs.py`); the precision is
 how Paddle Inference runs them: float32, or bfloat16 (oneDNN's bfloat16 pass over the same program,
-CPUs with AVX512-BF16 only). int8 is refused in one line: post-training quantisation did not work
-on Paddle 3.3.1 for these graphs (INT8_REFUSAL; measurements in docs/deployment.md). The directory is written under a
+CPUs with AVX512-BF16 only). int8 is refused in one line: no quantisation route of Paddle 3.3.1
+gave a usable int8 graph here (INT8_REFUSAL; what was tried in docs/deployment.md). The directory is written under a
 temporary name and renamed into place, so OUT_DIR is either complete or absent.
 """
 from __future__ import annotations
@@ -38,9 +38,10 @@ GRAPH_NAMES = ("vision", "prefill", "decode")
 OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.json")
 DATASTORE_DIR = "draft_datastore"
 HEAD_FILE = "lm_head.npy"
-INT8_REFUSAL = ("precision int8 is not supported: Paddle 3.3.1's post-training quantisation (paddle.quantization.PTQ) "
-                "cannot trace these graphs with a dynamic batch, and with a fixed one oneDNN int8 was no faster "
-                "and far off float32 on this CPU (docs/deployment.md); use float32 or bfloat16")
+INT8_REFUSAL = ("precision int8 is not supported: on Paddle 3.3.1 neither dygraph PTQ (paddle.quantization.PTQ: no "
+                "dynamic batch; with a fixed one no faster and far off float32) nor the static route "
+                "(PostTrainingQuantization: the graphs do not trace in the legacy IR) nor weight-only int8 (no CPU "
+                "kernel) gives a usable int8 graph (docs/deployment.md); use float32 or bfloat16")
 
 
 def is_export_dir(path) -> bool:
