@@ -24,8 +24,9 @@ to what holds while `total <= seq_length` (NTK alpha 1, no log-n; the engine ref
 in one line), the mask always goes in as an additive bias, built by the engine in numpy and fed
 as an input (`engine.mask_bias`: the values `qwen.attention_bias` gives; built inside the graph with
 Paddle's broadcasting less_equal / logical_and / where it took ~60 of a 122 ms prefill at batch 16,
-profiled with `Config.enable_profile()`), the attention_mask still gives the positions, the rotary tables are computed from the positions inside the graph (the same float32
-products as the cached table), and the image span rows are found by the caller (the engine checks
+profiled with `Config.enable_profile()`), the attention_mask still gives the positions, the rotary
+tables are computed from the positions inside the graph (the same float32 products as the cached
+table), and the image span rows are found by the caller (the engine checks
 them as `MgenVLForCausalLM.image_span_rows` does) and passed in. The decoder blocks themselves are
 the model's (`QWenBlock`), so parameter names and arithmetic are the eager model's.
 """
