@@ -48,6 +48,21 @@ def assert_close(a, b):
     assert np.abs(a - b).max() < TOL
 
 
+@pytest.mark.parametrize("queries", [7, 3, 1], ids=["prefill", "verify_step", "decode_step"])
+def test_mask_bias_built_in_numpy_equals_the_eager_models_attention_bias(queries):
+    """The engine feeds the graphs the additive mask (engine.mask_bias): the eager model's values exactly."""
+    from paddle_caption.deploy.engine import mask_bias
+    from paddle_caption.model.qwen import attention_bias
+
+    mask = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 1]], np.int64)
+    total = mask.shape[1]
+    q_abs = paddle.to_tensor(np.tile(np.arange(total - queries, total), (len(mask), 1)))
+    want = attention_bias(q_abs, total, paddle.to_tensor(mask)).numpy()
+    got = mask_bias(mask, queries)
+    assert got.shape == want.shape == (3, 1, queries, total) and got.dtype == np.float32
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.parametrize("shapes", [((4, 4), (4, 4)), SHAPES], ids=["equal_length", "left_padded"])
 def test_prefill_and_decode_logits_and_cache_match_dygraph(exported, shapes):
     from paddle_caption.decoding.batch import left_pad
@@ -193,6 +208,7 @@ def test_graphs_give_the_same_rows_when_the_batch_shrinks_and_grows_again(export
     """Each graph run at batch 4, 2, 4: row for row the same outputs (Paddle Inference 3.3.1 once
     returned garbage on the regrown batch: visual.ResamplerAttention._project)."""
     from paddle_caption.decoding.batch import left_pad
+    from paddle_caption.deploy.engine import mask_bias
     from paddle_caption.model.mgen_vl import image_span_rows
 
     _, _, model, engine = exported
@@ -203,14 +219,15 @@ def test_graphs_give_the_same_rows_when_the_batch_shrinks_and_grows_again(export
     prefill = []
     for n in (4, 2, 4):
         ids, mask = left_pad(prompts[:n], 0)
-        prefill.append(engine.prefill(ids, mask, image_span_rows(model.config, ids), vision[0][:n]))
+        prefill.append(engine.prefill(ids, mask, mask_bias(mask, ids.shape[1]), image_span_rows(model.config, ids),
+                                      vision[0][:n]))
     for a, b in zip(prefill[0], prefill[2]):
         assert np.abs(a - b).max() == 0
     decode = []
     for n, cache in zip((4, 2, 4), prefill):
         _, mask = left_pad(prompts[:n], 0)
         step_mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
-        decode.append(engine.decode(np.full((n, 1), 7, np.int64), step_mask, *cache[1:]))
+        decode.append(engine.decode(np.full((n, 1), 7, np.int64), step_mask, mask_bias(step_mask, 1), *cache[1:]))
     for a, b in zip(decode[0], decode[2]):
         assert np.abs(a - b).max() == 0
 

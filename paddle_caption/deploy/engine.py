@@ -62,6 +62,18 @@ class OutputHead:
         return rows @ self.weight
 
 
+def mask_bias(mask: np.ndarray, queries: int) -> np.ndarray:
+    """The additive attention mask [B, 1, queries, total] the graphs take for a 1/0 `mask` [B, total]
+    whose last `queries` positions ask: 0 where the key is a real token at or before the query, else
+    finfo(float32).min — the values `qwen.attention_bias` gives the eager model. Built here in numpy
+    because Paddle's broadcasting compare / logical_and / where inside the graph cost ~60 of 122 ms
+    of a batch-16 prefill (graphs.py); here it is one broadcast minimum over the cached causal mask."""
+    from ..model.attention import MASK_VALUE, causal_bias_np
+
+    keys = np.where(mask.astype(bool), np.float32(0), np.float32(MASK_VALUE))[:, None, None, :]
+    return np.minimum(causal_bias_np(queries, mask.shape[1]), keys)
+
+
 class SequenceTooLong(UserError):
     """A forward whose cache would outgrow what the exported graphs compute exactly."""
 
@@ -175,13 +187,13 @@ class InferenceEngine:
             features = _array(image_features, np.float32)
         else:
             features = self.encode_images(images)
-        outputs = self.prefill(ids, mask, rows.astype(np.int64), features)
+        outputs = self.prefill(ids, mask, mask_bias(mask, ids.shape[1]), rows.astype(np.int64), features)
         last = outputs[0][:, -1]  # [B, C]
         return EngineOutput(_tensor(self.head(last)[:, None]), self._pairs(outputs[1:]), hidden=last)
 
     def _decode(self, ids, mask, past, last_logits_only, logits_index) -> EngineOutput:
         flat_past = [_array(t, np.float32) for layer in past for t in layer]
-        outputs = self.decode(ids, mask, *flat_past)
+        outputs = self.decode(ids, mask, mask_bias(mask, ids.shape[1]), *flat_past)
         hidden = outputs[0]  # [B, T, C]
         if logits_index is not None:  # only the rows asked for go through the head
             rows = hidden.reshape(-1, hidden.shape[-1])[np.asarray(logits_index, dtype=np.int64)]

@@ -4,8 +4,8 @@
       manifest.json            format, Paddle version, precision, graphs with their inputs/outputs,
                                export time, source, limits (max_total_tokens)
       vision.json/.pdiparams   images -> image features           (Paddle 3 PIR program + parameters)
-      prefill.json/.pdiparams  ids, mask, image rows, features -> last hidden state + k/v per layer
-      decode.json/.pdiparams   ids, mask, past k/v per layer -> hidden state of every fed token + new k/v
+      prefill.json/.pdiparams  ids, mask, mask bias, image rows, features -> last hidden state + k/v per layer
+      decode.json/.pdiparams   ids, mask, mask bias, past k/v per layer -> hidden state of every fed token + new k/v
       lm_head.npy              the output layer's weight [hidden, vocab] float32 (graphs.py: why
                                it runs outside the graphs)
       config.json              the architecture (sizes, special ids, seq_length)
@@ -17,8 +17,8 @@
 
 The graphs are traced from the float32 model with Paddle's kernels (`graphs.py`); the precision is
 how Paddle Inference runs them: float32, or bfloat16 (oneDNN's bfloat16 pass over the same program,
-CPUs with AVX512-BF16 only). int8 is refused in one line: post-training quantisation did not work
-on Paddle 3.3.1 for these graphs (INT8_REFUSAL; measurements in docs/deployment.md). The directory is written under a
+CPUs with AVX512-BF16 only). int8 is refused in one line: no quantisation route of Paddle 3.3.1
+gave a usable int8 graph here (INT8_REFUSAL; what was tried in docs/deployment.md). The directory is written under a
 temporary name and renamed into place, so OUT_DIR is either complete or absent.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from ..runtime import UserError
 from .cpu_features import require_precision_support
 from .predictors import PRECISIONS
 
-FORMAT = "paddle_caption.export/1"
+FORMAT = "paddle_caption.export/2"  # 2: the mask bias is an input of prefill and decode
 MANIFEST = "manifest.json"
 GRAPH_NAMES = ("vision", "prefill", "decode")
 # draft_heads.*: the Medusa heads drafting reads in numpy (model/draft_heads.py): no graph needed
@@ -41,9 +41,10 @@ OPTIONAL_FILES = ("prompt.json", "special_tokens_map.json", "generation_config.j
                   "draft_heads.safetensors")
 DATASTORE_DIR = "draft_datastore"
 HEAD_FILE = "lm_head.npy"
-INT8_REFUSAL = ("precision int8 is not supported: Paddle 3.3.1's post-training quantisation (paddle.quantization.PTQ) "
-                "cannot trace these graphs with a dynamic batch, and with a fixed one oneDNN int8 was no faster "
-                "and far off float32 on this CPU (docs/deployment.md); use float32 or bfloat16")
+INT8_REFUSAL = ("precision int8 is not supported: on Paddle 3.3.1 neither dygraph PTQ (paddle.quantization.PTQ: no "
+                "dynamic batch; with a fixed one no faster and far off float32) nor the static route "
+                "(PostTrainingQuantization: the graphs do not trace in the legacy IR) nor weight-only int8 (no CPU "
+                "kernel) gives a usable int8 graph (docs/deployment.md); use float32 or bfloat16")
 
 
 def is_export_dir(path) -> bool:
@@ -74,13 +75,14 @@ def graph_specs(cfg) -> dict:
     size = cfg.visual.image_size
     ids = InputSpec([None, None], "int64", "input_ids")
     mask = InputSpec([None, None], "int64", "attention_mask")
+    bias = InputSpec([None, 1, None, None], "float32", "attention_bias")
     past = [InputSpec([None, heads, None, head_dim], "float32", f"past_{kind}_{i}")
             for i in range(layers) for kind in ("key", "value")]
     return {
         "vision": [InputSpec([None, 3, size, size], "float32", "images")],
-        "prefill": [ids, mask, InputSpec([None], "int64", "image_rows"),
+        "prefill": [ids, mask, bias, InputSpec([None], "int64", "image_rows"),
                     InputSpec([None, cfg.visual.n_queries, cfg.hidden_size], "float32", "image_features")],
-        "decode": [ids, mask, past],
+        "decode": [ids, mask, bias, past],
     }
 
 
