@@ -1,0 +1,130 @@
+"""Log-probabilities of generated tokens, as OpenAI's API and vLLM report them: the chosen token's
+log-probability under the model's own next-token distribution (the raw logits: before the
+repetition penalty, temperature, top-k and top-p), and the most likely tokens at that position.
+
+Two ways to get them, which agree (tested within 1e-4):
+
+- `LogprobRecorder`, the `observer` of a `scheduler.ContinuousBatch`: the scheduler shows it every
+  step's raw next-token logits before it chooses (`on_choose`) and, speculating, the logits after
+  each drafted token (`on_verify`); after the step, `collect(row)` pairs each token the row gained
+  with the distribution it was chosen from. Only rows whose config asks (`logprobs=True`) cost
+  anything. Beam rows are not followed (beams are re-selected every step): their finished
+  hypotheses are scored with
+- `teacher_forced`: one forward over prompt + tokens (logits only at the generated positions), for
+  any finished token lists (beam candidates, `predict_batch.py --scores`, the tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its id, its log-probability, and the `top_logprobs` most likely
+    (id, log-probability) pairs at its position, most likely first."""
+
+    token: int
+    logprob: float
+    top: list = field(default_factory=list)
+
+
+def _logsumexp(row: np.ndarray) -> float:
+    peak = float(row.max())
+    return peak + float(np.log(np.exp((row - peak).astype(np.float64)).sum()))
+
+
+def token_logprob(logits_row: np.ndarray, token: int, top_n: int = 0, lse: float | None = None) -> TokenLogprob:
+    """`token`'s log-probability under softmax(`logits_row`) [vocab], with the `top_n` best."""
+    lse = _logsumexp(logits_row) if lse is None else lse
+    top = []
+    if top_n:
+        best = np.argpartition(-logits_row, top_n - 1)[:top_n]
+        best = best[np.argsort(-logits_row[best], kind="stable")]
+        top = [(int(t), float(logits_row[t]) - lse) for t in best]
+    return TokenLogprob(int(token), float(logits_row[token]) - lse, top)
+
+
+def mean_logprob(entries: list[TokenLogprob]) -> float | None:
+    """A caption's mean token log-probability (None for an empty caption): a length-fair confidence."""
+    return float(np.mean([e.logprob for e in entries])) if entries else None
+
+
+class LogprobRecorder:
+    """Follows the greedy/sampling rows of a ContinuousBatch whose config has logprobs=True (set
+    `batch.observer = recorder`); `collect(row)` after each step returns the row's TokenLogprobs so
+    far (one per token in `row.tokens`)."""
+
+    def __init__(self):
+        self._pending: dict = {}  # row -> [logits or TokenLogprob] for the tokens it may gain this step
+        self._done: dict = {}  # row -> [TokenLogprob], one per token in row.tokens
+
+    @staticmethod
+    def _wants(row) -> bool:
+        return row.beams is None and row.config.logprobs
+
+    def on_choose(self, rows, logits: np.ndarray) -> None:
+        """Before a step chooses: `logits` [cache rows, vocab], raw (the scheduler edits them next)."""
+        for i, row in enumerate(rows):
+            if self._wants(row):
+                self._pending[row] = [logits[i].copy()]
+
+    def on_verify(self, rows, logits: np.ndarray, fed: np.ndarray, lengths: np.ndarray) -> None:
+        """After a speculative forward: row i was fed fed[i, :lengths[i]] (its token, then drafts);
+        `logits` [sum(lengths), vocab] are those after each fed token. A drafted token the row keeps
+        is the one it was fed, so its entry is computed now and the logits are not kept."""
+        starts = np.cumsum(lengths) - lengths
+        for i, row in enumerate(rows):
+            if not self._wants(row) or row not in self._pending:
+                continue
+            n = row.config.top_logprobs
+            self._pending[row] += [token_logprob(logits[starts[i] + j], int(fed[i, j + 1]), n)
+                                   for j in range(int(lengths[i]) - 1)]
+
+    def collect(self, row) -> list[TokenLogprob]:
+        """The row's entries, extended with the tokens it gained since the last call."""
+        done = self._done.setdefault(row, [])
+        pending = self._pending.pop(row, [])
+        gained = row.tokens[len(done):]
+        if len(gained) > len(pending):
+            raise RuntimeError(f"{len(gained)} new tokens but {len(pending)} recorded distributions")
+        for token, source in zip(gained, pending):
+            if isinstance(source, TokenLogprob):
+                if source.token != token:
+                    raise RuntimeError(f"kept token {token} is not the drafted {source.token}")
+                done.append(source)
+            else:
+                done.append(token_logprob(source, token, row.config.top_logprobs))
+        return done
+
+    def forget(self, row) -> None:
+        """The row left (finished or dropped)."""
+        self._pending.pop(row, None)
+        self._done.pop(row, None)
+
+
+def teacher_forced(model, prompts: list[list[int]], images, token_lists: list[list[int]], pad_id: int,
+                   top_n: int = 0) -> list[list[TokenLogprob]]:
+    """Each of `token_lists` scored after its prompt in one batched forward (`images` [n, 3, S, S]
+    for the prompts' `<img>` spans, in order, as `DecodeBatch.add` takes them): the raw
+    log-probability of every token given the prompt and the tokens before it."""
+    import paddle
+
+    from .batch import left_pad
+
+    full = [list(p) + list(t) for p, t in zip(prompts, token_lists)]
+    if not any(token_lists):
+        return [[] for _ in token_lists]
+    ids, mask = left_pad(full, pad_id)
+    width = ids.shape[1]
+    # logits after position p predict token p + 1: the positions before each generated token
+    index = [r * width + width - len(t) - 1 + k for r, t in enumerate(token_lists) for k in range(len(t))]
+    with paddle.no_grad():
+        out = model(paddle.to_tensor(ids), images=images, attention_mask=paddle.to_tensor(mask), logits_index=index)
+    logits = out.logits.astype("float32").numpy()
+    result, at = [], 0
+    for tokens in token_lists:
+        result.append([token_logprob(logits[at + k], t, top_n) for k, t in enumerate(tokens)])
+        at += len(tokens)
+    return result
