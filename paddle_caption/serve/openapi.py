@@ -44,6 +44,27 @@ ERROR_STATUSES = {400: "bad input, named", 401: "missing or wrong API key", 404:
                   415: "wrong content type", 500: "the model failed", 503: "queue full or shutting down",
                   504: "request timeout"}
 STREAM = {"schema": {"type": "string"}}
+# A 32x32 JPEG for the documented examples (which the fuzzing test also sends: valid requests answered 200)
+EXAMPLE_IMAGE = ("/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1R"
+                 "V19iZ2hnPk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
+                 "Y2NjY2NjY2NjY2NjY2P/wAARCAAgACADASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAAAAECAwQFBgcICQoL/8QAtRAA"
+                 "AgEDAwIEAwUFBAQAAAF9AQIDAAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAkM2JyggkKFhcYGRolJicoKSo0NTY3ODk6"
+                 "Q0RFRkdISUpTVFVWV1hZWmNkZWZnaGlqc3R1dnd4eXqDhIWGh4iJipKTlJWWl5iZmqKjpKWmp6ipqrKztLW2t7i5usLDxMXG"
+                 "x8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx8vP09fb3+Pn6/8QAHwEAAwEBAQEBAQEBAQAAAAAAAAECAwQFBgcICQoL/8QAtREA"
+                 "AgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJBUQdhcRMiMoEIFEKRobHBCSMzUvAVYnLRChYkNOEl8RcYGRomJygpKjU2Nzg5"
+                 "OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3eHl6goOEhYaHiImKkpOUlZaXmJmaoqOkpaanqKmqsrO0tba3uLm6wsPE"
+                 "xcbHyMnK0tPU1dbX2Nna4uPk5ebn6Onq8vP09fb3+Pn6/9oADAMBAAIRAxEAPwCSiiivGPWCiiigAooooAKKKKAP/9k=")
+_CHAT_MESSAGES = [{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": "data:image/jpeg;base64," + EXAMPLE_IMAGE}}]}]
+CHAT_EXAMPLES = {
+    "greedy": {"value": {"messages": _CHAT_MESSAGES, "max_tokens": 4}},
+    "streamed": {"value": {"messages": _CHAT_MESSAGES, "max_tokens": 4, "stream": True,
+                            "stream_options": {"include_usage": True}}},
+    "candidates": {"value": {"messages": _CHAT_MESSAGES, "max_tokens": 4, "temperature": 1.0, "n": 2, "logprobs": True,
+                              "top_logprobs": 2}},
+}
+CAPTION_EXAMPLES = {"one image": {"value": {"image": EXAMPLE_IMAGE, "max_new_tokens": 4}},
+                    "streamed": {"value": {"images": [EXAMPLE_IMAGE], "max_new_tokens": 4, "stream": True}}}
 REQUEST_MODELS = {"ChatCompletionRequest": ChatCompletionRequest, "CaptionRequest": CaptionRequest,
                   "CaptionOptions": CaptionOptions}
 
@@ -61,13 +82,13 @@ def _body(content: dict) -> dict:
 
 
 CHAT_DOC = {
-    **_body({"application/json": {"schema": _ref("ChatCompletionRequest")}}),
+    **_body({"application/json": {"schema": _ref("ChatCompletionRequest"), "examples": CHAT_EXAMPLES}}),
     "responses": {200: {"model": ChatCompletionResponse, "description": "a chat.completion; with stream=true "
                         "server-sent events of chat.completion.chunk, then data: [DONE]",
                         "content": {"text/event-stream": STREAM}}, **describe_errors()},
 }
 CAPTIONS_DOC = {
-    **_body({"application/json": {"schema": _ref("CaptionRequest")},
+    **_body({"application/json": {"schema": _ref("CaptionRequest"), "examples": CAPTION_EXAMPLES},
              "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CaptionForm"},
                                      "encoding": {"image": {"contentType": "image/*"}}}}),
     "responses": {200: {"model": list[CaptionResult], "description": "one result per image; with stream=true "
