@@ -68,6 +68,22 @@ def test_deltas_never_split_a_character_and_add_up_to_the_caption(predictor):
 
 
 # ------------------------------------------------------------------------------------ log-probs
+def full_forward(predictor, prompt, img, tokens, top_n):
+    """The reference: one uncached forward over prompt + tokens, log-softmax at each position
+    before a generated token (independent of the decoding package's cache and scoring code)."""
+    import paddle
+
+    ids = paddle.to_tensor([list(prompt) + list(tokens)])
+    width = len(prompt) + len(tokens)
+    with paddle.no_grad():
+        logits = predictor.model(ids, images=predictor.pixels([img]), attention_mask=paddle.ones([1, width], "int64"),
+                                 logits_index=list(range(len(prompt) - 1, width - 1))).logits.numpy().astype(np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    values = [float(logp[k, t]) for k, t in enumerate(tokens)]
+    tops = [list(np.argsort(-row, kind="stable")[:top_n]) for row in logp]
+    return values, tops, logp
+
+
 def test_logprobs_equal_a_teacher_forced_forward(predictor, image):
     """Greedy, sampling with processors (the raw distribution is reported), greedy with a
     repetition penalty, speculative greedy and the n best beams, all sharing one batch."""
@@ -99,13 +115,15 @@ def test_logprobs_equal_a_teacher_forced_forward(predictor, image):
         for seq in done:
             for tokens, entries in zip(seq.candidates, seq.logprobs):
                 assert [e.token for e in entries] == tokens and tokens
-                (forced,) = teacher_forced(predictor.model, [prompt], predictor.pixels([img]), [tokens],
-                                           predictor.tokenizer.pad_id, seq.config.top_logprobs)
-                got, want = [e.logprob for e in entries], [e.logprob for e in forced]
-                np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-                for e, f in zip(entries, forced):
-                    assert [t for t, _ in e.top] == [t for t, _ in f.top]
-                    np.testing.assert_allclose([v for _, v in e.top], [v for _, v in f.top], atol=1e-4, rtol=0)
+                want, tops, logp = full_forward(predictor, prompt, img, tokens, seq.config.top_logprobs)
+                np.testing.assert_allclose([e.logprob for e in entries], want, atol=1e-4, rtol=0)
+                for k, e in enumerate(entries):
+                    assert [t for t, _ in e.top] == tops[k]
+                    np.testing.assert_allclose([v for _, v in e.top], logp[k, tops[k]], atol=1e-4, rtol=0)
+        # the library's teacher-forced scoring (beams, predict_batch.py --scores) agrees too
+        (forced,) = teacher_forced(predictor.model, [prompt], predictor.pixels([img]), [done[1].tokens],
+                                   predictor.tokenizer.pad_id, 2)
+        np.testing.assert_allclose([e.logprob for e in forced], [e.logprob for e in done[1].logprobs[0]], atol=1e-4)
         # greedy without processors picks the most likely token: it is its own top-1
         assert all(e.top[0][0] == e.token for e in done[0].logprobs[0])
 
