@@ -43,7 +43,12 @@ ERROR_STATUSES = {400: "bad input, named", 401: "missing or wrong API key", 404:
                   405: "method not allowed", 413: "body, image pixels or image count over the limit",
                   415: "wrong content type", 500: "the model failed", 503: "queue full or shutting down",
                   504: "request timeout"}
-STREAM = {"schema": {"type": "string"}}
+# text/event-stream: `schema` describes one event (OpenAPI < 3.2): its data is a chat.completion.chunk,
+# an error body (JSON), or the final "[DONE]"
+SSE = {"schema": {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a ChatCompletionChunk or an error as JSON, or [DONE]"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}
+JSON_LINES = {"schema": {"type": "string", "description": "one CaptionStreamEvent (JSON) per line"}}
 # A 32x32 JPEG for the documented examples (which the fuzzing test also sends: valid requests answered 200)
 EXAMPLE_IMAGE = ("/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERXRTc4UG1R"
                  "V19iZ2hnPk1xeXBkeFxlZ2P/2wBDARESEhgVGC8aGi9jQjhCY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2NjY2Nj"
@@ -85,14 +90,14 @@ CHAT_DOC = {
     **_body({"application/json": {"schema": _ref("ChatCompletionRequest"), "examples": CHAT_EXAMPLES}}),
     "responses": {200: {"model": ChatCompletionResponse, "description": "a chat.completion; with stream=true "
                         "server-sent events of chat.completion.chunk, then data: [DONE]",
-                        "content": {"text/event-stream": STREAM}}, **describe_errors()},
+                        "content": {"text/event-stream": SSE}}, **describe_errors()},
 }
 CAPTIONS_DOC = {
     **_body({"application/json": {"schema": _ref("CaptionRequest"), "examples": CAPTION_EXAMPLES},
              "multipart/form-data": {"schema": {"$ref": "#/components/schemas/CaptionForm"},
                                      "encoding": {"image": {"contentType": "image/*"}}}}),
     "responses": {200: {"model": list[CaptionResult], "description": "one result per image; with stream=true "
-                        "JSON lines (CaptionStreamEvent)", "content": {"application/x-ndjson": STREAM}},
+                        "JSON lines (CaptionStreamEvent)", "content": {"application/x-ndjson": JSON_LINES}},
                   **describe_errors()},
 }
 MODELS_DOC = {"responses": {200: {"model": ModelList}, **describe_errors(401, 404, 405)}}
