@@ -308,7 +308,11 @@ class CaptionEngine:
         done = {id(row) for row in finished}
         for row in requests:
             if row.beams is None:
-                self._progress(row, finished=id(row) in done)
+                try:
+                    self._progress(row, finished=id(row) in done)
+                except Exception as err:  # noqa: BLE001 - fails this job (its rows leave next step), not the engine
+                    log.exception("reporting tokens failed")
+                    self._fail([row.tag], err)
         for row in finished:
             self._finish(row)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import threading
 import time
 import uuid
@@ -36,10 +35,9 @@ from ..data.samples import build_prompt_ids
 from ..decoding.config import GenerationConfig
 from .choices import candidates, mean, openai_logprobs
 from .engine import CaptionEngine, EngineError, EngineStopped, Job, QueueFull, Sequence
-from .protocol import (ApiError, AssistantMessage, CaptionOptions, CaptionResult, CaptionStreamEvent, ChatChoice,
-                       ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, ChunkChoice, ChunkDelta,
-                       ModelCard, ModelList, TextPart, Usage)
-from .streaming import CaptionText, JobStream, json_line, sse
+from .protocol import (ApiError, AssistantMessage, CaptionOptions, CaptionResult, ChatChoice, ChatCompletionRequest,
+                       ChatCompletionResponse, ModelCard, ModelList, TextPart, Usage)
+from .streaming import JobStream, caption_events, chat_events
 
 GALLERY_SIZE, GALLERY_SEED = 6, 2024
 
@@ -239,7 +237,7 @@ class CaptionService:
 
         job = await run_in_threadpool(self.chat_job, req, arrived)
         if req.stream:
-            return self._chat_stream(req, self.stream(job), is_disconnected)
+            return chat_events(self, req, self.stream(job), is_disconnected)
         sequences = await self.run(job, is_disconnected)
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=self.predictor.decode(c.tokens)),
                               finish_reason=c.finish_reason,
@@ -247,10 +245,10 @@ class CaptionService:
                    for c in candidates(sequences)]
         return ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                                       model=self.model_name, choices=choices,
-                                      usage=self._usage(sequences[0].prompt, [c.tokens for c in candidates(sequences)]))
+                                      usage=self.usage(sequences[0].prompt, [c.tokens for c in candidates(sequences)]))
 
     @staticmethod
-    def _usage(prompt: list, outputs: list[list]) -> Usage:
+    def usage(prompt: list, outputs: list[list]) -> Usage:
         generated = sum(len(tokens) for tokens in outputs)
         return Usage(prompt_tokens=len(prompt), completion_tokens=generated, total_tokens=len(prompt) + generated)
 
@@ -260,81 +258,21 @@ class CaptionService:
         self.submit(job)
         return stream
 
-    async def _chat_stream(self, req: ChatCompletionRequest, stream: JobStream, is_disconnected):
-        """Server-sent events of `chat.completion.chunk`s (see streaming.py), then `data: [DONE]`."""
-        rid, created, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.predictor.tokenizer
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-
-        def chunk(choices, usage=None) -> str:
-            body = ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
-                                       usage=usage).model_dump(mode="json")
-            for choice in body["choices"]:
-                choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-            if not include_usage:
-                del body["usage"]
-            return sse(json.dumps(body, ensure_ascii=False))
-
-        sequences = stream.job.sequences
-        beams = sequences[0].config.num_beams > 1
-        for index in range(req.n):
-            yield chunk([ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content=""))])
-        texts = [CaptionText(self.predictor.decode) for _ in sequences]
-        so_far = [[] for _ in sequences]
-        try:
-            async for k, seq, tokens, entries, finished in stream.events(self.engine, self.limits.request_timeout_s,
-                                                                      is_disconnected):
-                if beams and finished:  # the whole search at once: each of the n best
-                    for c in candidates([seq]):
-                        yield chunk([ChunkChoice(index=c.index, delta=ChunkDelta(content=self.predictor.decode(c.tokens)),
-                                                 logprobs=openai_logprobs(tok, c.logprobs))])
-                        yield chunk([ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=c.finish_reason)])
-                    continue
-                so_far[k] += tokens
-                delta = texts[k].update(so_far[k], final=finished)
-                if delta or entries:
-                    yield chunk([ChunkChoice(index=k, delta=ChunkDelta(content=delta),
-                                             logprobs=openai_logprobs(tok, entries) if entries else None)])
-                if finished:
-                    yield chunk([ChunkChoice(index=k, delta=ChunkDelta(), finish_reason=seq.finish_reason)])
-        except ApiError as err:
-            yield sse(json.dumps(err.body()))
-        else:
-            if include_usage:
-                yield chunk([], self._usage(sequences[0].prompt, [c.tokens for c in candidates(sequences)]))
-        yield sse("[DONE]")
-
     async def captions(self, items: list[tuple[str, str | bytes, str]], opts: CaptionOptions, arrived: float,
                        is_disconnected) -> list[CaptionResult]:
         from starlette.concurrency import run_in_threadpool
 
         job = await run_in_threadpool(self.caption_job, items, opts, arrived)
         if opts.stream:
-            return self._caption_stream([item_id for item_id, _, _ in items], self.stream(job), is_disconnected)
+            return caption_events(self, [item_id for item_id, _, _ in items], self.stream(job), is_disconnected)
         sequences = await self.run(job, is_disconnected)
-        return [self._caption_result(item_id, seq) for (item_id, _, _), seq in zip(items, sequences)]
+        return [self.caption_result(item_id, seq) for (item_id, _, _), seq in zip(items, sequences)]
 
-    def _caption_result(self, item_id: str, seq: Sequence) -> CaptionResult:
+    def caption_result(self, item_id: str, seq: Sequence) -> CaptionResult:
         (best,) = candidates([seq])[:1]
         return CaptionResult(id=item_id, caption=self.predictor.decode(seq.tokens), tokens=len(seq.tokens),
                              latency_ms=round(seq.latency_s * 1000, 1), mean_logprob=mean(best.logprobs),
                              finish_reason=seq.finish_reason)
-
-    async def _caption_stream(self, ids: list[str], stream: JobStream, is_disconnected):
-        """JSON lines of `CaptionStreamEvent`s: deltas of each image's caption, then its result."""
-        sequences = stream.job.sequences
-        texts = [CaptionText(self.predictor.decode) for _ in sequences]
-        so_far = [[] for _ in sequences]
-        try:
-            async for k, seq, tokens, _, finished in stream.events(self.engine, self.limits.request_timeout_s,
-                                                                is_disconnected):
-                so_far[k] += tokens if not finished or seq.config.num_beams == 1 else seq.tokens
-                delta = texts[k].update(so_far[k], final=finished)
-                if delta:
-                    yield json_line(CaptionStreamEvent(index=k, id=ids[k], delta=delta))
-                if finished:
-                    yield json_line(CaptionStreamEvent(index=k, id=ids[k], result=self._caption_result(ids[k], seq)))
-        except ApiError as err:
-            yield json_line(CaptionStreamEvent(error=err.body()["error"]))
 
     # ---- the rest ------------------------------------------------------------------------------
     def models(self) -> ModelList:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 
+from .choices import candidates, openai_logprobs
 from .engine import EngineError, Job
-from .protocol import ApiError
+from .protocol import ApiError, CaptionStreamEvent, ChatCompletionChunk, ChunkChoice, ChunkDelta
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering either
 
@@ -64,8 +66,10 @@ class JobStream:
                 try:
                     event = await asyncio.wait_for(self.queue.get(), min(left, 0.2))
                 except asyncio.TimeoutError:
-                    if await is_disconnected():
-                        return
+                    event = None
+                if await is_disconnected():  # (a non-blocking look: no need to wait for a failed send)
+                    return
+                if event is None:
                     continue
                 if not isinstance(event, tuple):  # the future resolved
                     if not event.cancelled() and event.exception() is not None:
@@ -82,16 +86,72 @@ class JobStream:
                 engine.cancel(self.job)
 
 
-def sse(payload) -> str:
-    """One server-sent event: `data: <json>` and a blank line."""
-    body = payload if isinstance(payload, str) else payload.model_dump_json(exclude_unset=False)
-    return f"data: {body}\n\n"
+def sse(data: str) -> str:
+    """One server-sent event: `data: <data>` and a blank line."""
+    return f"data: {data}\n\n"
 
 
-def error_event(err: ApiError) -> dict:
-    return err.body()
+def json_line(event: CaptionStreamEvent) -> str:
+    return event.model_dump_json(exclude_none=True) + "\n"
 
 
-def json_line(payload) -> str:
-    return (payload.model_dump_json(exclude_none=True) if hasattr(payload, "model_dump_json")
-            else json.dumps(payload, ensure_ascii=False)) + "\n"
+async def chat_events(service, req, stream: JobStream, is_disconnected):
+    """`req`'s answer as server-sent events of `chat.completion.chunk`s, then `data: [DONE]`."""
+    rid, created, tok = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), service.predictor.tokenizer
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+
+    def chunk(choices, usage=None) -> str:
+        body = ChatCompletionChunk(id=rid, created=created, model=service.model_name, choices=choices,
+                                   usage=usage).model_dump(mode="json")
+        for choice in body["choices"]:
+            choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if not include_usage:
+            del body["usage"]
+        return sse(json.dumps(body, ensure_ascii=False))
+
+    sequences = stream.job.sequences
+    beams = sequences[0].config.num_beams > 1
+    for index in range(req.n):
+        yield chunk([ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content=""))])
+    texts = [CaptionText(service.predictor.decode) for _ in sequences]
+    so_far = [[] for _ in sequences]
+    try:
+        async for k, seq, tokens, entries, finished in stream.events(service.engine, service.limits.request_timeout_s,
+                                                                  is_disconnected):
+            if beams and finished:  # the whole search at once: each of the n best
+                for c in candidates([seq]):
+                    yield chunk([ChunkChoice(index=c.index, delta=ChunkDelta(content=service.predictor.decode(c.tokens)),
+                                             logprobs=openai_logprobs(tok, c.logprobs))])
+                    yield chunk([ChunkChoice(index=c.index, delta=ChunkDelta(), finish_reason=c.finish_reason)])
+                continue
+            so_far[k] += tokens
+            delta = texts[k].update(so_far[k], final=finished)
+            if delta or entries:
+                yield chunk([ChunkChoice(index=k, delta=ChunkDelta(content=delta),
+                                         logprobs=openai_logprobs(tok, entries) if entries else None)])
+            if finished:
+                yield chunk([ChunkChoice(index=k, delta=ChunkDelta(), finish_reason=seq.finish_reason)])
+    except ApiError as err:
+        yield sse(json.dumps(err.body()))
+    else:
+        if include_usage:
+            yield chunk([], service.usage(sequences[0].prompt, [c.tokens for c in candidates(sequences)]))
+    yield sse("[DONE]")
+
+
+async def caption_events(service, ids: list[str], stream: JobStream, is_disconnected):
+    """JSON lines of `CaptionStreamEvent`s: deltas of each image's caption, then its result."""
+    sequences = stream.job.sequences
+    texts = [CaptionText(service.predictor.decode) for _ in sequences]
+    so_far = [[] for _ in sequences]
+    try:
+        async for k, seq, tokens, _, finished in stream.events(service.engine, service.limits.request_timeout_s,
+                                                            is_disconnected):
+            so_far[k] += tokens if not finished or seq.config.num_beams == 1 else seq.tokens
+            delta = texts[k].update(so_far[k], final=finished)
+            if delta:
+                yield json_line(CaptionStreamEvent(index=k, id=ids[k], delta=delta))
+            if finished:
+                yield json_line(CaptionStreamEvent(index=k, id=ids[k], result=service.caption_result(ids[k], seq)))
+    except ApiError as err:
+        yield json_line(CaptionStreamEvent(error=err.body()["error"]))
