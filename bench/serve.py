@@ -22,6 +22,14 @@ In one run, on 127.0.0.1:
 Every caption is checked against the direct call's (greedy: they must be equal).
 Targets: at concurrency 16 >= 3x the one-at-a-time throughput; p50 at concurrency 1 within 1.2x
 the direct call. Prints a markdown table and writes bench/results/serve.json.
+
+    python bench/serve.py --soak MINUTES [--model DIR] [--soak-concurrency 16] [--max-new-tokens 64]
+
+instead runs the soak (bench/soak.py): mixed traffic (greedy, beam, sampling with n and
+log-probs, streaming, bad requests, disconnecting clients) at concurrency 16 for MINUTES; per
+minute p50/p99 latency, answers by status and the server's RSS, against the bars (0 5xx; RSS at
+the end within 5% of minute 2's; the last minute's p99 within 20% of minute 2's). Writes
+bench/results/serve_soak.json.
 """
 from __future__ import annotations
 
@@ -207,7 +215,13 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=32, help="the service's --max_batch_size")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON report (default bench/results/serve.json)")
+    parser.add_argument("--soak", type=float, metavar="MINUTES", help="run the soak (bench/soak.py) instead")
+    parser.add_argument("--soak-concurrency", type=int, default=16)
     args = parser.parse_args()
+    if args.soak is not None:
+        if not 0 < args.soak <= 120 or not 1 <= args.soak_concurrency <= 256:
+            parser.error("need 0 < --soak <= 120 minutes and --soak-concurrency in 1..256 (the load is bounded)")
+        return soak_main(args)
     levels = [int(c) for c in args.concurrency.split(",")]
     if args.requests < 2 or args.requests > 1000 or min(levels) < 1 or max(levels) > 256:
         parser.error("need 2 <= --requests <= 1000 and concurrencies in 1..256 (the load is bounded)")
@@ -273,6 +287,20 @@ def main() -> int:
         print(f"p50 at concurrency 1: {p50_ratio_1:.2f}× the direct call (target ≤ {TARGET_P50_RATIO_AT_1}×)")
     print(f"wrote {args.out} ({report['wall_seconds']:.0f} s)")
     return 0
+
+
+def soak_main(args) -> int:
+    from soak import run_soak  # bench/ is on sys.path
+
+    from paddle_caption.runtime import configure
+
+    configure()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    out = RESULTS.with_name("serve_soak.json") if args.out == RESULTS else args.out
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, model_note = pick_model(args, Path(tmp))
+        return run_soak(Server, model_dir, model_note, args.soak, args.soak_concurrency, args.max_new_tokens, out,
+                        write_report, machine_info, "python " + " ".join(["bench/serve.py"] + sys.argv[1:]))
 
 
 if __name__ == "__main__":

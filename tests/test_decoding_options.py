@@ -46,10 +46,10 @@ def test_the_flags_and_request_fields_are_exactly_the_public_options():
     assert set(PUBLIC) <= flags
     assert {f.name for f in dataclasses.fields(GenerationConfig)} & flags == set(PUBLIC)  # ids stay internal
     caption_fields = set(protocol.CaptionOptions.model_fields)
-    assert caption_fields == set(PUBLIC) | {"prompt", "system"}
+    assert caption_fields == set(PUBLIC) | {"prompt", "system", "stream"}
     chat_only = set(PUBLIC) - set(protocol.CHAT_ALIASED)
     assert chat_only <= set(protocol.ChatCompletionRequest.model_fields)
-    openai_names = {"max_tokens", "max_completion_tokens", "temperature", "n"}
+    openai_names = {"max_tokens", "max_completion_tokens", "temperature", "n", "logprobs", "top_logprobs"}
     assert openai_names <= set(protocol.ChatCompletionRequest.model_fields)
     assert "do_sample" not in protocol.ChatCompletionRequest.model_fields and "max_new_tokens" not in \
         protocol.ChatCompletionRequest.model_fields  # OpenAI's names only, on the chat endpoint

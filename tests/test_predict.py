@@ -300,6 +300,36 @@ def test_cli_writes_results_and_summary(tmp_path, capsys, model_dir, reference):
     assert "5 images (0 resumed, 5 predicted, 0 rejected)" in capsys.readouterr().out
 
 
+def test_cli_scores_add_each_captions_mean_logprob_as_a_third_column(tmp_path, capsys, model_dir, predictor):
+    """--scores: the same captions, plus the mean token log-probability of each (what the caption
+    service reports as mean_logprob: the per-token log-probs of the generated ids), empty for a reject."""
+    from paddle_caption.data.images import b64decode_strict, decode_image
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.logprobs import LogprobRecorder
+    from paddle_caption.decoding.scheduler import ContinuousBatch
+
+    tsv = write_tsv(tmp_path / "test.tsv", good_rows(3, caption=False) + ["bad\tnot*base64!"])
+    plain, scored = tmp_path / "plain.txt", tmp_path / "scored.txt"
+    common = [str(model_dir), "--max_new_tokens", str(MAX_NEW), "--batch_size", "2", "--no_progress"]
+    assert run_cli(cli.main, [str(tsv), str(plain), *common]) == 0
+    assert run_cli(cli.main, [str(tsv), str(scored), *common, "--scores"]) == 0
+    rows = read_results(scored)
+    assert [r[:2] for r in rows] == read_results(plain) and all(len(r) == 3 for r in rows)
+    assert rows[-1] == ("bad", "", "")
+    # each score is the mean of the log-probs recorded while the caption was generated alone
+    for row, line in zip(rows[:3], good_rows(3, caption=False)):
+        image = predictor.preprocess(decode_image(b64decode_strict(line.split("\t")[1])))
+        cfg = predictor.fill_stop_and_pad_ids(GenerationConfig(max_new_tokens=MAX_NEW, logprobs=True))
+        batch = ContinuousBatch(predictor.model, predictor.tokenizer.pad_id)
+        batch.observer = recorder = LogprobRecorder()
+        (request,) = batch.add([predictor.prompt_ids], predictor.pixels([image]), [cfg])
+        while batch:
+            batch.step()
+            entries = recorder.collect(request)
+        assert float(row[2]) == pytest.approx(np.mean([e.logprob for e in entries]), abs=1e-4)
+        assert float(row[2]) < 0
+
+
 def test_dtype_option_loads_a_bfloat16_model_directory(tmp_path, model_dir):
     """A bfloat16 model directory loads as float32 on a CPU (its exact values), by default or by
     `--dtype float32`, and predicts; `--dtype bfloat16` needs a GPU and is refused before anything

@@ -1,5 +1,6 @@
 """The web page in a real browser: Debian's Chromium, headless, driven by playwright (its own
-browser downloads are never used). Upload an image, wait for the caption; pick a gallery example
+browser downloads are never used). Upload an image, watch its caption grow as it streams, wait for
+the end; pick a gallery example
 and use the decoding controls; Chinese text is drawn with the page's CJK web font.
 
 Without Chromium (or playwright) the test skips locally, but fails under CI (CI set), where
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import time
 
 import pytest
 
@@ -42,7 +44,14 @@ def test_page_uploads_an_image_and_shows_its_caption(tmp_path):
 
     from paddle_caption.predict.predictor import load_predictor
 
-    _, _, app = build(load_predictor(make_model_dir(tmp_path / "model")))
+    service, _, app = build(load_predictor(make_model_dir(tmp_path / "model")))
+    step = service.engine._step
+
+    def paced_step():  # ~20 tokens a second, so the page has time to show a caption growing
+        time.sleep(0.05)
+        step()
+
+    service.engine._step = paced_step
     image = tmp_path / "upload.jpg"
     image.write_bytes(jpeg_bytes(3))
     with serve_in_thread(app) as url, sync_playwright() as pw:
@@ -55,11 +64,21 @@ def test_page_uploads_an_image_and_shows_its_caption(tmp_path):
             page.goto(url + "/")
             expect(page.locator("#server")).to_contain_text("ok")
 
-            # upload: the caption, its latency and token count appear
-            page.fill("#max-new-tokens", "6")
+            # upload: the caption grows as it streams, then its latency and token count appear
+            page.evaluate("""() => {
+                window.captionSeen = [];
+                new MutationObserver(() => window.captionSeen.push(document.getElementById("caption").textContent))
+                    .observe(document.getElementById("caption"), {childList: true, characterData: true, subtree: true});
+            }""")
+            page.fill("#max-new-tokens", "12")
             page.set_input_files("#file", str(image))
-            expect(page.locator("#result")).to_be_visible(timeout=30_000)
-            assert page.locator("#tokens").inner_text() == "6"
+            expect(page.locator("#result")).to_have_attribute("data-done", "true", timeout=30_000)
+            assert page.locator("#tokens").inner_text() == "12"
+            final = page.locator("#caption").inner_text()
+            seen = [text for text in page.evaluate("window.captionSeen") if text]
+            growing = [text for text in seen if text != final and final.startswith(text)]
+            assert len(growing) >= 2, seen  # parts of the caption were shown before it was complete
+            assert float(page.locator("#logprob").inner_text()) < 0
             assert float(page.locator("#latency").inner_text()) > 0
             assert page.locator("#caption").inner_text().strip()
             assert page.locator("#status").inner_text() == ""
@@ -73,6 +92,7 @@ def test_page_uploads_an_image_and_shows_its_caption(tmp_path):
             assert "风格" in reference
             first.click()
             expect(page.locator("#reference")).to_contain_text(reference, timeout=30_000)
+            expect(page.locator("#result")).to_have_attribute("data-done", "true", timeout=30_000)
 
             # Chinese is drawn with the served CJK face, whatever fonts the machine has
             loaded = page.evaluate("async () => (await document.fonts.load('16px CaptionCJK', '风格')).length")

@@ -44,6 +44,12 @@ class GenerationConfig:
     # prompt, one prompt's after another (as Hugging Face's `num_return_sequences`).
     num_return_sequences: int = option(1, "candidates per prompt (n best beams or n samples)", min=1,
                                        public=False)
+    # Log-probabilities of the chosen tokens (raw: the model's distribution before the repetition
+    # penalty, temperature, top-k/top-p), and the `top_logprobs` most likely alternatives at each
+    # position: recorded by `decoding.logprobs` (OpenAI's `logprobs`/`top_logprobs`; set by the API).
+    logprobs: bool = option(False, "record each chosen token's log-probability", public=False)
+    top_logprobs: int = option(0, "also record this many most likely tokens per position", min=0, max=20,
+                               public=False)
     # Ids that end a row (() = none: run to max_new_tokens), and the id left padding uses. None
     # means "the tokenizer's" (`tokenizer.stop_ids`, `tokenizer.pad_id`): `with_tokenizer` fills them.
     stop_ids: tuple | None = option(None, "ids that end a row", public=False)
@@ -66,6 +72,8 @@ class GenerationConfig:
                 raise ValueError(f"{f.name} must be <= {high}, got {value}")
         if self.num_beams > 1 and self.do_sample:
             raise ValueError("num_beams > 1 with do_sample: beam search does not sample")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
         if self.num_return_sequences > 1 and not (self.do_sample or self.num_beams >= self.num_return_sequences):
             raise ValueError("num_return_sequences > 1 needs sampling or at least as many beams "
                              "(greedy decoding would repeat one caption)")

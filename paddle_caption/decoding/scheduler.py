@@ -109,6 +109,7 @@ class ContinuousBatch:
         self.rows: list[Row] = []  # one per cache row, in cache order; a beam Row fills num_beams in a run
         self.drafter = drafter
         self.stats = stats if stats is not None else SpeculationStats()
+        self.observer = None  # e.g. a logprobs.LogprobRecorder: sees the raw logits each step
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -148,6 +149,8 @@ class ContinuousBatch:
         if not self.rows:
             return []
         logits = self.decoder.logits
+        if self.observer is not None:  # the raw logits, before _choose edits them (logprobs.py)
+            self.observer.on_choose(self.rows, logits)
         tokens = self._choose(logits)
         keep, feed, finished, i = [], [], [], 0
         while i < len(self.rows):
@@ -193,6 +196,8 @@ class ContinuousBatch:
         for i, draft in enumerate(drafts):
             fed[i, 1:1 + len(draft)] = draft.tokens
         logits = self.decoder.step_many(fed, lengths)
+        if self.observer is not None:  # the logits after each drafted token (logprobs.py)
+            self.observer.on_verify(self.rows, logits, fed, lengths)
         kept = [1 + self._verify(row, draft.tokens, logits[start:start + len(draft)])
                 for row, draft, start in zip(self.rows, drafts, np.cumsum(lengths) - lengths)]
         self.decoder.rollback(kept)

@@ -57,6 +57,8 @@ def build_parser(decoding=GenerationConfig) -> argparse.ArgumentParser:
                    help="reject images with a side below this (0: no limit)")
     p.add_argument("--merge_timeout", type=float, default=PredictOptions.merge_timeout,
                    help="rank 0: seconds to wait for the other shards")
+    p.add_argument("--scores", action="store_true", help="a third RESULTS.txt column: each caption's mean token "
+                   "log-probability under the model (higher is more confident; drop low ones)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
                           world_size=args.world_size, limit=args.limit, min_side=args.min_side,
                           merge_timeout=args.merge_timeout, progress=not args.no_progress, dtype=args.dtype,
                           speculative=args.speculative, draft_source=args.draft_source,
-                          num_draft_tokens=args.num_draft_tokens, engine=args.engine)
+                          num_draft_tokens=args.num_draft_tokens, engine=args.engine, scores=args.scores)
     summary = predict_file(args.test_tsv, args.results, args.model_dir, opts)
     print(format_summary(summary))
     return 0

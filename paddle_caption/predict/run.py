@@ -50,6 +50,9 @@ class PredictOptions:
     dtype: str | None = None  # the model's dtype; None: as stored where the device computes in it, else float32
     engine: str | None = None  # "dygraph" | "inference"; None: what the model directory holds (predictor.resolve_engine)
     poll_seconds: float = 2.0
+    # RESULTS.txt gets a third column: each caption's mean token log-probability (decoding/logprobs.py;
+    # empty for a rejected row or an empty caption), to drop low-confidence captions
+    scores: bool = False
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -87,7 +90,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
         "test": file_signature(test_tsv) + [len(rows)],
         "model": predictor.source, "dtype": predictor.model.dtype, "template": asdict(predictor.template),
         "generation": asdict(gen),
-        "limit": opts.limit, "world_size": world, "min_side": opts.min_side, "max_pixels": opts.max_pixels})
+        "limit": opts.limit, "world_size": world, "min_side": opts.min_side, "max_pixels": opts.max_pixels,
+        **({"scores": True} if opts.scores else {})})  # (absent when off: earlier runs' shards still resume)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     partial = shard_path(results_path, rank, world)
 
@@ -118,7 +122,7 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
                     images, rejects = pending.result()
                     if batch_no + 1 < len(batches):
                         pending = submit(batch_no + 1)
-                    writer.add(_caption_batch(predictor, batch, images, rejects, gen, batch_no, stats))
+                    writer.add(_caption_batch(predictor, batch, images, rejects, gen, batch_no, stats, opts.scores))
                     bar.update(len(batch))
                     elapsed = time.perf_counter() - start
                     bar.set_postfix(tok_s=f"{stats['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
@@ -149,6 +153,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
         for state in wait_for_shards(results_path, range(1, world), world, len(rows), fp, opts.merge_timeout,
                                      opts.poll_seconds, keep_items=True).values():
             merged.update(state.keyed())
+    if opts.scores:  # a caption never holds a tab (clean_caption): the score is the third column
+        merged = {rid: (f"{caption}\t{score}", reason) for rid, (caption, reason, score) in merged.items()}
     n_rejects = write_results(results_path, [row.id for row in rows], merged)
     for rank_no in range(world):
         with contextlib.suppress(FileNotFoundError):
@@ -159,10 +165,10 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
 
 
 def _caption_batch(predictor: Predictor, batch: list[TestRow], images: dict, rejects: dict,
-                   gen: GenerationConfig, batch_no: int, stats: dict) -> list[tuple[str, str, str]]:
+                   gen: GenerationConfig, batch_no: int, stats: dict, scores: bool = False) -> list[tuple]:
     """Caption the batch's good images together (the model's prompt for each); (id, caption,
-    reject reason) per row."""
-    captions = {}
+    reject reason) per row, and with `scores` the caption's mean log-probability ("" if none)."""
+    captions, means = {}, {}
     keep = [row for row in batch if row.id in images]
     if keep:
         config = gen
@@ -173,8 +179,22 @@ def _caption_batch(predictor: Predictor, batch: list[TestRow], images: dict, rej
         for row, ids in zip(keep, token_ids):
             captions[row.id] = predictor.decode(ids)
             stats["tokens"] += len(ids)
+        if scores:
+            means = _mean_logprobs(predictor, [images[row.id] for row in keep], token_ids, keep)
     stats["predicted"] += len(keep)
+    if scores:
+        return [(row.id, captions.get(row.id, ""), rejects.get(row.id, ""), means.get(row.id, "")) for row in batch]
     return [(row.id, captions.get(row.id, ""), rejects.get(row.id, "")) for row in batch]
+
+
+def _mean_logprobs(predictor: Predictor, images: list, token_ids: list[list[int]], rows) -> dict:
+    """{id: mean token log-probability as text ("" for an empty caption)}, scored teacher-forced."""
+    from ..decoding.logprobs import mean_logprob, teacher_forced
+
+    entries = teacher_forced(predictor.model, [predictor.prompt_ids] * len(images), predictor.pixels(images),
+                             token_ids, predictor.tokenizer.pad_id)
+    means = [mean_logprob(e) for e in entries]
+    return {row.id: "" if m is None else f"{m:.4f}" for row, m in zip(rows, means)}
 
 
 def predict_file(test_tsv: str | os.PathLike, results_path: str | os.PathLike, model_dir: str | os.PathLike,

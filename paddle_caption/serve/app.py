@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import inspect
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -23,8 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..fonts import cjk_font_ttf_bytes
 from .telemetry import ServiceMetrics
+from .openapi import CAPTIONS_DOC, CHAT_DOC, HEALTH_DOC, MODELS_DOC, describe_errors, install
 from .protocol import ApiError, CaptionOptions, CaptionRequest, ChatCompletionRequest, validation_message
 from .service import CaptionService, ClientGone
+from .streaming import SSE_HEADERS
 
 log = logging.getLogger("paddle_caption.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -184,26 +187,30 @@ def create_app(service: CaptionService, metrics: ServiceMetrics, api_key: str | 
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            type="authentication_error", headers={"WWW-Authenticate": "Bearer"})
 
-    async def answer(work):
-        """Run `work` (a coroutine); a client that went away gets a 499 that nobody reads."""
+    async def answer(work, media_type: str):
+        """Run `work` (a coroutine); a client that went away gets a 499 that nobody reads. A stream
+        (an async generator: the job is queued already) is answered as `media_type`."""
         try:
-            return await work
+            result = await work
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
+        if inspect.isasyncgen(result):
+            return StreamingResponse(result, media_type=media_type, headers=SSE_HEADERS)
+        return result
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
-    @v1.get("/models")
+    @v1.get("/models", **MODELS_DOC)
     async def models():
         return service.models()
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", **CHAT_DOC)
     async def chat_completions(request: Request):
         arrived = time.monotonic()
         body = await read_json(request, ChatCompletionRequest)
-        return await answer(service.chat(body, arrived, request.is_disconnected))
+        return await answer(service.chat(body, arrived, request.is_disconnected), "text/event-stream")
 
-    @v1.post("/captions")
+    @v1.post("/captions", **CAPTIONS_DOC)
     async def captions(request: Request):
         arrived = time.monotonic()
         ctype = _content_type(request)
@@ -220,16 +227,16 @@ def create_app(service: CaptionService, metrics: ServiceMetrics, api_key: str | 
         else:
             raise ApiError(415, "expected Content-Type application/json (base64 images) or multipart/form-data "
                                 f"(image files), got {ctype or 'none'}")
-        return await answer(service.captions(items, opts, arrived, request.is_disconnected))
+        return await answer(service.captions(items, opts, arrived, request.is_disconnected), "application/x-ndjson")
 
     app.include_router(v1)
 
-    @app.get("/health")
+    @app.get("/health", **HEALTH_DOC)
     async def health():
         status, body = service.health()
         return JSONResponse(body, status_code=status)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=describe_errors(), response_class=Response)
     async def metrics_text():
         return Response(metrics.render(), media_type=metrics.content_type)
 
@@ -264,6 +271,7 @@ def create_app(service: CaptionService, metrics: ServiceMetrics, api_key: str | 
         return Response(data, media_type="font/ttf", headers={"Cache-Control": "max-age=86400"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    install(app)  # the document describes the bodies the routes read themselves
     return app
 
 

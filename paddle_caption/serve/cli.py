@@ -5,7 +5,7 @@ Prometheus metrics and a web page — on one engine thread with dynamic and cont
     paddle-caption-serve checkpoints/demo/image/model [--host 127.0.0.1] [--port 8000] [--api_key KEY]
         [--max_batch_size 16] [--max_wait_ms 10] [--max_queue 256] [--request_timeout 120]
         [--max_body_mb 32] [--max_image_pixels 16777216] [--max_images_per_request 16]
-        [--max_tokens_cap 512] [--default_max_tokens 128] [--max_num_beams 8] [--dtype bfloat16]
+        [--max_tokens_cap 512] [--default_max_tokens 128] [--max_num_beams 8] [--max_n 8] [--dtype bfloat16]
         [--engine dygraph|inference] ...
 
 SIGTERM (or Ctrl-C) stops accepting connections, finishes the requests in flight and exits 0.
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_tokens_cap", type=int, default=lim.max_tokens_cap, help="largest max_tokens (400)")
     g.add_argument("--default_max_tokens", type=int, default=lim.default_max_tokens)
     g.add_argument("--max_num_beams", type=int, default=lim.max_num_beams, help="(400)")
+    g.add_argument("--max_n", type=int, default=lim.max_n, help="chat candidates per request, n (400)")
     g.add_argument("--request_timeout", type=float, default=lim.request_timeout_s, help="seconds (504)")
     g.add_argument("--health_deadline", type=float, default=lim.health_deadline_s,
                    help="/health is 503 when the engine made no progress for this many seconds")
@@ -75,7 +76,7 @@ def limits_from_args(args) -> tuple[ServiceLimits, EngineOptions]:
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_image_pixels=args.max_image_pixels,
         min_image_side=args.min_image_side, max_images_per_request=args.max_images_per_request,
         max_tokens_cap=args.max_tokens_cap, default_max_tokens=args.default_max_tokens,
-        max_num_beams=args.max_num_beams, request_timeout_s=args.request_timeout,
+        max_num_beams=args.max_num_beams, max_n=args.max_n, request_timeout_s=args.request_timeout,
         health_deadline_s=args.health_deadline)
     engine = EngineOptions(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue)
     try:

@@ -18,6 +18,13 @@ sequences (refused with `QueueFull` past `max_queue`); the engine thread then lo
 3. Rows of jobs that were cancelled (client gone, timeout) are dropped at the step boundary, which
    frees their slots at once; their queued sequences are removed when the job is cancelled.
 
+Streaming and log-probabilities: after every step, a sequence with a `listener` (the service's
+stream) is handed the tokens it gained (several with speculative decoding; a beam sequence
+nothing until its search ends: then its `candidates`) and their `decoding.logprobs.TokenLogprob`s when its
+config asks for them (a `LogprobRecorder` watches the batch). A beam sequence's candidates are
+scored with a teacher-forced forward when it finishes. Listeners run on the engine thread and
+must only hand the values over (e.g. `loop.call_soon_threadsafe`).
+
 A failure while prefilling or stepping fails the jobs involved (`EngineError`, logged with its
 traceback) and the engine carries on with an empty batch. `status()` reports whether the thread is
 alive and when it last made progress; the service's /health turns 503 on either. `stop()` stops
@@ -77,6 +84,11 @@ class Sequence:
     tokens: list | None = None
     finish_reason: str | None = None
     latency_s: float = 0.0
+    candidates: list | None = None  # the num_return_sequences token lists (beam: best first)
+    logprobs: list | None = None  # per candidate, its TokenLogprobs (config.logprobs)
+    # listener(seq, new_tokens, new_logprobs or None, finished): called on the engine thread
+    listener: object = None
+    sent: int = 0  # tokens handed to the listener so far
 
 
 class Job:
@@ -124,6 +136,7 @@ class CaptionEngine:
     `telemetry.ServiceMetrics` it reports into."""
 
     def __init__(self, predictor, options: EngineOptions | None = None, metrics=None):
+        from ..decoding.logprobs import LogprobRecorder
         from ..decoding.scheduler import ContinuousBatch, SpeculationStats
 
         self.predictor, self.options, self.metrics = predictor, options or EngineOptions(), metrics
@@ -131,8 +144,12 @@ class CaptionEngine:
         model = self.model = predictor.model
         model.eval()
         self.speculation = SpeculationStats()  # tokens generated, and what drafting did
-        self._new_batch = lambda: ContinuousBatch(model, predictor.tokenizer.pad_id, predictor.drafter,
-                                                  self.speculation)
+        def new_batch():
+            batch = ContinuousBatch(model, predictor.tokenizer.pad_id, predictor.drafter, self.speculation)
+            batch.observer = self._recorder = LogprobRecorder()
+            return batch
+
+        self._new_batch = new_batch
         self._batch = self._new_batch()
         self._queue: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
@@ -270,6 +287,7 @@ class CaptionEngine:
         if not self._batch:
             return
         rows = len(self._batch)
+        requests = self._batch.requests  # each gets what it gained this step (streams, logprobs)
         before = (self.speculation.tokens, self.speculation.drafted, self.speculation.accepted)
         try:
             finished = self._batch.step()
@@ -287,22 +305,64 @@ class CaptionEngine:
             self.metrics.on_step(rows)
             if drafted:
                 self.metrics.on_drafts(drafted, accepted)
+        done = {id(row) for row in finished}
+        for row in requests:
+            if row.beams is None:
+                try:
+                    self._progress(row, finished=id(row) in done)
+                except Exception as err:  # noqa: BLE001 - fails this job (its rows leave next step), not the engine
+                    log.exception("reporting tokens failed")
+                    self._fail([row.tag], err)
         for row in finished:
-            self._finish(row.tag, row.tokens, row.finish_reason)
+            self._finish(row)
+
+    def _progress(self, row, finished: bool) -> None:
+        """Hand a greedy/sampling row's new tokens (and log-probs) to its sequence's listener."""
+        seq = row.tag
+        entries = self._recorder.collect(row) if row.config.logprobs else None
+        if seq.listener is not None and (len(row.tokens) > seq.sent or finished):
+            new = row.tokens[seq.sent:]
+            seq.listener(seq, list(new), None if entries is None else entries[seq.sent:], False)
+            seq.sent = len(row.tokens)
+        if finished:
+            seq.logprobs = None if entries is None else [list(entries)]
 
     def _drop_cancelled(self) -> None:
         gone = [row for row in self._batch.requests if row.tag.job.cancelled]
         if gone:
             self._batch.drop(gone)
+            for row in gone:
+                self._recorder.forget(row)
             if self.metrics is not None:
                 self.metrics.on_cancel(len(gone))
 
-    def _finish(self, seq: Sequence, tokens: list, reason: str) -> None:
-        seq.tokens, seq.finish_reason = list(tokens), reason
+    def _finish(self, row) -> None:
+        seq = row.tag
+        self._recorder.forget(row)
+        seq.tokens, seq.finish_reason = list(row.tokens), row.finish_reason
+        seq.candidates = [list(c) for c in row.candidates] if row.candidates is not None else [seq.tokens]
+        if row.beams is not None and row.config.logprobs:  # beams are re-selected each step: score them now
+            try:
+                seq.logprobs = self._score(seq)
+            except Exception as err:  # noqa: BLE001 - a model failure fails this job, not the engine
+                log.exception("scoring beam candidates failed")
+                self._fail([seq], err)
+                return
         seq.latency_s = time.monotonic() - seq.job.arrived
+        if seq.listener is not None:  # (a beam sequence's listener reads seq.candidates now)
+            seq.listener(seq, [], None, True)
         if self.metrics is not None:
             self.metrics.on_row_done(seq.latency_s)
         seq.job._finish_one()
+
+    def _score(self, seq: Sequence) -> list:
+        """Teacher-forced log-probs of each of a finished sequence's candidates."""
+        from ..decoding.logprobs import teacher_forced
+
+        k = len(seq.candidates)
+        images = self.predictor.pixels([image for _ in range(k) for image in seq.images])
+        return teacher_forced(self.model, [seq.prompt] * k, images, seq.candidates,
+                              self.predictor.tokenizer.pad_id, seq.config.top_logprobs)
 
     def _fail(self, sequences: list[Sequence], err: Exception) -> None:
         for seq in sequences:

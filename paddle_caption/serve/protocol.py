@@ -12,14 +12,18 @@ The decoding fields of both endpoints are derived from `decoding.config.Generati
 its `GenerationConfig` while it is parsed (`generation`), so a bad combination of options is a 400
 from the parse. Only the OpenAI names are this module's own, and only on the chat endpoint:
 `max_tokens`/`max_completion_tokens` (max_new_tokens), `temperature` (0 or omitted: greedy, i.e.
-do_sample), `n` (num_return_sequences, 1 only) and an omitted `seed` (a random one).
+do_sample), `n` (num_return_sequences: n samples, or the n best beams), `logprobs`/`top_logprobs`
+(OpenAI's shapes: `ChoiceLogprobs`) and an omitted `seed` (a random one).
+
+Streaming (`stream: true`) answers server-sent events of `ChatCompletionChunk`s (OpenAI's
+`chat.completion.chunk`), `/v1/captions` JSON lines of `CaptionStreamEvent`s (see streaming.py).
 """
 from __future__ import annotations
 
 import secrets
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from ..decoding.config import GenerationConfig
 from ..decoding.derive import options_model
@@ -140,6 +144,10 @@ def chat_options_model(decoding=GenerationConfig):
                          optional=("top_p", "top_k", "seed"))
 
 
+class StreamOptions(Strict):
+    include_usage: bool = False  # a last chunk with `usage` (and no choices); every other chunk: usage null
+
+
 class ChatCompletionRequest(chat_options_model()):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -147,36 +155,34 @@ class ChatCompletionRequest(chat_options_model()):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     # Omitted or 0: greedy, as predict_batch.py (a caption service wants the model's best caption).
     temperature: Optional[float] = Field(None, ge=0, le=2)
-    n: int = 1
+    n: int = Field(1, ge=1, description="candidates: n samples (temperature > 0) or the n best beams")
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: bool = Field(False, description="each chosen token's log-probability (the model's, before "
+                                              "penalties and sampling settings)")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="also this many most likely tokens")
     user: Optional[str] = None
     _generation: GenerationConfig = PrivateAttr()
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
-
-    @field_validator("stream")
-    @classmethod
-    def _no_stream(cls, stream: bool) -> bool:
-        if stream:
-            raise ValueError("streaming is not supported; send stream=false")
-        return stream
 
     @model_validator(mode="after")
     def _options(self):
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise ValueError("max_tokens and max_completion_tokens disagree; send one of them")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options goes with stream=true")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        if self.n > 1 and not self.do_sample and self.num_beams < self.n:
+            raise ValueError(f"n={self.n} needs sampling (temperature > 0) or num_beams >= n: greedy "
+                             "decoding would repeat one caption")
         values = self.decoding_values()
         values.setdefault("seed", secrets.randbits(31))  # OpenAI: no seed, no reproducibility promise
         sample = self.do_sample
         self._generation = self.decoding_class(
             **values, do_sample=sample, temperature=self.temperature if sample and self.temperature else 1.0,
-            num_return_sequences=self.n)  # max_new_tokens: the service's default or requested_max_tokens
+            num_return_sequences=self.n, logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs or 0)  # max_new_tokens: the service's default or requested_max_tokens
         return self
 
     @property
@@ -201,11 +207,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None  # the token's UTF-8 bytes (a token may hold part of a character)
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: Optional[list[TokenLogprobOut]] = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogprobs] = None
 
 
 class Usage(BaseModel):
@@ -223,6 +243,29 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ChunkDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (`data: {...}`; the last is `data: [DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+
+
 # ------------------------------------------------------------------------------------ captions
 def caption_options_model(decoding=GenerationConfig):
     """The decoding fields of /v1/captions: every option of `decoding` by its own name (as
@@ -236,6 +279,7 @@ class CaptionOptions(caption_options_model()):
 
     prompt: Optional[str] = None  # replaces the model's training instruction
     system: Optional[str] = None  # replaces the model's system message
+    stream: bool = Field(False, description="answer JSON lines (CaptionStreamEvent) as captions grow")
     _generation: GenerationConfig = PrivateAttr()
 
     @model_validator(mode="after")
@@ -279,6 +323,21 @@ class CaptionResult(BaseModel):
     caption: str
     tokens: int
     latency_ms: float
+    # mean log-probability of the caption's tokens under the model (null: empty caption); keep
+    # captions above a threshold to drop low-confidence ones
+    mean_logprob: Optional[float] = None
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+class CaptionStreamEvent(BaseModel):
+    """One line of a streamed `/v1/captions` answer: a `delta` of image `index`'s caption, or its
+    `result` when it is done, or an `error` that ends the stream."""
+
+    index: Optional[int] = None
+    id: Optional[str] = None
+    delta: Optional[str] = None
+    result: Optional[CaptionResult] = None
+    error: Optional[dict] = None
 
 
 # ------------------------------------------------------------------------------------ models

@@ -11,6 +11,11 @@ Status codes: 400 bad input (named), 401 no/wrong API key (routes), 404 unknown 
 image pixels or image count over the limit, 415 wrong content type, 503 queue full (with
 Retry-After) or shutting down, 504 request timeout, 500 only when the model itself fails (a JSON
 message, never a traceback). A client that goes away gets its job cancelled, which frees its rows.
+
+A chat request with n > 1 samples is n sequences (candidate k samples with seed + k, so candidate 0
+is the n=1 answer); with beams it is one sequence whose n best hypotheses are the choices.
+`/v1/captions` always records log-probabilities (each caption's `mean_logprob`). Streamed answers
+are streaming.py's.
 """
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ from ..data.reject_reasons import REJECT_REASONS
 from ..data.prompts import PromptTemplate
 from ..data.samples import build_prompt_ids
 from ..decoding.config import GenerationConfig
+from .choices import candidates, mean, openai_logprobs
 from .engine import CaptionEngine, EngineError, EngineStopped, Job, QueueFull, Sequence
-from .protocol import (ApiError, AssistantMessage, CaptionOptions, CaptionResult, ChatChoice,
-                       ChatCompletionRequest, ChatCompletionResponse, ModelCard, ModelList, TextPart, Usage)
+from .protocol import (ApiError, AssistantMessage, CaptionOptions, CaptionResult, ChatChoice, ChatCompletionRequest,
+                       ChatCompletionResponse, ModelCard, ModelList, TextPart, Usage)
+from .streaming import JobStream, caption_events, chat_events
 
 GALLERY_SIZE, GALLERY_SEED = 6, 2024
 
@@ -46,13 +53,14 @@ class ServiceLimits:
     max_tokens_cap: int = 512  # 400 above it
     default_max_tokens: int = 128  # predict_batch.py's default
     max_num_beams: int = 8  # 400 above it
+    max_n: int = 8  # chat candidates per request (n); 400 above it
     request_timeout_s: float = 120.0  # 504
     health_deadline_s: float = 60.0  # /health is 503 when the engine made no progress for this long
     retry_after_s: int = 1  # Retry-After of a 503 (queue full)
 
     def validate(self) -> None:
         if min(self.max_body_bytes, self.max_image_pixels, self.max_images_per_request, self.max_tokens_cap,
-               self.default_max_tokens, self.max_num_beams) < 1 or self.min_image_side < 0:
+               self.default_max_tokens, self.max_num_beams, self.max_n) < 1 or self.min_image_side < 0:
             raise ValueError("every limit must be >= 1 (min_image_side >= 0)")
         if self.default_max_tokens > self.max_tokens_cap:
             raise ValueError(f"default_max_tokens {self.default_max_tokens} exceeds max_tokens_cap {self.max_tokens_cap}")
@@ -163,7 +171,12 @@ class CaptionService:
             system="\n".join(systems) if systems else template.system, prompt=text or template.prompt), len(images))
         cfg = self.generation_config(req.generation, max_new_tokens=req.requested_max_tokens, max_name="max_tokens")
         self._check_context(prompt, cfg)
-        return Job([Sequence(prompt, images, cfg)], arrived)
+        if req.n > self.limits.max_n:
+            raise ApiError(400, f"n {req.n} exceeds the limit {self.limits.max_n} (--max_n)", param="n")
+        if cfg.num_beams > 1 or req.n == 1:  # beams: one search, its n best hypotheses
+            return Job([Sequence(prompt, images, cfg)], arrived)
+        return Job([Sequence(prompt, images, replace(cfg, num_return_sequences=1, seed=cfg.seed + k))
+                    for k in range(req.n)], arrived)
 
     def caption_job(self, items: list[tuple[str, str | bytes, str]], opts: CaptionOptions, arrived: float) -> Job:
         """`items` are (id, base64 text or data URL or raw file bytes, where it came from in the
@@ -177,6 +190,7 @@ class CaptionService:
                                       prompt=template.prompt if opts.prompt is None else opts.prompt)
         prompt = build_prompt_ids(self.predictor.tokenizer, template, 1)
         cfg = self.generation_config(opts.generation, max_new_tokens=opts.max_new_tokens, max_name="max_new_tokens")
+        cfg = replace(cfg, logprobs=True)  # each caption's mean_logprob
         self._check_context(prompt, cfg)
         sequences = []
         for k, (_, payload, at) in enumerate(items):
@@ -188,16 +202,18 @@ class CaptionService:
         return Job(sequences, arrived)
 
     # ---- running jobs --------------------------------------------------------------------------
-    async def run(self, job: Job, is_disconnected) -> list[Sequence]:
-        """Queue the job and wait for it; cancel it if the client goes away or the timeout passes."""
+    def submit(self, job: Job):
         try:
-            future = self.engine.submit(job)
+            return self.engine.submit(job)
         except QueueFull as err:
             raise ApiError(503, f"{err}; retry later", type="server_busy",
                            headers={"Retry-After": str(self.limits.retry_after_s)}) from None
         except EngineStopped as err:
             raise ApiError(503, str(err), type="service_unavailable") from None
-        waiter = asyncio.wrap_future(future)
+
+    async def run(self, job: Job, is_disconnected) -> list[Sequence]:
+        """Queue the job and wait for it; cancel it if the client goes away or the timeout passes."""
+        waiter = asyncio.wrap_future(self.submit(job))
         timeout = self.limits.request_timeout_s
         try:
             while not waiter.done():
@@ -220,23 +236,43 @@ class CaptionService:
         from starlette.concurrency import run_in_threadpool
 
         job = await run_in_threadpool(self.chat_job, req, arrived)
-        (seq,) = await self.run(job, is_disconnected)
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model_name,
-            choices=[ChatChoice(index=0, message=AssistantMessage(content=self.predictor.decode(seq.tokens)),
-                                finish_reason=seq.finish_reason)],
-            usage=Usage(prompt_tokens=len(seq.prompt), completion_tokens=len(seq.tokens),
-                        total_tokens=len(seq.prompt) + len(seq.tokens)))
+        if req.stream:
+            return chat_events(self, req, self.stream(job), is_disconnected)
+        sequences = await self.run(job, is_disconnected)
+        choices = [ChatChoice(index=c.index, message=AssistantMessage(content=self.predictor.decode(c.tokens)),
+                              finish_reason=c.finish_reason,
+                              logprobs=openai_logprobs(self.predictor.tokenizer, c.logprobs))
+                   for c in candidates(sequences)]
+        return ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                                      model=self.model_name, choices=choices,
+                                      usage=self.usage(sequences[0].prompt, [c.tokens for c in candidates(sequences)]))
+
+    @staticmethod
+    def usage(prompt: list, outputs: list[list]) -> Usage:
+        generated = sum(len(tokens) for tokens in outputs)
+        return Usage(prompt_tokens=len(prompt), completion_tokens=generated, total_tokens=len(prompt) + generated)
+
+    def stream(self, job: Job) -> JobStream:
+        """Submit `job` for streaming (a full queue is a 503 here, before any event)."""
+        stream = JobStream(job, asyncio.get_running_loop())
+        self.submit(job)
+        return stream
 
     async def captions(self, items: list[tuple[str, str | bytes, str]], opts: CaptionOptions, arrived: float,
                        is_disconnected) -> list[CaptionResult]:
         from starlette.concurrency import run_in_threadpool
 
         job = await run_in_threadpool(self.caption_job, items, opts, arrived)
+        if opts.stream:
+            return caption_events(self, [item_id for item_id, _, _ in items], self.stream(job), is_disconnected)
         sequences = await self.run(job, is_disconnected)
-        return [CaptionResult(id=item_id, caption=self.predictor.decode(seq.tokens), tokens=len(seq.tokens),
-                              latency_ms=round(seq.latency_s * 1000, 1))
-                for (item_id, _, _), seq in zip(items, sequences)]
+        return [self.caption_result(item_id, seq) for (item_id, _, _), seq in zip(items, sequences)]
+
+    def caption_result(self, item_id: str, seq: Sequence) -> CaptionResult:
+        (best,) = candidates([seq])[:1]
+        return CaptionResult(id=item_id, caption=self.predictor.decode(seq.tokens), tokens=len(seq.tokens),
+                             latency_ms=round(seq.latency_s * 1000, 1), mean_logprob=mean(best.logprobs),
+                             finish_reason=seq.finish_reason)
 
     # ---- the rest ------------------------------------------------------------------------------
     def models(self) -> ModelList:

@@ -1,5 +1,6 @@
 // The caption page: pick an image (drop, file dialog or gallery), POST it to /v1/captions as
-// multipart, show the caption, its latency and token count. Plain browser JavaScript, no build step.
+// multipart with stream=true, show the caption as it grows, then its latency and token count.
+// Plain browser JavaScript, no build step.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -56,33 +57,66 @@ async function caption() {
   const headers = {};
   const key = $("api-key").value || sessionStorage.getItem("apiKey");
   if (key) headers.Authorization = `Bearer ${key}`;
+  form.append("stream", "true");  // JSON lines: the caption grows as its tokens are decided
   const started = performance.now();
   try {
     const response = await fetch("/v1/captions", { method: "POST", body: form, headers });
-    const body = await response.json().catch(() => null);
     if (!response.ok) {
+      const body = await response.json().catch(() => null);
       if (response.status === 401) $("key-row").hidden = false;
       const message = body && body.error ? body.error.message : response.statusText;
       setStatus(`error ${response.status}: ${message}`, true);
       return;
     }
     if (key) sessionStorage.setItem("apiKey", key);
-    const result = body[0];
     const text = $("caption");
-    text.textContent = result.caption || "(empty caption)";
-    text.classList.toggle("empty", !result.caption);
-    $("latency").textContent = result.latency_ms.toFixed(0);
-    $("tokens").textContent = String(result.tokens);
-    $("roundtrip").textContent = (performance.now() - started).toFixed(0);
+    text.textContent = "";
+    text.classList.remove("empty");
+    $("result").dataset.done = "false";
+    for (const id of ["latency", "tokens", "roundtrip", "logprob"]) $(id).textContent = "…";
     $("reference").hidden = !state.reference;
     $("reference").textContent = state.reference ? `reference 参考: ${state.reference}` : "";
     $("result").hidden = false;
+    await readLines(response, (event) => {
+      if (event.error) throw new Error(event.error.message);
+      if (event.delta) text.textContent += event.delta;
+      if (event.result) showResult(event.result, started);
+    });
     setStatus("");
   } catch (err) {
-    setStatus(`request failed: ${err}`, true);
+    setStatus(`request failed: ${err.message || err}`, true);
   } finally {
     state.busy = false;
     $("run").disabled = !state.blob;
+  }
+}
+
+function showResult(result, started) {
+  const text = $("caption");
+  text.textContent = result.caption || "(empty caption)";
+  text.classList.toggle("empty", !result.caption);
+  $("latency").textContent = result.latency_ms.toFixed(0);
+  $("tokens").textContent = String(result.tokens);
+  $("logprob").textContent = result.mean_logprob == null ? "–" : result.mean_logprob.toFixed(3);
+  $("roundtrip").textContent = (performance.now() - started).toFixed(0);
+  $("result").dataset.done = "true";
+}
+
+// Calls onEvent with each JSON line of a streamed response as it arrives.
+async function readLines(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();  // stream mode: a character split across reads is kept whole
+  let buffered = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    buffered += decoder.decode(value || new Uint8Array(), { stream: !done });
+    let newline;
+    while ((newline = buffered.indexOf("\n")) >= 0) {
+      const line = buffered.slice(0, newline).trim();
+      buffered = buffered.slice(newline + 1);
+      if (line) onEvent(JSON.parse(line));
+    }
+    if (done) return;
   }
 }
 
