@@ -47,7 +47,8 @@ def sse_events(text: str) -> list:
 
 
 def drafter_for(predictor, ids_list):
-    from paddle_caption.decoding.drafting import DraftDatastore, RetrievalDrafter
+    from paddle_caption.decoding.datastore import DraftDatastore
+    from paddle_caption.decoding.drafting import RetrievalDrafter
 
     tok = predictor.tokenizer
     return RetrievalDrafter(DraftDatastore.build([i + [tok.im_end_id] for i in ids_list]), 4, stop_ids=tok.stop_ids)
