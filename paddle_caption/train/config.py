@@ -20,6 +20,7 @@ from ..files import read_json_object
 from ..runtime import UserError
 from ..model.precision import DTYPES
 from ..typed_config import from_mapping, parse_overrides
+from .scst import SCSTConfig
 
 SHARDING = ("none", "stage1", "stage2")
 
@@ -59,6 +60,11 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+
+    # ---- objective (train/objectives.py): "cross_entropy" | "scst" (self-critical CIDEr-D, its
+    # settings in the "scst" block: train/scst.py's SCSTConfig)
+    objective: str = "cross_entropy"
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
 
     # ---- optimiser and schedule -------------------------------------------------------------------
     learning_rate: float = 1e-5
@@ -131,6 +137,11 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise UserError("config: warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
         from ..eval.scorers import EXTRA_SCORERS
+        from .objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"config: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        self.scst.validate()
 
         for name in self.eval_extra_scores:
             if name not in EXTRA_SCORERS:

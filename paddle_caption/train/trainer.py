@@ -43,6 +43,7 @@ from ..files import write_json
 from ..runtime import UserError, configure
 from . import run_checkpoints as ckpt
 from .config import TrainConfig, config_fingerprint, resolve_path
+from .objectives import build_objective
 from .run_log import RunLog
 from .schedule import lr_at
 
@@ -166,6 +167,7 @@ class Trainer:
         self.train_module, self.optimizer = self.parallel.wrap_for_training(
             model, optimizer, self.world, cfg.sharding)
         self.log(trainable_table(model))
+        self.objective = build_objective(cfg.objective, self)  # the step's loss (objectives.py)
 
     def train(self) -> dict:
         cfg, paddle, precision = self.cfg, self.paddle, self.precision
@@ -196,7 +198,7 @@ class Trainer:
                                         enabled=cfg.progress)
         start = time.time() - state.elapsed_s
         last_eval = last_save = state.elapsed_s  # rank 0's clock; only rank 0 decides with them
-        step_times, window_loss, window_samples, window_t = [], [], 0, time.time()
+        step_times, window_loss, window_samples, window_t, window_extras = [], [], 0, time.time(), []
         micro, step_loss, done = 0, 0.0, state.step >= total_steps
         stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
         while not done:
@@ -211,8 +213,8 @@ class Trainer:
                 paddle.seed(_step_seed(cfg.seed, state.step, micro * self.world + self.rank))
                 with self.parallel.micro_step(train_module):
                     with precision.autocast():
-                        loss = train_module(batch["input_ids"], images=batch["images"],
-                                            attention_mask=batch["attention_mask"], labels=batch["labels"])
+                        loss, extras = self.objective.loss(train_module, batch, state.step)
+                    window_extras.append(extras)
                     # each micro-batch's loss is the mean over its supervised tokens; DataParallel
                     # averages over ranks, so a step is the mean of its world x accum micro-batches
                     precision.backward(loss / accum)
@@ -253,9 +255,10 @@ class Trainer:
                               "lr": lr, "samples_per_s": rate}
                     if precision.loss_scale() is not None:
                         record["loss_scale"] = precision.loss_scale()
+                    record.update(_mean_extras(window_extras))
                     self.run_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
-                    window_loss, window_samples, window_t = [], 0, time.time()
+                    window_loss, window_samples, window_t, window_extras = [], 0, time.time(), []
                 bar.update(1)
                 if stop:
                     done, stop_reason = True, STOP_REASONS[int(stop)]
@@ -329,6 +332,8 @@ class Trainer:
                  "train_config.json": self.cfg.to_dict()}
         if self._scaling():
             files[ckpt.SCALER_STATE] = ckpt.scaler_state(self.precision.scaler)
+        if self.objective.state_dict():
+            files[ckpt.OBJECTIVE_STATE] = self.objective.state_dict()
         return ckpt.save_checkpoint(
             self.output_dir, name, trained=None if lora else dict(self.named_trainable), lora_model=lora,
             optimizer_tensors=None if self.sharded else ckpt.optimizer_state(self.optimizer, self.named_trainable),
@@ -359,6 +364,7 @@ class Trainer:
             if not scaler_file.is_file():
                 raise UserError(f"{scaler_file}: missing (a float16 run checkpoints its loss scaler)")
             ckpt.set_scaler_state(self.precision.scaler, json.loads(scaler_file.read_text()), scaler_file)
+        self.objective.set_state_dict(ckpt.read_objective_state(latest))
         for key in asdict(state):
             if key in saved:
                 setattr(state, key, saved[key])
@@ -378,6 +384,11 @@ class Trainer:
 def _step_seed(seed: int, step: int, micro_batch: int) -> int:
     """The RNG seed of one micro-batch of one optimiser step."""
     return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
+
+
+def _mean_extras(window: list[dict]) -> dict:
+    """Each objective extra averaged over the window's micro-batches that have it."""
+    return {k: float(np.mean([e[k] for e in window if k in e])) for k in dict.fromkeys(k for e in window for k in e)}
 
 
 def _read_records(path):

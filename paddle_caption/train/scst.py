@@ -1,0 +1,254 @@
+"""Self-critical sequence training (SCST): optimise the metric the contest scores, CIDEr-D.
+
+Per micro-batch of B images (Rennie et al. 2017; Luo 2020 for the `mean` baseline):
+
+1. sample k captions per image with the kit's batched generator (`decoding.generate`, the one
+   every caption of the kit goes through), at the configured temperature;
+2. score each against the image's training references: CIDEr-D by the kit's own metric
+   (`eval.caption_scores.cider_d`) with document frequencies computed once from all training
+   references (`CaptionReward`), optionally plus a weighted sentence BLEU-4;
+3. a baseline b per sample: `mean` = the mean reward of the image's other k-1 samples, or
+   `greedy` = the reward of the image's greedy caption;
+4. loss = -sum_i (r_i - b_i) * sum_t log p(y_it) / (sampled tokens in the micro-batch), through a
+   teacher-forced forward over the sampled captions (prompt + caption + <|im_end|> when it ended)
+   with the training forward's supervised-positions head: the vision tower runs once per image
+   and its features are repeated for the image's k captions. An optional cross-entropy term on
+   the reference captions (`ce_weight`) keeps the language model anchored.
+
+Randomness: the trainer seeds Paddle from (seed, step, micro-batch, rank) before every
+micro-batch; the sampling seed is drawn from that stream, so it is a pure function of the loop
+position (as dropout is) and a resumed run samples exactly what the uninterrupted one did. Data
+parallel: each rank samples and scores its own rows; rewards need no communication.
+
+Logged per step (averaged over the logging window): reward, baseline, the greedy caption's reward
+(`greedy` baseline), sampled caption length in tokens, and the share of degenerate samples
+(`eval/degenerate.py`: repeated n-gram or unfinished ending, the failure SCST is known for).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..runtime import UserError
+
+BASELINES = ("mean", "greedy")
+
+
+@dataclass
+class SCSTConfig:
+    samples_per_image: int = 5  # k
+    baseline: str = "mean"  # mean (of the image's other samples, Luo 2020) | greedy (Rennie 2017)
+    temperature: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens (0: all)
+    max_new_tokens: int = 64
+    cider_weight: float = 1.0  # reward = cider_weight * CIDEr-D + bleu4_weight * BLEU-4
+    bleu4_weight: float = 0.0
+    ce_weight: float = 0.0  # loss += ce_weight * cross-entropy on the reference captions
+
+    def validate(self, source: str = "config: scst") -> "SCSTConfig":
+        if self.baseline not in BASELINES:
+            raise UserError(f"{source}: baseline must be one of {', '.join(BASELINES)}, not {self.baseline!r}")
+        if self.samples_per_image < (2 if self.baseline == "mean" else 1):
+            raise UserError(f"{source}: samples_per_image must be >= 2 with the mean baseline "
+                            "(the baseline is the mean of the other samples)")
+        if self.temperature <= 0 or self.max_new_tokens < 1 or self.top_k < 0:
+            raise UserError(f"{source}: temperature must be > 0, max_new_tokens >= 1, top_k >= 0")
+        if min(self.cider_weight, self.bleu4_weight, self.ce_weight) < 0 or \
+                self.cider_weight + self.bleu4_weight == 0:
+            raise UserError(f"{source}: cider_weight, bleu4_weight and ce_weight must be >= 0, "
+                            "and the reward needs a positive weight")
+        return self
+
+
+# ---- baselines and rewards (paddle-free, tested) ------------------------------------------------
+def mean_baseline(rewards: np.ndarray) -> np.ndarray:
+    """rewards [B, k] -> for each sample, the mean of its image's other k-1 samples (Luo 2020)."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    k = rewards.shape[1]
+    return (rewards.sum(axis=1, keepdims=True) - rewards) / (k - 1)
+
+
+class CaptionReward:
+    """A caption's reward against its image's references: CIDEr-D with the training corpus's
+    document frequencies (computed once, here), plus an optional weighted sentence BLEU-4."""
+
+    def __init__(self, references: dict[str, list[str]], cider_weight: float = 1.0, bleu4_weight: float = 0.0):
+        from ..eval.caption_scores import document_frequencies, tokenize
+
+        self.references = {i: [tokenize(r) for r in refs] for i, refs in references.items()}
+        self.doc_freq = document_frequencies(self.references)
+        self.cider_weight, self.bleu4_weight = float(cider_weight), float(bleu4_weight)
+
+    def __call__(self, captions: list[str], ids: list[str]) -> np.ndarray:
+        from ..eval.caption_scores import bleu, cider_d, tokenize
+
+        out = np.zeros(len(captions), dtype=np.float64)
+        for n, (caption, image_id) in enumerate(zip(captions, ids)):
+            if image_id not in self.references:
+                raise UserError(f"SCST: image {image_id!r} has no training reference")
+            cand, refs = {image_id: tokenize(caption)}, {image_id: self.references[image_id]}
+            if self.cider_weight:
+                out[n] += self.cider_weight * cider_d(cand, refs, doc_freq=self.doc_freq)[0]
+            if self.bleu4_weight:
+                out[n] += self.bleu4_weight * bleu(cand, refs)[3]
+        return out
+
+
+# ---- the policy-gradient loss -------------------------------------------------------------------
+def weighted_nll(rows, linear, targets: np.ndarray, weights: np.ndarray):
+    """-sum_i weights[i] * log softmax(linear(rows))[i, targets[i]] as one autograd op: the numpy
+    head of `model/head.py` on CPU (one [rows x vocab] buffer), Paddle's ops elsewhere."""
+    import paddle
+
+    from ..model.head import use_numpy_head
+
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if use_numpy_head(linear):
+        return _NumpyWeightedNLL.apply(rows.astype("float32"), linear.weight, targets, weights)
+    logprobs = paddle.nn.functional.log_softmax(linear(rows).astype("float32"), axis=-1)
+    picked = paddle.take_along_axis(logprobs, paddle.to_tensor(targets.reshape(-1, 1)), axis=1).reshape([-1])
+    return -(picked * paddle.to_tensor(weights)).sum()
+
+
+def _numpy_weighted_nll():
+    import paddle
+
+    from ..model.head import _softmax_and_target_logprob
+    from ..model.numpy_bridge import as_numpy, from_numpy
+
+    class NumpyWeightedNLL(paddle.autograd.PyLayer):
+        """Like head.py's `_NumpyLinearCrossEntropy`, with a weight per row instead of 1/N."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, weights):
+            h, w = as_numpy(hidden), as_numpy(weight)
+            probs, target_logprob = _softmax_and_target_logprob(h, w, targets)
+            ctx.saved = (h, w, probs, targets, weights)
+            ctx.needs = (not hidden.stop_gradient, not weight.stop_gradient)
+            return paddle.to_tensor(np.float32(-np.dot(weights.astype(np.float64), target_logprob)))
+
+        @staticmethod
+        def backward(ctx, grad):
+            h, w, probs, targets, weights = ctx.saved
+            ctx.saved = None
+            probs[np.arange(len(targets)), targets] -= 1.0  # d(-log p_target)/d logits
+            probs *= (weights * float(grad.numpy()))[:, None]
+            need_hidden, need_weight = ctx.needs
+            return (from_numpy(probs @ w.T) if need_hidden else None,
+                    from_numpy(h.T @ probs) if need_weight else None)
+
+    return NumpyWeightedNLL
+
+
+class _LazyPyLayer:
+    """The PyLayer is built on first use: this module imports without paddle (configs, CLI)."""
+    layer = None
+
+    def apply(self, *args):
+        if _LazyPyLayer.layer is None:
+            _LazyPyLayer.layer = _numpy_weighted_nll()
+        return _LazyPyLayer.layer.apply(*args)
+
+
+_NumpyWeightedNLL = _LazyPyLayer()
+
+
+# ---- the objective ------------------------------------------------------------------------------
+class SCSTObjective:
+    """`objectives.py`'s interface: loss(train_module, batch, step) -> (loss, extras)."""
+
+    def __init__(self, trainer):
+        from ..data.samples import build_prompt_ids
+
+        self.cfg = trainer.cfg.scst
+        self.model, self.base = trainer.model, trainer.base_model
+        self.tokenizer, self.decode = trainer.tokenizer, trainer.predictor.decode
+        self.max_length = trainer.cfg.max_length
+        self.prompt = build_prompt_ids(trainer.tokenizer, trainer.template)
+        references: dict[str, list[str]] = {}
+        for record in trainer.train_set.records:
+            references.setdefault(str(record["id"]), []).append(str(record["caption"]))
+        self.reward = CaptionReward(references, self.cfg.cider_weight, self.cfg.bleu4_weight)
+        from ..decoding.config import GenerationConfig
+
+        self.sampling = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens, do_sample=True,
+                                         temperature=self.cfg.temperature, top_k=self.cfg.top_k,
+                                         num_return_sequences=self.cfg.samples_per_image
+                                         ).with_tokenizer(trainer.tokenizer)
+        self.greedy = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens).with_tokenizer(trainer.tokenizer)
+
+    def state_dict(self) -> dict:
+        return {}  # the sampling seed is a function of the loop position (module docstring)
+
+    def set_state_dict(self, state: dict) -> None:
+        if state:
+            raise UserError(f"SCST keeps no state, the checkpoint holds {sorted(state)}")
+
+    def sample(self, images, n_images: int, seed: int):
+        """k sampled token lists per image (image-major) and whether each ran out of tokens."""
+        from dataclasses import replace
+
+        from ..decoding.generate import generate
+
+        samples = generate(self.model, [self.prompt] * n_images, images, replace(self.sampling, seed=seed))
+        return samples, np.array([len(s) >= self.cfg.max_new_tokens for s in samples])
+
+    def loss(self, train_module, batch, step: int):
+        import paddle
+
+        from ..data.dataset import collate_batch
+        from ..data.samples import assemble_sample
+        from ..decoding.generate import generate
+        from ..eval.degenerate import degenerate_reason
+
+        k, images = self.cfg.samples_per_image, batch["images"]
+        ids = [str(i) for i in batch["ids"]]
+        # drawn from Paddle's stream, which the trainer seeds from (seed, step, micro-batch, rank)
+        seed = int(paddle.randint(0, 2 ** 31 - 1, [1]).numpy()[0])
+        samples, ran_out = self.sample(images, len(ids), seed)
+        captions = [self.decode(s) for s in samples]
+        sample_ids = [i for i in ids for _ in range(k)]
+        rewards = self.reward(captions, sample_ids).reshape(len(ids), k)
+        extras = {}
+        if self.cfg.baseline == "mean":
+            baseline = mean_baseline(rewards)
+        else:
+            greedy = self.reward([self.decode(s) for s in generate(self.model, [self.prompt] * len(ids), images,
+                                                                   self.greedy)], ids)
+            baseline = np.repeat(greedy[:, None], k, axis=1)
+            extras["greedy_reward"] = float(greedy.mean())
+        advantage = (rewards - baseline).reshape(-1)
+
+        # teacher-forced forward over the sampled captions, the vision tower once per image
+        items = [_unfinished(self.prompt, s, self.max_length) if out else
+                 assemble_sample(self.prompt, s, self.tokenizer.im_end_id, self.max_length)
+                 for s, out in zip(samples, ran_out)]
+        tf = collate_batch([{**item, "image": np.zeros(1, np.float32), "id": ""} for item in items],
+                           self.tokenizer.pad_id)
+        features = paddle.repeat_interleave(self.base.visual(images), k, axis=0)
+        input_ids = paddle.to_tensor(tf["input_ids"])
+        embeds = self.base.embed(input_ids, image_features=features)
+        rows, targets, batch_row, _ = self.base._supervised_rows(
+            embeds, paddle.to_tensor(tf["labels"]), paddle.to_tensor(tf["attention_mask"]))
+        loss = weighted_nll(rows, self.base.lm_head, targets, advantage[batch_row] / len(targets))
+        if self.cfg.ce_weight:
+            loss = loss + self.cfg.ce_weight * train_module(batch["input_ids"], images=images,
+                                                            attention_mask=batch["attention_mask"],
+                                                            labels=batch["labels"])
+        lengths = np.array([len(s) for s in samples])
+        degenerate = [degenerate_reason(c, bool(o)) is not None for c, o in zip(captions, ran_out)]
+        extras.update({"reward": float(rewards.mean()), "baseline": float(baseline.mean()),
+                       "sample_tokens": float(lengths.mean()), "degenerate_share": float(np.mean(degenerate))})
+        return loss, extras
+
+
+def _unfinished(prompt, tokens, max_length: int) -> dict:
+    """A sample that ran out of tokens: its tokens supervised, no closing <|im_end|> (the policy
+    did not choose to stop, so no stop is reinforced)."""
+    from ..model.config import IGNORE_INDEX
+
+    answer = np.asarray(tokens[:max(1, max_length - len(prompt))], dtype=np.int64)
+    return {"input_ids": np.concatenate([np.asarray(prompt, dtype=np.int64), answer]),
+            "labels": np.concatenate([np.full(len(prompt), IGNORE_INDEX, dtype=np.int64), answer])}
