@@ -20,6 +20,7 @@ from ..files import read_json_object
 from ..runtime import UserError
 from ..model.precision import DTYPES
 from ..typed_config import from_mapping, parse_overrides
+from ..data.augment import AugmentConfig
 from .scst import SCSTConfig
 
 SHARDING = ("none", "stage1", "stage2")
@@ -44,6 +45,8 @@ class TrainConfig:
     max_length: int = 2048
     num_workers: int = 1
     group_by_length: bool = True
+    # caption-aware augmentation of the training images (data/augment.py); all zeros: off
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     # ---- what trains ----------------------------------------------------------------------------
     # "full": every parameter; "partial": the `trainable` globs minus the `frozen` globs;
@@ -142,6 +145,7 @@ class TrainConfig:
         if self.objective not in OBJECTIVES:
             raise UserError(f"config: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         self.scst.validate()
+        self.augment.validate()
 
         for name in self.eval_extra_scores:
             if name not in EXTRA_SCORERS:

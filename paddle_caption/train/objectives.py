@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
+
 OBJECTIVES = {
     # today's loss: mean next-token cross-entropy over the reference caption's tokens
     "cross_entropy": "paddle_caption.train.objectives:CrossEntropy",
@@ -45,3 +47,9 @@ def build_objective(name: str, trainer):
     """The objective `name` (a key of OBJECTIVES; the config checked it) built for `trainer`."""
     module, cls = OBJECTIVES[name].split(":")
     return getattr(importlib.import_module(module), cls)(trainer)
+
+
+def mean_extras(window: list[dict]) -> dict:
+    """Each extra averaged over the logging window's micro-batches that have it."""
+    keys = dict.fromkeys(k for extras in window for k in extras)
+    return {k: float(np.mean([e[k] for e in window if k in e])) for k in keys}

@@ -43,7 +43,7 @@ from ..files import write_json
 from ..runtime import UserError, configure
 from . import run_checkpoints as ckpt
 from .config import TrainConfig, config_fingerprint, resolve_path
-from .objectives import build_objective
+from .objectives import build_objective, mean_extras
 from .run_log import RunLog
 from .schedule import lr_at
 
@@ -106,7 +106,7 @@ class Trainer:
         records = _read_records(cfg.train_records)
         if not records:
             raise UserError(f"{cfg.train_records}: no training records")
-        self.train_set = CaptionDataset(records, self.tokenizer, self.template, size, cfg.max_length)
+        self.train_set = CaptionDataset(records, self.tokenizer, self.template, size, cfg.max_length, cfg.augment)
         accum = cfg.gradient_accumulation_steps
         self.loader = make_dataloader(self.train_set, cfg.per_device_train_batch_size, shuffle=True,
                                       seed=cfg.seed, num_workers=cfg.num_workers,
@@ -203,6 +203,7 @@ class Trainer:
         stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
         while not done:
             self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            self.train_set.set_epoch(state.epoch)  # augmentation draws (data/augment.py)
             if len(self.sampler) == 0:  # resumed at the end of an epoch (epochs hold whole steps)
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
@@ -255,7 +256,7 @@ class Trainer:
                               "lr": lr, "samples_per_s": rate}
                     if precision.loss_scale() is not None:
                         record["loss_scale"] = precision.loss_scale()
-                    record.update(_mean_extras(window_extras))
+                    record.update(mean_extras(window_extras))
                     self.run_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
                     window_loss, window_samples, window_t, window_extras = [], 0, time.time(), []
@@ -384,11 +385,6 @@ class Trainer:
 def _step_seed(seed: int, step: int, micro_batch: int) -> int:
     """The RNG seed of one micro-batch of one optimiser step."""
     return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
-
-
-def _mean_extras(window: list[dict]) -> dict:
-    """Each objective extra averaged over the window's micro-batches that have it."""
-    return {k: float(np.mean([e[k] for e in window if k in e])) for k in dict.fromkeys(k for e in window for k in e)}
 
 
 def _read_records(path):
