@@ -171,3 +171,80 @@ def test_scst_trains_only_what_the_mode_trains(tmp_path, caption_data, monkeypat
     trained = {n for n, p in trainer.model.named_parameters() if not p.stop_gradient}
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     assert changed and changed <= trained, sorted(changed - trained)[:3]
+
+
+# ---- memory plan: what SCST adds ---------------------------------------------------------------------
+def test_scst_memory_plan_counts_sampled_rows_kv_cache_and_logits():
+    from paddle_caption.train import memory_plan as MP
+    from paddle_caption.train.scst_memory import prompt_tokens
+
+    totals = {}
+    for name in ("layers_16_31", "lora"):
+        cfg = TrainConfig.load(f"config/mgen_vl/scst/{name}.json")
+        config, _ = MP.load_model_config(cfg, "config/model/qwen-vl-chat-7b.json")
+        plan = MP.make_plan(config, cfg)
+        k, b, new = cfg.scst.samples_per_image, cfg.per_device_train_batch_size, cfg.scst.max_new_tokens
+        width = prompt_tokens(config, cfg) + new
+        w = plan.workload
+        assert (w.batch, w.seq_len, w.answer_tokens) == (b * k + b, width + 1, new + 1)  # + the ce_weight batch
+        kv = b * k * config.num_hidden_layers * 2 * width * config.hidden_size * 2  # bfloat16
+        assert plan.rows[MP.SAMPLING] == kv + 4 * b * k * config.vocab_size * 4
+        one = plan.per_gpu(1, "dp")
+        acts = one["activations, stored"] + one["activations, backward working"]
+        assert one["total"] == pytest.approx(sum(v for key, v in one.items() if key != "total")
+                                             - min(acts, one[MP.SAMPLING]))
+        totals[name] = one["total"]
+        assert MP.fits(one["total"], 80), name
+    assert totals["lora"] < totals["layers_16_31"]
+
+
+def test_kv_cache_formula_matches_the_generators_cache(tmp_path):
+    import paddle
+
+    from paddle_caption.decoding.batch import DecodeBatch
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.train import memory_plan as MP
+    from paddle_caption.train.scst_memory import scst_sampling_bytes
+
+    from .conftest import micro_model_json, random_image_prompts
+
+    config = MgenVLConfig.from_pretrained(micro_model_json(tmp_path))
+    paddle.seed(0)
+    model = MgenVLForCausalLM.from_config(config).eval()
+    prompts, images = random_image_prompts(config, np.random.default_rng(0), [(3, 2)] * 6)
+    batch = DecodeBatch(model, 0)
+    batch.add(prompts, images)
+    for _ in range(4):
+        batch.step(np.zeros(len(prompts), dtype=np.int64))
+    cache = sum(int(t.numel()) * t.element_size() for kv in batch.past for t in kv)
+    width = len(prompts[0]) + 4
+    w = MP.Workload(batch=1, seq_len=1, answer_tokens=1, dtype_bytes=4, recompute=False,
+                    sampled_rows=len(prompts), sampled_len=width)
+    assert scst_sampling_bytes(MP.Shapes.of(config), w) == cache + 4 * len(prompts) * config.vocab_size * 4
+
+
+# ---- the scst demo's table and bar (pure functions) -----------------------------------------------------
+def _row(label, cider, style, degenerate, steps):
+    return {"label": label, "train": {"steps": steps},
+            "scores": {"CIDEr-D": cider, "BLEU-4": 0.5, "ROUGE-L": 0.7, "words": 12.0, "degenerate": degenerate,
+                       "fields": {"background": 0.9, "style": style, "colour": 0.5, "shape": 0.2, "exact": 0.1}}}
+
+
+def test_scst_demo_table_and_bar():
+    from paddle_caption.demo.scst_demo import bar_checks, caption_stats, mean_and_spread, scst_table
+
+    stats = caption_stats({"a": REFS["a"][0], "b": "卡通风格。图片中间是一个红色的"})
+    assert stats["degenerate"] == 0.5 and stats["words"] > 5
+    ce = [_row("(a) s1", 4.0, 0.60, 0.0, 300), _row("(a) s2", 4.2, 0.62, 0.0, 310)]
+    good = [_row("(b) s1", 4.6, 0.61, 0.0, 60), _row("(b) s2", 4.5, 0.62, 0.0, 62)]
+    assert mean_and_spread(ce, "CIDEr-D") == pytest.approx((4.1, 0.2))
+    checks = bar_checks({"ce": ce, "scst": good})
+    assert checks["bar"]["cider_gain"]["pass"] and checks["bar"]["cider_gain"]["value"] == pytest.approx(4.55 / 4.1 - 1)
+    assert checks["bar"]["fields_no_worse"]["pass"] and checks["bar"]["degenerate_no_higher"]["pass"]
+    bad = [_row("(b) s1", 4.3, 0.50, 0.05, 60), _row("(b) s2", 4.3, 0.50, 0.0, 62)]
+    checks = bar_checks({"ce": ce, "scst": bad})
+    assert not checks["bar"]["cider_gain"]["pass"] and checks["bar"]["fields_no_worse"]["value"] == ["style"]
+    assert not checks["bar"]["degenerate_no_higher"]["pass"] and checks["lines"][0].startswith("MISS")
+    table = scst_table({r["label"]: r for r in ce + good}, {"ce": ce, "scst": good})
+    assert "(a) cross-entropy, mean ± spread" in table and "4.100 ± 0.100" in table and "| 61 " in table
