@@ -247,4 +247,4 @@ def test_scst_demo_table_and_bar():
     assert not checks["bar"]["cider_gain"]["pass"] and checks["bar"]["fields_no_worse"]["value"] == ["style"]
     assert not checks["bar"]["degenerate_no_higher"]["pass"] and checks["lines"][0].startswith("MISS")
     table = scst_table({r["label"]: r for r in ce + good}, {"ce": ce, "scst": good})
-    assert "(a) cross-entropy, mean ± spread" in table and "4.100 ± 0.100" in table and "| 61 " in table
+    assert "(a) cross-entropy, mean (spread)" in table and "4.100 (0.200)" in table and "| 61 " in table

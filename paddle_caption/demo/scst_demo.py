@@ -59,16 +59,21 @@ class SCSTDemo(Demo):
         self.demo_dir = Path(opts.demo)
         if self.train_config.objective != "scst":
             raise UserError(f"{opts.config}: objective must be \"scst\" (it is the stage (b) trains)")
-        start = self._base_model()
-        if not (start / "config.json").is_file():
-            raise UserError(f"{start}: no demo model (stage 1): run 'make demo' first (about 15 minutes)")
+        # stage 1's model in --demo (the config names make demo's default place for it)
+        self.start = self.demo_dir / "image" / "model"
+        if not (self.start / "config.json").is_file():
+            raise UserError(f"{self.start}: no demo model (stage 1): run 'make demo' first (about 15 minutes)")
         self.runs, self.labels = {}, {}
         for seed in opts.seeds:
-            self.runs[f"ce_seed{seed}"] = ["--objective", "cross_entropy", "--seed", str(seed),
+            common = ["--model_name_or_path", str(self.start), "--seed", str(seed)]
+            self.runs[f"ce_seed{seed}"] = [*common, "--objective", "cross_entropy",
                                            "--per_device_train_batch_size", str(opts.ce_batch_size)]
-            self.runs[f"scst_seed{seed}"] = ["--seed", str(seed)]
+            self.runs[f"scst_seed{seed}"] = common
             self.labels[f"ce_seed{seed}"] = f"(a) + cross-entropy, seed {seed}"
             self.labels[f"scst_seed{seed}"] = f"(b) + SCST, seed {seed}"
+
+    def _base_model(self) -> Path:
+        return self.start
 
     def make_data(self):
         self.log(f"[1/6] data and stage 1 (the demo model): {self.demo_dir} (make demo)")
@@ -157,13 +162,13 @@ def scst_table(rows: dict, groups: dict) -> str:
             value = _get(row["scores"], key)
             cells.append("n/a" if value is None else fmt.format(value))
         lines.append(cells + [str(row["train"]["steps"])])
-    for name, label in (("ce", "(a) cross-entropy, mean ± spread"), ("scst", "(b) SCST, mean ± spread")):
+    for name, label in (("ce", "(a) cross-entropy, mean (spread)"), ("scst", "(b) SCST, mean (spread)")):
         if not groups.get(name):
             continue
         cells = [label]
         for key, fmt in COLUMNS:
             mean, spread = mean_and_spread(groups[name], key)
-            cells.append(f"{fmt.format(mean)} ± {fmt.format(spread / 2)}")
+            cells.append(f"{fmt.format(mean)} ({fmt.format(spread)})")  # spread: max - min over seeds
         steps = [r["train"]["steps"] for r in groups[name]]
         lines.append(cells + [f"{statistics.fmean(steps):.0f}"])
     return markdown_table(header, lines)
