@@ -120,8 +120,9 @@ def test_scst_block_is_typed_and_unknown_keys_are_refused(tmp_path, caption_data
 def _length_reward(monkeypatch):
     """A random micro model's samples all score CIDEr-D 0 (no gradient); reward their length in
     characters instead, so the policy gradient is not zero and the whole path is exercised."""
-    monkeypatch.setattr(CaptionReward, "__call__", lambda self, captions, ids: np.array(
-        [float(len(c)) for c in captions]))
+    from .launched.scst_length_reward import length_reward
+
+    monkeypatch.setattr(CaptionReward, "__call__", length_reward)
 
 
 def scst_config(tmp_path, caption_data, **overrides):
@@ -248,3 +249,26 @@ def test_scst_demo_table_and_bar():
     assert not checks["bar"]["degenerate_no_higher"]["pass"] and checks["lines"][0].startswith("MISS")
     table = scst_table({r["label"]: r for r in ce + good}, {"ce": ce, "scst": good})
     assert "(a) cross-entropy, mean (spread)" in table and "4.100 (0.200)" in table and "| 61 " in table
+
+
+@pytest.mark.slow
+def test_two_ranks_sample_their_own_rows_and_match_one_process(tmp_path, caption_data, monkeypatch):
+    """Data parallel SCST: each rank samples and scores its own rows (seeded from step, micro-batch
+    and rank), so 2 launched ranks end with the weights of one process with accumulation 2."""
+    from .test_data_parallel import final_params, run_launched
+    from .test_train import write_config
+
+    _length_reward(monkeypatch)
+    cfg = scst_config(tmp_path, caption_data, max_steps=2, output_dir=str(tmp_path / "dp"))
+    run_launched(tmp_path, "dp", "tests/launched/scst_length_reward.py", str(write_config(tmp_path / "dp.json", **cfg)))
+    train({**cfg, "gradient_accumulation_steps": 2, "output_dir": str(tmp_path / "single")})
+    dp, single = final_params(tmp_path / "dp"), final_params(tmp_path / "single")
+    assert dp.keys() == single.keys()
+    for name in dp:
+        np.testing.assert_allclose(dp[name], single[name], rtol=0, atol=1e-5, err_msg=name)
+    from paddle_caption.train.model_init import initial_model
+
+    start = dict(initial_model(None, cfg["model_config"], 0)[0].named_parameters())
+    assert any(not np.array_equal(start[n].numpy(), dp[n]) for n in dp), "the SCST steps changed nothing"
+    records = [json.loads(line) for line in (tmp_path / "dp" / "log.jsonl").read_text().splitlines()]
+    assert all("reward" in r for r in records if r["kind"] == "train")
