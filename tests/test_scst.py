@@ -272,3 +272,36 @@ def test_two_ranks_sample_their_own_rows_and_match_one_process(tmp_path, caption
     assert any(not np.array_equal(start[n].numpy(), dp[n]) for n in dp), "the SCST steps changed nothing"
     records = [json.loads(line) for line in (tmp_path / "dp" / "log.jsonl").read_text().splitlines()]
     assert all("reward" in r for r in records if r["kind"] == "train")
+
+
+def test_shared_prefix_sampling_draws_and_decodes_like_the_generator(tmp_path):
+    """At a vanishing temperature every one of the k samples of an image is the image's greedy
+    caption from `decoding.generate` (the cache rows copied after one prefill decode correctly);
+    at temperature 1 the inverse-CDF draw follows the softmax."""
+    import paddle
+
+    from paddle_caption.decoding.config import GenerationConfig
+    from paddle_caption.decoding.generate import generate
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.train.scst import draw_tokens, sample_shared_prefix
+
+    from .conftest import micro_model_json, random_image_prompts
+
+    config = MgenVLConfig.from_pretrained(micro_model_json(tmp_path))
+    paddle.seed(0)
+    model = MgenVLForCausalLM.from_config(config)
+    prompts, images = random_image_prompts(config, np.random.default_rng(0), [(3, 2)] * 3)
+    greedy = GenerationConfig(max_new_tokens=6, stop_ids=(5, 7), pad_id=0)
+    expected = generate(model, prompts, images, greedy)
+    cold = GenerationConfig(max_new_tokens=6, stop_ids=(5, 7), pad_id=0, do_sample=True, temperature=1e-6,
+                            num_return_sequences=3)
+    # the prompts differ per image here; the SCST prompt is one, so sample each image alone
+    for i, prompt in enumerate(prompts):
+        got = sample_shared_prefix(model, prompt, images[i:i + 1], 1, cold, np.random.default_rng(i))
+        assert got == [expected[i]] * 3
+    assert model.training  # restored
+    logits = np.log(np.array([[1.0, 3.0, 6.0]] * 30000))
+    counts = np.bincount(draw_tokens(logits, 1.0, 0, np.random.default_rng(0)), minlength=3) / 30000
+    np.testing.assert_allclose(counts, [0.1, 0.3, 0.6], atol=0.01)
+    assert set(draw_tokens(logits, 1.0, 2, np.random.default_rng(0))) == {1, 2}
