@@ -126,9 +126,9 @@ def _length_reward(monkeypatch):
 
 
 def scst_config(tmp_path, caption_data, **overrides):
-    return base_config(tmp_path, caption_data, objective="scst", logging_steps=1,
-                       per_device_train_batch_size=2,
-                       scst={"samples_per_image": 2, "max_new_tokens": 6, "temperature": 1.5}, **overrides)
+    values = dict(objective="scst", logging_steps=1, per_device_train_batch_size=2,
+                  scst={"samples_per_image": 2, "max_new_tokens": 6, "temperature": 1.5})
+    return base_config(tmp_path, caption_data, **{**values, **overrides})
 
 
 def test_scst_resume_is_bit_identical_and_logs_its_extras(tmp_path, caption_data, monkeypatch):
@@ -159,7 +159,8 @@ def test_scst_resume_is_bit_identical_and_logs_its_extras(tmp_path, caption_data
 def test_scst_trains_only_what_the_mode_trains(tmp_path, caption_data, monkeypatch, mode):
     _length_reward(monkeypatch)
     extra = ({"finetune_mode": "lora", "lora_r": 4, "lora_dropout": 0.0} if mode == "lora" else
-             {"finetune_mode": "partial", "trainable": ["transformer.llm.h.0.*"]})
+             {"finetune_mode": "partial", "trainable": ["transformer.llm.h.0.*"],  # and Rennie's baseline
+              "scst": {"samples_per_image": 2, "max_new_tokens": 6, "temperature": 1.5, "baseline": "greedy"}})
     from paddle_caption.train.trainer import Trainer
 
     trainer = Trainer(TrainConfig.from_dict(scst_config(tmp_path, caption_data, max_steps=2, **extra)).validate(),
@@ -172,6 +173,8 @@ def test_scst_trains_only_what_the_mode_trains(tmp_path, caption_data, monkeypat
     trained = {n for n, p in trainer.model.named_parameters() if not p.stop_gradient}
     changed = {n for n in before if not np.array_equal(before[n], after[n])}
     assert changed and changed <= trained, sorted(changed - trained)[:3]
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert ("greedy_reward" in record) == (mode == "partial")
 
 
 # ---- memory plan: what SCST adds ---------------------------------------------------------------------
