@@ -308,3 +308,54 @@ def test_shared_prefix_sampling_draws_and_decodes_like_the_generator(tmp_path):
     counts = np.bincount(draw_tokens(logits, 1.0, 0, np.random.default_rng(0)), minlength=3) / 30000
     np.testing.assert_allclose(counts, [0.1, 0.3, 0.6], atol=0.01)
     assert set(draw_tokens(logits, 1.0, 2, np.random.default_rng(0))) == {1, 2}
+
+
+def test_shared_prompt_teacher_forcing_equals_full_sequences(tmp_path):
+    """The prompt run once per image and shared by its k captions gives the log-probabilities and
+    gradients of k full prompt + caption sequences."""
+    import paddle
+
+    from paddle_caption.data.dataset import collate_batch
+    from paddle_caption.model.config import MgenVLConfig
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.train.scst import supervised_answer, teacher_forced_rows, weighted_nll
+
+    from .conftest import micro_model_json, random_image_prompts
+
+    class Tok:
+        im_end_id, pad_id = 7, 0
+
+    config = MgenVLConfig.from_pretrained(micro_model_json(tmp_path))
+    paddle.seed(0)
+    model = MgenVLForCausalLM.from_config(config)
+    prompts, images = random_image_prompts(config, np.random.default_rng(0), [(3, 2)] * 2)
+    prompt, k = prompts[0], 3
+    samples = [[11, 12, 13], [14], [], [15, 16, 17, 18], [19, 20], [21, 22, 23, 24]]
+    ran_out = [False, False, False, True, False, True]
+    weights = np.linspace(-1, 1, 18).astype(np.float32)  # one per supervised token below
+
+    def loss_and_grads(rows_targets):
+        rows, targets, _ = rows_targets
+        loss = weighted_nll(rows, model.lm_head, targets, weights)
+        loss.backward()
+        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+        model.clear_gradients()
+        return float(loss), targets, grads
+
+    shared = loss_and_grads(teacher_forced_rows(model, prompt, images, samples, ran_out, k, Tok, 512))
+    items = []
+    for s, o in zip(samples, ran_out):
+        answer = supervised_answer(prompt, s, o, Tok.im_end_id, 512)
+        items.append({"input_ids": np.array(prompt + answer), "id": "", "image": np.zeros(1, np.float32),
+                      "labels": np.array([-100] * len(prompt) + answer)})
+    full = collate_batch(items, 0)
+    features = paddle.repeat_interleave(model.visual(images), k, axis=0)
+    rows, targets, batch_row, _ = model._supervised_rows(
+        model.embed(paddle.to_tensor(full["input_ids"]), image_features=features),
+        paddle.to_tensor(full["labels"]), paddle.to_tensor(full["attention_mask"]))
+    reference = loss_and_grads((rows, targets, batch_row))
+    assert len(shared[1]) == 18 and list(shared[1]) == list(reference[1])  # <|im_end|> only on ended ones
+    assert shared[0] == pytest.approx(reference[0], rel=1e-5)
+    assert shared[2].keys() == reference[2].keys()
+    for name in reference[2]:
+        np.testing.assert_allclose(shared[2][name], reference[2][name], rtol=1e-4, atol=1e-6, err_msg=name)
