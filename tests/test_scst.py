@@ -359,3 +359,41 @@ def test_shared_prompt_teacher_forcing_equals_full_sequences(tmp_path):
     assert shared[2].keys() == reference[2].keys()
     for name in reference[2]:
         np.testing.assert_allclose(shared[2][name], reference[2][name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+class CountingObjective:
+    """Cross-entropy with a state: how many micro-batches it has seen (tests the checkpoint hook)."""
+
+    def __init__(self, trainer):
+        self.seen, self.restored = 0, None
+
+    def loss(self, train_module, batch, step):
+        self.seen += 1
+        return train_module(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"],
+                            labels=batch["labels"]), {"seen": float(self.seen)}
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def set_state_dict(self, state):
+        self.restored = dict(state)
+        self.seen = state.get("seen", 0)
+
+
+def test_objective_state_is_checkpointed_and_restored(tmp_path, caption_data, monkeypatch):
+    from paddle_caption.train import objectives
+
+    monkeypatch.setitem(objectives.OBJECTIVES, "counting", "tests.test_scst:CountingObjective")
+    cfg = base_config(tmp_path, caption_data, objective="counting", max_steps=3, save_steps=2, save_total_limit=0,
+                      logging_steps=1)
+    trainer, _ = train(cfg)
+    run = tmp_path / "run"
+    assert json.loads((run / "checkpoint-000002" / "objective_state.json").read_text()) == {"seen": 2}
+    assert [json.loads(line)["seen"] for line in (run / "log.jsonl").read_text().splitlines()] == [1.0, 2.0, 3.0]
+    shutil.rmtree(run / "final")
+    trainer, _ = train(cfg)
+    assert trainer.objective.restored == {"seen": 2} and trainer.objective.seen == 3
+    (run / "checkpoint-000002" / "objective_state.json").write_text("[1]")
+    shutil.rmtree(run / "final")
+    with pytest.raises(UserError, match="objective state must be a JSON object"):
+        train(cfg)
