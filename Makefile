@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser gpu-check demo replicate compare-modes curate-demo serve demo-heads demo-model-exists test test-fast bench clean
+.PHONY: setup browser gpu-check demo replicate compare-modes curate-demo scst-demo serve demo-heads demo-model-exists test test-fast bench clean
 
 $(STAMP): requirements.txt setup.py
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
@@ -29,6 +29,11 @@ curate-demo: setup
 MINUTES ?= 10
 compare-modes: setup
 	$(PY) tools/compare_modes.py --config config/demo.json --out checkpoints/compare_modes --minutes $(MINUTES)
+
+# The demo model + 5 min cross-entropy vs + 5 min SCST, two seeds (about 20 min after make demo):
+# writes checkpoints/scst_demo/results.md
+scst-demo: demo-model-exists setup
+	$(PY) tools/run_scst_demo.py --demo checkpoints/demo --out checkpoints/scst_demo --minutes 5
 
 # The caption service on the demo model (http://127.0.0.1:8000/); SERVE_ARGS passes more flags.
 DEMO_MODEL := checkpoints/demo/image/model
@@ -68,4 +73,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf checkpoints/demo checkpoints/replicate checkpoints/compare_modes checkpoints/curate_demo
+	rm -rf checkpoints/demo checkpoints/replicate checkpoints/compare_modes checkpoints/curate_demo checkpoints/scst_demo

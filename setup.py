@@ -41,6 +41,7 @@ setup(
             "paddle-caption-compare-modes=paddle_caption.entry_points:compare_modes",
             "paddle-caption-curate=paddle_caption.entry_points:curate",
             "paddle-caption-curate-demo=paddle_caption.entry_points:curate_demo",
+            "paddle-caption-scst-demo=paddle_caption.entry_points:scst_demo",
             "paddle-caption-gpu-check=paddle_caption.entry_points:gpu_check",
             "paddle-caption-export=paddle_caption.entry_points:export",
         ]

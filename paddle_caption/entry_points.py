@@ -27,6 +27,7 @@ COMMANDS = {
     "compare-modes": ("paddle_caption.demo.cli:compare_modes_main", "full / partial / LoRA fine-tuning compared on the embedded default"),
     "curate": ("paddle_caption.curate.cli:main", "run a data-curation recipe (filters, dedup, consistency, pseudo-labels)"),
     "curate-demo": ("paddle_caption.demo.cli:curate_demo_main", "raw noisy rows vs curated rows on the synthetic world"),
+    "scst-demo": ("paddle_caption.demo.cli:scst_demo_main", "the demo model + cross-entropy vs + SCST (CIDEr-D)"),
     "export": ("paddle_caption.deploy.cli:main", "export a model directory for Paddle Inference (oneDNN)"),
     "gpu-check": ("paddle_caption.gpu_check.cli:main", "one-minute self-check of the bfloat16 GPU paths against float32"),
 }
@@ -75,5 +76,6 @@ convert_checkpoint = _console("convert-checkpoint")
 compare_modes = _console("compare-modes")
 curate = _console("curate")
 curate_demo = _console("curate-demo")
+scst_demo = _console("scst-demo")
 export = _console("export")
 gpu_check = _console("gpu-check")

@@ -33,7 +33,7 @@ class CaptionDataset:
     """
 
     def __init__(self, records: Sequence[dict], tokenizer, template: PromptTemplate,
-                 image_size: int, max_length: int):
+                 image_size: int, max_length: int, augment=None):
         self.records = list(records)
         for index, record in enumerate(self.records):
             missing = missing_keys(record, TRAINING_KEYS)
@@ -59,6 +59,19 @@ class CaptionDataset:
         self.lengths = np.array(
             [sample_length(prompt_len, len(a), self.max_length) for a in answers], dtype=np.int64
         )
+        # Caption-aware augmentation (augment.py, an AugmentConfig; None or all-zero: off). Flipped
+        # captions are tokenised here once, like the others.
+        self.augmenter, self.epoch, self._flipped_answers = None, 0, {}
+        if augment is not None and augment.enabled:
+            from .augment import CaptionAugmenter
+
+            self.augmenter = CaptionAugmenter(augment, [str(r["caption"]) for r in self.records])
+            self._flipped_answers = {i: np.asarray(tokenizer.encode(c), dtype=np.int64)
+                                     for i, c in enumerate(self.augmenter.flipped) if c is not None}
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch augmentation draws for (each sample's draws: a function of seed, epoch, index)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -68,6 +81,9 @@ class CaptionDataset:
         return self._answers[start:stop].astype(np.int64)
 
     def load_image(self, index: int) -> np.ndarray:
+        return preprocess_image(self._decode(index), self.image_size)
+
+    def _decode(self, index: int):
         record = self.records[index]
         try:
             # The converter already verified every image, so skip PIL's second full decode.
@@ -76,13 +92,20 @@ class CaptionDataset:
             raise ValueError(
                 f"record {record['id']} ({record['tsv']} @ byte {record['offset']}): cannot load image: {err}"
             ) from err
-        return preprocess_image(img, self.image_size)
+        return img
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        sample = assemble_sample(self.prompt_ids, self.answer_ids(index), self.im_end_id,
+        answer = self.answer_ids(index)
+        if self.augmenter is None:
+            image = self.load_image(index)
+        else:
+            img, flipped = self.augmenter(self._decode(index), index, self.epoch)
+            image = preprocess_image(img, self.image_size)
+            answer = self._flipped_answers[index] if flipped else answer
+        sample = assemble_sample(self.prompt_ids, answer, self.im_end_id,
                                  self.max_length, sample_id=record["id"])
-        sample["image"] = self.load_image(index)
+        sample["image"] = image
         sample["id"] = str(record["id"])
         return sample
 
@@ -241,7 +264,8 @@ def make_dataloader(dataset: CaptionDataset, batch_size: int, *, shuffle: bool =
         collate_fn=Collator(dataset.pad_id if pad_id is None else pad_id),
         num_workers=num_workers,
         prefetch_factor=prefetch_factor,
-        persistent_workers=num_workers > 0,
+        # Augmenting datasets draw per epoch (`set_epoch`): workers restart each epoch to see it.
+        persistent_workers=num_workers > 0 and getattr(dataset, "augmenter", None) is None,
         # Workers hand back numpy batches, and the tensors are made here. With shared memory, each
         # forked worker builds Paddle tensors itself, and Paddle's memory-statistics lock (a
         # pthread rwlock) can be copied in its locked state when the fork lands while another

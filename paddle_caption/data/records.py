@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..files import iter_text_lines, write_lines
@@ -97,6 +98,16 @@ def iter_captions(path: str | os.PathLike) -> Iterator[str]:
 
 def load_records(path: str | os.PathLike) -> list[dict]:
     return list(iter_records(path))
+
+
+def load_named_records(path: str) -> list[dict]:
+    """The records file a config names: as given, else among the packaged files; missing is one line."""
+    from ..resources import resolve
+
+    resolved = resolve(path)
+    if resolved is None or not Path(resolved).is_file():
+        raise UserError(f"{path}: records file not found (run tools/convert_labels.py first)")
+    return load_records(resolved)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:

@@ -1,5 +1,6 @@
 """The demos' command lines: `demo` (tools/run_demo.py, `make demo`), `compare-modes`
-(tools/compare_modes.py) and `curate-demo` (tools/run_curate_demo.py). Each builds its options and
+(tools/compare_modes.py), `curate-demo` (tools/run_curate_demo.py) and `scst-demo`
+(tools/run_scst_demo.py, `make scst-demo`). Each builds its options and
 runs the demo its module holds; the synthetic-data and budget flags they share are declared once."""
 from __future__ import annotations
 
@@ -83,4 +84,30 @@ def curate_demo_main(argv=None) -> int:
         seed_minutes=args.seed_minutes, minutes=args.minutes, max_steps=args.max_steps, processes=args.processes,
         rounds=args.rounds, refine_steps=args.refine_steps, num_candidates=args.candidates,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)).run()
+    return 0
+
+
+def scst_demo_main(argv=None) -> int:
+    from .scst_demo import SCSTDemo, SCSTDemoOptions
+
+    d = SCSTDemoOptions()
+    parser = argparse.ArgumentParser(description="The demo model + N minutes of cross-entropy vs + N minutes of "
+                                                 "SCST, two seeds each, on the demo's test split.")
+    parser.add_argument("--demo", default=str(d.demo), help="make demo's output (data and the stage-1 model)")
+    parser.add_argument("--out", default=str(d.out), help="output directory")
+    parser.add_argument("--config", default=str(d.config), help="the SCST stage's TrainConfig")
+    parser.add_argument("--minutes", type=float, default=d.minutes, help="training budget per run (wall clock)")
+    parser.add_argument("--seeds", default=",".join(map(str, d.seeds)), help="comma-separated training seeds")
+    parser.add_argument("--ce-batch-size", type=int, default=d.ce_batch_size, help="batch of the cross-entropy runs")
+    parser.add_argument("--max-steps", type=int, help="cap every run at N steps (quick checks)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="prediction batch size")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    args = parser.parse_args(argv)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, not {args.seeds!r}")
+    SCSTDemo(SCSTDemoOptions(demo=Path(args.demo), out=Path(args.out), config=Path(args.config), minutes=args.minutes,
+                             seeds=seeds, ce_batch_size=args.ce_batch_size, max_steps=args.max_steps,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)).run()
     return 0

@@ -103,17 +103,28 @@ def _check_corpus(candidates: Mapping[str, Tokens], references: Mapping[str, Seq
 # CIDEr-D
 
 
+def document_frequencies(references: Mapping[str, Sequence[Tokens]], max_n: int = MAX_N) -> tuple[Counter, int]:
+    """(in how many images' reference sets each n-gram occurs, the number of images): CIDEr-D's idf
+    statistics of a corpus. SCST (train/scst.py) computes them once from the training references
+    and scores every sampled caption against them (`cider_d(..., doc_freq=...)`)."""
+    doc_freq: Counter = Counter()
+    for refs in references.values():
+        doc_freq.update(set().union(*(ngram_counts(r, max_n) for r in refs)))
+    return doc_freq, len(references)
+
+
 def cider_d(candidates: Mapping[str, Tokens], references: Mapping[str, Sequence[Tokens]],
-            max_n: int = MAX_N, sigma: float = CIDER_SIGMA) -> tuple[float, dict[str, float]]:
-    """Corpus CIDEr-D and the per-image scores, from pre-tokenised captions."""
+            max_n: int = MAX_N, sigma: float = CIDER_SIGMA,
+            doc_freq: tuple[Counter, int] | None = None) -> tuple[float, dict[str, float]]:
+    """Corpus CIDEr-D and the per-image scores, from pre-tokenised captions. `doc_freq` (from
+    `document_frequencies`) replaces the scored corpus's own idf statistics (coco-caption's
+    df_mode other than "corpus")."""
     ids = _check_corpus(candidates, references)
     ref_counts = {i: [ngram_counts(r, max_n) for r in references[i]] for i in ids}
 
     # Document frequency: in how many images' reference sets an n-gram occurs.
-    doc_freq: Counter = Counter()
-    for counts_list in ref_counts.values():
-        doc_freq.update(set().union(*counts_list))
-    log_num_images = math.log(float(len(ids)))
+    doc_freq, num_images = doc_freq or document_frequencies({i: references[i] for i in ids}, max_n)
+    log_num_images = math.log(float(num_images))
 
     def tfidf(counts: Counter):
         vec = [{} for _ in range(max_n)]

@@ -20,6 +20,8 @@ from ..files import read_json_object
 from ..runtime import UserError
 from ..model.precision import DTYPES
 from ..typed_config import from_mapping, parse_overrides
+from ..data.augment import AugmentConfig
+from .scst import SCSTConfig
 
 SHARDING = ("none", "stage1", "stage2")
 
@@ -53,6 +55,8 @@ class TrainConfig:
     max_length: int = 2048
     num_workers: int = 1
     group_by_length: bool = True
+    # caption-aware augmentation of the training images (data/augment.py); all zeros: off
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     # ---- what trains ----------------------------------------------------------------------------
     # "full": every parameter; "partial": the `trainable` globs minus the `frozen` globs;
@@ -70,6 +74,11 @@ class TrainConfig:
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
+
+    # ---- objective (train/objectives.py): "cross_entropy" | "scst" (self-critical CIDEr-D, its
+    # settings in the "scst" block: train/scst.py's SCSTConfig)
+    objective: str = "cross_entropy"
+    scst: SCSTConfig = field(default_factory=SCSTConfig)
 
     # ---- optimiser and schedule -------------------------------------------------------------------
     learning_rate: float = 1e-5
@@ -147,6 +156,15 @@ class TrainConfig:
         if heads.num_heads < 1 or heads.num_layers < 1 or heads.draft_vocab_size < 0:
             raise UserError("config: draft_heads needs num_heads >= 1, num_layers >= 1, draft_vocab_size >= 0")
         from ..eval.scorers import EXTRA_SCORERS
+        from .objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"config: objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+        if self.finetune_mode == "draft_heads" and self.objective not in ("cross_entropy", "draft_heads"):
+            raise UserError(f"config: finetune_mode 'draft_heads' trains the heads with their own loss; "
+                            f"objective {self.objective!r} does not apply")
+        self.scst.validate()
+        self.augment.validate()
 
         for name in self.eval_extra_scores:
             if name not in EXTRA_SCORERS:
@@ -157,6 +175,11 @@ class TrainConfig:
                     or isinstance(item[1], bool) or not isinstance(item[1], (int, float)) or item[1] < 0):
                 raise UserError(f"config: lr_scale entries must be [glob, factor >= 0], not {item!r}")
         return self
+
+    @property
+    def objective_name(self) -> str:
+        """The objective a run trains with: the draft_heads mode's own, else `objective`."""
+        return "draft_heads" if self.finetune_mode == "draft_heads" else self.objective
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -144,6 +144,24 @@ class DraftHeadsLoss:
         return total, extras
 
 
+class DraftHeadsObjective(DraftHeadsLoss):
+    """The draft_heads mode's objective (objectives.py): the base model is frozen and runs without
+    autograd, the heads with it; their gradients are all-reduced with every other trainable
+    parameter (parallel.reduce_gradients). No state beyond the weights."""
+
+    def __init__(self, trainer):
+        super().__init__(trainer.model, trainer.cfg.draft_heads.targets)
+
+    def loss(self, train_module, batch, step: int):
+        return self(batch)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def set_state_dict(self, state: dict) -> None:
+        pass
+
+
 def head_accuracy(model, val_set, n_samples: int, batch_size: int, targets: str = "self") -> dict:
     """Top-1 / top-5 accuracy of each head on the first `n_samples` validation items, against the
     targets it trains on (a restricted vocabulary's misses count as wrong)."""

@@ -47,6 +47,8 @@ and these formulas give the bytes (s = bytes per element of the config's `dtype`
     recompute is on (it is rebuilt for its backward), plus twice the largest single activation
     tensor (its gradient and the one being formed).
 
+SCST (`objective: "scst"`): B x k sampled captions and the generator's memory (`scst_memory.py`).
+
 Per GPU: data parallel replicates everything; optimizer-state sharding ("stage1", Paddle's
 `group_sharded_parallel` level "os" / fleet sharding stage 1) divides master weights and AdamW
 state by the GPU count; "stage2" ("os_g") divides the gradients too. A card fits the plan when
@@ -64,6 +66,7 @@ from ..runtime import UserError
 GIB = 1 << 30
 RESERVE_GIB = 2.0
 SHARDING_STAGES = ("stage1", "stage2")
+SAMPLING = "SCST sampling (KV cache, logits)"
 
 
 @dataclass
@@ -112,6 +115,8 @@ class Workload:
     attention: str = "flash"  # "flash" (GPU bf16/fp16) or "eager" (probabilities kept)
     lora_r: int = 0
     lora_dropout: float = 0.0
+    sampled_rows: int = 0  # SCST: B x k sequences the generator decodes before the forward
+    sampled_len: int = 0  # SCST: prompt + max_new_tokens, the KV cache width
 
 
 # ---- parameters ------------------------------------------------------------------------------------
@@ -303,7 +308,10 @@ class MemoryPlan:
                 out[key] = out[key] / gpus
         if stage == "stage2":
             out["gradients"] = out["gradients"] / gpus
-        out["total"] = sum(out.values())
+        total = sum(out.values())
+        if SAMPLING in out:  # released before the forward: the larger of sampling and activations counts
+            total -= min(out[SAMPLING], out["activations, stored"] + out["activations, backward working"])
+        out["total"] = total
         return out
 
 
@@ -313,11 +321,18 @@ def make_plan(config, cfg, answer_tokens: int | None = None, attention: str = "f
     s = BYTES_PER_ELEMENT[cfg.dtype]
     model = build_lazy_model(config, cfg.dtype)
     groups = parameter_groups(model, cfg)
-    w = Workload(batch=cfg.per_device_train_batch_size, seq_len=cfg.max_length,
-                 answer_tokens=min(cfg.max_length, answer_tokens or cfg.eval_max_new_tokens + 1),
+    batch, seq_len = cfg.per_device_train_batch_size, cfg.max_length
+    answer = answer_tokens or cfg.eval_max_new_tokens + 1
+    sampled_rows = sampled_len = 0
+    if cfg.objective == "scst":  # the forward runs over the B x k sampled captions (scst_memory.py)
+        from .scst_memory import scst_workload
+
+        batch, seq_len, answer, sampled_rows, sampled_len = scst_workload(config, cfg)
+    w = Workload(batch=batch, seq_len=seq_len, answer_tokens=min(seq_len, answer),
                  dtype_bytes=s, recompute=cfg.recompute, attention=attention,
                  lora_r=cfg.lora_r if cfg.finetune_mode == "lora" else 0,
-                 lora_dropout=cfg.lora_dropout if cfg.finetune_mode == "lora" else 0.0)
+                 lora_dropout=cfg.lora_dropout if cfg.finetune_mode == "lora" else 0.0,
+                 sampled_rows=sampled_rows, sampled_len=sampled_len)
     acts = activation_plan(config, groups, w, cfg.ablate_images)
     rows = {
         "weights, frozen": groups.frozen * s,
@@ -328,6 +343,10 @@ def make_plan(config, cfg, answer_tokens: int | None = None, attention: str = "f
         "activations, stored": acts.stored,
         "activations, backward working": acts.working,
     }
+    if sampled_rows:
+        from .scst_memory import scst_sampling_bytes
+
+        rows[SAMPLING] = scst_sampling_bytes(Shapes.of(config), w)
     return MemoryPlan(rows, groups, acts, cfg.dtype, w)
 
 

@@ -1,17 +1,39 @@
-"""What a training step minimises: one registry of objectives, chosen by the config.
+"""Training objectives: what loss a training step minimises, chosen by the config's `objective`.
 
-Every objective has `loss(train_module, batch, step) -> (loss tensor, extra metrics)` (the extras,
-floats, are averaged over the logging window into the run's log) and `state_dict()` /
-`set_state_dict()` for whatever a checkpoint must carry so a resumed run is bit-identical.
+One registry (`OBJECTIVES`: name -> "module:Class", imported only when chosen). An objective is
+built once per run from the trainer after its set-up (`objective(trainer)`: it may read the model,
+tokenizer, prompt template, training set and config) and has
 
-- `cross_entropy`: the supervised next-token loss over the caption positions (the default);
-- `draft_heads` (`finetune_mode: "draft_heads"`): Medusa heads on the frozen model (draft_heads.py).
+    loss(train_module, batch, step) -> (loss tensor, extras {name: float})
+        the micro-batch's loss to backpropagate; the trainer averages each extra over the logging
+        window and writes it in the train record of log.jsonl;
+    state_dict() -> dict / set_state_dict(dict)
+        what a checkpoint must carry for a resumed run to be bit-identical (JSON-serialisable;
+        saved as `objective_state.json` when not empty, see run_checkpoints.py).
+
+The trainer seeds Paddle from (seed, step, micro-batch, rank) before every call, so randomness
+drawn from Paddle inside `loss` needs no state of its own.
 """
 from __future__ import annotations
 
+import importlib
+
+import numpy as np
+
+OBJECTIVES = {
+    # today's loss: mean next-token cross-entropy over the reference caption's tokens
+    "cross_entropy": "paddle_caption.train.objectives:CrossEntropy",
+    # self-critical sequence training on CIDEr-D (train/scst.py, config block "scst")
+    "scst": "paddle_caption.train.scst:SCSTObjective",
+    # Medusa draft heads on the frozen model: what `finetune_mode: "draft_heads"` trains with
+    # (train/draft_heads.py, config block "draft_heads")
+    "draft_heads": "paddle_caption.train.draft_heads:DraftHeadsObjective",
+}
+
 
 class CrossEntropy:
-    name = "cross_entropy"
+    def __init__(self, trainer):
+        pass
 
     def loss(self, train_module, batch, step: int):
         return train_module(batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"],
@@ -24,26 +46,13 @@ class CrossEntropy:
         pass
 
 
-class DraftHeadsObjective(CrossEntropy):
-    name = "draft_heads"
-
-    def __init__(self, model, targets: str):
-        from .draft_heads import DraftHeadsLoss
-
-        self.heads_loss = DraftHeadsLoss(model, targets)
-
-    def loss(self, train_module, batch, step: int):
-        # the base model is frozen: its forward runs without autograd, the heads with it; the heads'
-        # gradients are all-reduced with every other trainable parameter (parallel.reduce_gradients)
-        return self.heads_loss(batch)
+def build_objective(name: str, trainer):
+    """The objective `name` (a key of OBJECTIVES; the config checked it) built for `trainer`."""
+    module, cls = OBJECTIVES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(trainer)
 
 
-def make_objective(trainer):
-    """The objective the trainer's config selects (after its model and data are built)."""
-    cfg = trainer.cfg
-    if cfg.finetune_mode == "draft_heads":
-        from .draft_heads import attach_heads
-
-        attach_heads(trainer.model, cfg, trainer.tokenizer, trainer.train_set.records, trainer.log)
-        return DraftHeadsObjective(trainer.model, cfg.draft_heads.targets)
-    return CrossEntropy()
+def mean_extras(window: list[dict]) -> dict:
+    """Each extra averaged over the logging window's micro-batches that have it."""
+    keys = dict.fromkeys(k for extras in window for k in extras)
+    return {k: float(np.mean([e[k] for e in window if k in e])) for k in keys}

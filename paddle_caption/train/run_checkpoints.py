@@ -37,6 +37,7 @@ LOCAL_PARAMS = "local_params.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 SCALER_STATE = "scaler.json"  # float16 runs: the GradScaler's state (PaddleNLP: scaler.pdparams)
+OBJECTIVE_STATE = "objective_state.json"  # the training objective's state, when it has one (objectives.py)
 MASTER_WEIGHTS = "master_weights"  # Paddle's sub-dict of float32 copies (multi_precision)
 _SEPARATOR = "::"
 _MASTER_PREFIX = re.compile(r"^fp32_master_\d+_")  # a master copy's accumulators: <object>_fp32_master_0_moment1_0
@@ -64,6 +65,20 @@ def read_state(checkpoint: Path) -> dict:
         return json.loads((Path(checkpoint) / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{checkpoint / STATE_FILE}: unreadable trainer state ({err})") from None
+
+
+def read_objective_state(checkpoint: Path) -> dict:
+    """The objective's saved state ({} when the checkpoint has none: the objective keeps none)."""
+    path = Path(checkpoint) / OBJECTIVE_STATE
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable objective state ({err})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: the objective state must be a JSON object")
+    return state
 
 
 # ---- optimiser state under structured names ------------------------------------------------------

@@ -9,11 +9,10 @@ schedule still continues from the saved elapsed time.)
 The loop knows no dataset: evaluation (`evaluation.py`) captions through the same Predictor as
 `predict_batch.py` and computes the extra scores the config names.
 
-Several processes (`python -m paddle.distributed.launch --nproc_per_node N` or `--gpus ...`; see
-`parallel.py`): rank r trains on batches r, r+N, ... of each step's group (`RankBatchSampler`),
-gradients are all-reduced once per optimiser step, after its last micro-batch, and averaged
-(`parallel.reduce_gradients`; recompute included), so N ranks x accumulation A train exactly like one process with accumulation N*A (tested
-to 1e-5). Rank 0 decides everything that depends on a clock (the learning rate on a wall-clock
+Several processes (`python -m paddle.distributed.launch --nproc_per_node N`; `parallel.py`): rank r
+trains on batches r, r+N, ... of each step's group (`RankBatchSampler`), gradients are all-reduced
+and averaged once per optimiser step (`parallel.reduce_gradients`; recompute included), so N ranks
+x accumulation A train exactly like one process with accumulation N*A (tested to 1e-5). Rank 0 decides everything that depends on a clock (the learning rate on a wall-clock
 schedule, the last step, when to evaluate and save) and every rank follows (`parallel.agree`, one
 all-reduce a step). Rank 0 alone prints and writes files: log.jsonl, train_config.json, checkpoints,
 evaluation, train_summary.json (with sharding, each rank adds its optimizer-state share to the
@@ -42,9 +41,9 @@ from ..distributed import rank_and_world
 from ..files import write_json
 from ..runtime import UserError, configure
 from . import run_checkpoints as ckpt
-from .config import TrainConfig, config_fingerprint, resolve_path
-from ..model.draft_heads import CONFIG_FILE as HEADS_CONFIG_FILE, heads_config_record
-from .objectives import make_objective
+from ..data.records import load_named_records
+from .config import TrainConfig, config_fingerprint
+from .objectives import build_objective, mean_extras
 from .run_log import RunLog
 from .schedule import lr_at
 
@@ -104,10 +103,10 @@ class Trainer:
         self.tokenizer = QWenVLTokenizer.for_model(model_config, self.model_dir)
         self.template = PromptTemplate.from_files(cfg.prompt_file, cfg.system_file)
         size = model_config.visual.image_size
-        records = _read_records(cfg.train_records)
+        records = load_named_records(cfg.train_records)
         if not records:
             raise UserError(f"{cfg.train_records}: no training records")
-        self.train_set = CaptionDataset(records, self.tokenizer, self.template, size, cfg.max_length)
+        self.train_set = CaptionDataset(records, self.tokenizer, self.template, size, cfg.max_length, cfg.augment)
         accum = cfg.gradient_accumulation_steps
         self.loader = make_dataloader(self.train_set, cfg.per_device_train_batch_size, shuffle=True,
                                       seed=cfg.seed, num_workers=cfg.num_workers,
@@ -120,7 +119,7 @@ class Trainer:
                             f"({self.world} rank(s) x gradient_accumulation_steps {accum})")
         self.val_set = None
         if cfg.val_records:
-            val = _read_records(cfg.val_records)
+            val = load_named_records(cfg.val_records)
             if val:
                 self.val_set = CaptionDataset(val, self.tokenizer, self.template, size, cfg.max_length)
 
@@ -157,7 +156,10 @@ class Trainer:
         self.model = model
         self.base_model = getattr(model, "model", model)  # LoRA wrappers keep the base as .model
         self.build_data(self.base_model.config)
-        self.objective = make_objective(self)  # draft_heads: attaches the trainable heads
+        if cfg.finetune_mode == "draft_heads":  # base frozen, fresh trainable heads (draft_heads.py)
+            from .draft_heads import attach_heads
+
+            attach_heads(model, cfg, self.tokenizer, self.train_set.records, self.log)
         self.predictor = self.build_predictor()
         self.named_trainable = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]
         # O2 decoration precedes the parallel wrappers (PaddleNLP's order). The parallel engine wraps
@@ -169,6 +171,7 @@ class Trainer:
         self.train_module, self.optimizer = self.parallel.wrap_for_training(
             model, optimizer, self.world, cfg.sharding)
         self.log(trainable_table(model))
+        self.objective = build_objective(cfg.objective_name, self)  # the step's loss (objectives.py)
 
     def train(self) -> dict:
         cfg, paddle, precision = self.cfg, self.paddle, self.precision
@@ -199,11 +202,12 @@ class Trainer:
                                         enabled=cfg.progress)
         start = time.time() - state.elapsed_s
         last_eval = last_save = state.elapsed_s  # rank 0's clock; only rank 0 decides with them
-        step_times, window_loss, window_samples, window_t, window_extras = [], [], 0, time.time(), {}
+        step_times, window_loss, window_samples, window_t, window_extras = [], [], 0, time.time(), []
         micro, step_loss, done = 0, 0.0, state.step >= total_steps
         stop_reason = "max_steps" if cfg.max_steps > 0 else "epochs"
         while not done:
             self.sampler.set_epoch(state.epoch, state.batch_in_epoch)
+            self.train_set.set_epoch(state.epoch)  # augmentation draws (data/augment.py)
             if len(self.sampler) == 0:  # resumed at the end of an epoch (epochs hold whole steps)
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 continue
@@ -215,8 +219,7 @@ class Trainer:
                 with self.parallel.micro_step(train_module):
                     with precision.autocast():
                         loss, extras = self.objective.loss(train_module, batch, state.step)
-                    for key, value in extras.items():
-                        window_extras.setdefault(key, []).append(value)
+                    window_extras.append(extras)
                     # each micro-batch's loss is the mean over its supervised tokens; DataParallel
                     # averages over ranks, so a step is the mean of its world x accum micro-batches
                     precision.backward(loss / accum)
@@ -254,13 +257,13 @@ class Trainer:
                     rate = window_samples / max(1e-9, time.time() - window_t)
                     record = {"kind": "train", "step": state.step, "epoch": state.epoch,
                               "elapsed_s": round(state.elapsed_s, 3), "loss": float(np.mean(window_loss)),
-                              "lr": lr, "samples_per_s": rate,
-                              **{k: float(np.mean(v)) for k, v in window_extras.items()}}
+                              "lr": lr, "samples_per_s": rate}
                     if precision.loss_scale() is not None:
                         record["loss_scale"] = precision.loss_scale()
+                    record.update(mean_extras(window_extras))
                     self.run_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}")
-                    window_loss, window_samples, window_t, window_extras = [], 0, time.time(), {}
+                    window_loss, window_samples, window_t, window_extras = [], 0, time.time(), []
                 bar.update(1)
                 if stop:
                     done, stop_reason = True, STOP_REASONS[int(stop)]
@@ -334,9 +337,13 @@ class Trainer:
                  "prompt.json": {"system": self.template.system, "prompt": self.template.prompt},
                  "train_config.json": self.cfg.to_dict()}
         if self.cfg.finetune_mode == "draft_heads":  # what merge needs to rebuild the heads
-            files[HEADS_CONFIG_FILE] = heads_config_record(self.model.draft_heads)
+            from ..model.draft_heads import CONFIG_FILE, heads_config_record
+
+            files[CONFIG_FILE] = heads_config_record(self.model.draft_heads)
         if self._scaling():
             files[ckpt.SCALER_STATE] = ckpt.scaler_state(self.precision.scaler)
+        if self.objective.state_dict():
+            files[ckpt.OBJECTIVE_STATE] = self.objective.state_dict()
         return ckpt.save_checkpoint(
             self.output_dir, name, trained=None if lora else dict(self.named_trainable), lora_model=lora,
             optimizer_tensors=None if self.sharded else ckpt.optimizer_state(self.optimizer, self.named_trainable),
@@ -367,6 +374,7 @@ class Trainer:
             if not scaler_file.is_file():
                 raise UserError(f"{scaler_file}: missing (a float16 run checkpoints its loss scaler)")
             ckpt.set_scaler_state(self.precision.scaler, json.loads(scaler_file.read_text()), scaler_file)
+        self.objective.set_state_dict(ckpt.read_objective_state(latest))
         for key in asdict(state):
             if key in saved:
                 setattr(state, key, saved[key])
@@ -387,11 +395,3 @@ def _step_seed(seed: int, step: int, micro_batch: int) -> int:
     """The RNG seed of one micro-batch of one optimiser step."""
     return int(np.random.SeedSequence([seed, step, micro_batch]).generate_state(1)[0])
 
-
-def _read_records(path):
-    from ..data.records import load_records
-
-    resolved = resolve_path(path)
-    if resolved is None or not Path(resolved).is_file():
-        raise UserError(f"{path}: records file not found (run tools/convert_labels.py first)")
-    return load_records(resolved)
