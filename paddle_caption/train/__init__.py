@@ -9,5 +9,6 @@
   decisions all ranks share; `schedule.py`: the learning rate; `run_checkpoints.py`: a run's checkpoint files and the
   optimiser state; `evaluation.py`: validation loss and captions through the Predictor;
 - `merge.py`: trained parameters or adapters merged into a full model directory, in the base's dtype;
-- `memory_plan.py`: GPU memory of a config before anything is allocated.
+- `memory_plan.py`: GPU memory of a config before anything is allocated (`memory_report.py` prints it;
+  `scst_memory.py`, `heads_memory.py`: what SCST and the draft_heads mode add).
 """

@@ -98,7 +98,8 @@ def parse_plan_memory_args(argv=None):
 def plan_memory_main(argv=None) -> int:
     from ..runtime import configure
     from .config import TrainConfig
-    from .memory_plan import MARKDOWN_HEADER, format_report, load_model_config, make_plan, markdown_rows
+    from .memory_plan import load_model_config, make_plan
+    from .memory_report import MARKDOWN_HEADER, format_report, markdown_rows
 
     args, overrides = parse_plan_memory_args(argv)
     configure()

@@ -48,6 +48,8 @@ and these formulas give the bytes (s = bytes per element of the config's `dtype`
     tensor (its gradient and the one being formed).
 
 SCST (`objective: "scst"`): B x k sampled captions and the generator's memory (`scst_memory.py`).
+Draft heads (`finetune_mode: "draft_heads"`): the heads alone train (`heads_memory.py`).
+The report's text and markdown tables: `memory_report.py`.
 
 Per GPU: data parallel replicates everything; optimizer-state sharding ("stage1", Paddle's
 `group_sharded_parallel` level "os" / fleet sharding stage 1) divides master weights and AdamW
@@ -141,13 +143,10 @@ def parameter_groups(model, cfg) -> ParameterGroups:
         for name, layer in matching_linears(model, cfg.lora_target_modules):
             groups.lora[name] = tuple(layer.weight.shape)  # Paddle Linear weight: [in, out]
         trainable = set()
-    elif cfg.finetune_mode == "draft_heads":  # the base frozen; the heads are counted below
-        for param in model.parameters():
-            param.stop_gradient = True
-        block = cfg.draft_heads
-        width = min(block.draft_vocab_size, model.config.vocab_size)  # 0: lm_head, shared and frozen
-        groups.draft_heads = (block.num_heads, block.num_layers, width)
-        trainable = set()
+    elif cfg.finetune_mode == "draft_heads":  # the base frozen, only the heads train (heads_memory.py)
+        from .heads_memory import count_heads
+
+        trainable = count_heads(model, cfg.draft_heads, groups)
     else:
         patterns = ["*"] if cfg.finetune_mode == "full" else cfg.trainable
         trainable = apply_freezing(model, patterns, cfg.frozen, cfg.finetune_mode)
@@ -161,11 +160,6 @@ def parameter_groups(model, cfg) -> ParameterGroups:
     for din, dout in groups.lora.values():
         groups.trainable += cfg.lora_r * (din + dout)
         groups.trainable_tensors += 2
-    if groups.draft_heads:
-        heads, blocks, width = groups.draft_heads
-        hidden = model.config.hidden_size
-        groups.trainable += heads * (blocks * (hidden * hidden + hidden) + hidden * width)
-        groups.trainable_tensors += heads * (2 * blocks + (1 if width else 0))
     groups.trainable_names = trainable | {f"{name}.lora" for name in groups.lora}
     return groups
 
@@ -279,10 +273,10 @@ def activation_plan(config, groups: ParameterGroups, w: Workload, ablate_images:
         grad = grad or own
     if grad or any_trainable("transformer.llm.ln_f") or any_trainable("lm_head"):
         plan.parts["ln_f + head"] = head_bytes(d, w)
-    if groups.draft_heads:  # the base runs without autograd; each head keeps its block inputs and logits
-        heads, blocks, width = groups.draft_heads
-        plan.parts["draft heads"] = w.batch * w.answer_tokens * heads * (
-            2 * blocks * d.H * w.dtype_bytes + (width or d.vocab) * 4)
+    if groups.draft_heads:  # the base runs without autograd (heads_memory.py)
+        from .heads_memory import heads_activation_bytes
+
+        plan.parts["draft heads"] = heads_activation_bytes(d, w, groups.draft_heads)
     plan.stored = sum(plan.parts.values())
     biggest_tensor = max(w.batch * w.seq_len * d.F * w.dtype_bytes,
                          w.batch * d.heads * w.seq_len ** 2 * w.dtype_bytes if w.attention == "eager" else 0,
@@ -353,56 +347,6 @@ def make_plan(config, cfg, answer_tokens: int | None = None, attention: str = "f
 # ---- report ----------------------------------------------------------------------------------------
 def fits(total_bytes: float, gpu_memory_gib: float) -> bool:
     return total_bytes <= (gpu_memory_gib - RESERVE_GIB) * GIB
-
-
-def columns(gpus: int) -> list[tuple[str, int, str]]:
-    cols = [("1 GPU", 1, "dp")]
-    if gpus > 1:
-        cols += [(f"{gpus} GPUs DP", gpus, "dp"), (f"{gpus} GPUs stage1", gpus, "stage1"),
-                 (f"{gpus} GPUs stage2", gpus, "stage2")]
-    return cols
-
-
-def format_report(plan: MemoryPlan, cfg, source: str, model_source: str, gpus: int, gpu_memory: float) -> str:
-    g, w = plan.groups, plan.workload
-    total_params = g.frozen + g.trainable
-    lines = [
-        f"config {source}; model {model_source}: {total_params:,} parameters",
-        f"fine-tune {cfg.finetune_mode}: {g.trainable:,} trainable in {g.trainable_tensors} tensors"
-        + (f" (LoRA r={cfg.lora_r} on {len(g.lora)} Linear layers)" if g.lora else "")
-        + f", {g.frozen:,} frozen",
-        f"dtype {cfg.dtype}; micro-batch {w.batch} x {w.seq_len} tokens (max_length), "
-        f"{w.answer_tokens} supervised per sample; recompute {'on' if w.recompute else 'off'}; "
-        f"attention {w.attention}; sharding in config: {cfg.sharding}",
-    ]
-    cols = columns(gpus)
-    header = f"{'per GPU (GiB)':<32}" + "".join(f"{name:>18}" for name, _, _ in cols)
-    lines += ["", header]
-    tables = [plan.per_gpu(n, stage) for _, n, stage in cols]
-    for label in list(plan.rows) + ["total"]:
-        lines.append(f"{label:<32}" + "".join(f"{t[label] / GIB:>18.2f}" for t in tables))
-    lines.append(f"{f'fits {gpu_memory:g} GiB ({RESERVE_GIB:g} reserved)':<32}"
-                 + "".join(f"{'yes' if fits(t['total'], gpu_memory) else 'NO':>18}" for t in tables))
-    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.activations.parts.items())
-    lines += ["", f"stored activations by block (GiB): {parts or 'none (nothing trainable)'}"]
-    return "\n".join(lines)
-
-
-def markdown_rows(plan: MemoryPlan, name: str, gpus: int, gpu_memory: float) -> list[str]:
-    out = []
-    for label, n, stage in columns(gpus):
-        t = plan.per_gpu(n, stage)
-        out.append(
-            f"| {name} | {label} | {t['weights, frozen'] / GIB:.1f} / {t['weights, trainable'] / GIB:.1f} | "
-            f"{t['gradients'] / GIB:.1f} | {t['master weights (float32)'] / GIB:.1f} | "
-            f"{t['AdamW moments (float32)'] / GIB:.1f} | "
-            f"{(t['activations, stored'] + t['activations, backward working']) / GIB:.1f} | "
-            f"{t['total'] / GIB:.1f} | {'yes' if fits(t['total'], gpu_memory) else 'no'} |")
-    return out
-
-
-MARKDOWN_HEADER = ("| recipe | GPUs | weights frozen / trainable | gradients | master weights | AdamW moments "
-                   "| activations | total per GPU | fits {mem:g} GiB |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def load_model_config(cfg, model_config: str | None):
