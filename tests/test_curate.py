@@ -197,7 +197,7 @@ def test_filters_decide_on_the_stats_they_computed(noisy_world, tmp_path):
 def test_dedup_finds_near_duplicate_images_and_captions(noisy_world, tmp_path):
     summary = run_recipe(tmp_path, noisy_world["records"], [
         {"image_exact_dedup": {}}, {"image_near_dedup": {"hamming": 4, "hash_size": 16}},
-        {"caption_exact_dedup": {}}, {"caption_near_dedup": {"jaccard": 0.9}}])
+        {"caption_exact_dedup": {"match": "caption"}}, {"caption_near_dedup": {"jaccard": 0.9}}])
     kinds = noisy_world["kinds"]
     near = [e for e in ledger(summary) if e["op"] == "image_near_dedup"]
     truth = {i for i, k in kinds.items() if k == "near_duplicate_image"}
@@ -212,6 +212,71 @@ def test_dedup_finds_near_duplicate_images_and_captions(noisy_world, tmp_path):
     assert all(e["caption"] in kept_captions for e in exact)
 
 
+def _row_copy(tmp_path, row: dict, new_id: str, caption: str, name: str) -> dict:
+    """`row`'s image bytes in a new TSV row of its own under another id and caption."""
+    tsv = tmp_path / f"{name}.tsv"
+    data = Path(row["tsv"]).read_bytes()[row["offset"]:row["offset"] + row["length"]]
+    line = f"{new_id}\t".encode() + data.split(b"\t")[1] + f"\t{caption}\n".encode()
+    tsv.write_bytes(line)
+    return dict(row, id=new_id, caption=caption, tsv=str(tsv), offset=0, length=len(line) - 1)
+
+
+def test_duplicates_are_pairs_of_image_and_caption(tmp_path, noisy_world):
+    """Default (pair) mode: only a row whose image and caption both repeat a kept row's is dropped;
+    the same caption on another image, or the same image with another caption, is kept. The
+    one-sided modes, by name, drop those too."""
+    rows = [json.loads(line) for line in noisy_world["records"].read_text().splitlines()]
+    a, b = rows[0], next(r for r in rows[1:] if r["caption"] != rows[0]["caption"])
+    rows = [a, b,
+            _row_copy(tmp_path, b, "same_caption_other_image", a["caption"], "c0"),  # a's caption on b's image: kept
+            _row_copy(tmp_path, a, "same_image_other_caption", b["caption"], "c1"),  # a second reference: kept
+            _row_copy(tmp_path, a, "true_copy", a["caption"] + " ", "c2")]  # a's image and caption: dropped
+    dataset = tmp_path / "records.jsonl"
+    dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    every_op = [{"image_exact_dedup": {}}, {"image_near_dedup": {}}, {"caption_exact_dedup": {}},
+                {"caption_near_dedup": {"jaccard": 0.9}}]
+    summary = run_recipe(tmp_path, dataset, every_op)
+    assert [(e["op"], e["id"], e["stats"]["duplicate_of"]) for e in ledger(summary)] == [
+        ("image_exact_dedup", "true_copy", a["id"])]
+    copies = ["same_caption_other_image", "same_image_other_caption", "true_copy"]  # (b's image, a's image)
+    for name, op in [("image", "image_exact_dedup"), ("caption", "caption_exact_dedup")]:
+        summary = run_recipe(tmp_path / name, dataset, [{op: {"match": name}}])
+        assert sorted(e["id"] for e in ledger(summary)) == copies
+    with pytest.raises(UserError, match="match must be one of pair, image"):
+        run_recipe(tmp_path / "bad", dataset, [{"image_near_dedup": {"match": "caption"}}])
+
+
+def test_band_index_finds_every_row_sharing_a_key():
+    from paddle_caption.curate.index import BandIndex, Strings
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, 50, size=(3000, 3)).astype(np.uint64)
+    index = BandIndex(3, buffer=64)  # small buffer: many runs and merges
+    for row, k in enumerate(keys):
+        expected = np.flatnonzero((keys[:row] == k).any(axis=1))
+        assert index.candidates([int(x) for x in k]).tolist() == expected.tolist()
+        index.add([int(x) for x in k], row)
+    assert len(index.runs[0]) <= 12  # log-structured: O(log n) runs
+    strings = Strings()
+    words = ["卡通风格。", "", "x" * 300, "背景是白色"]
+    assert [strings.append(w) for w in words] == [0, 1, 2, 3]
+    assert [strings[i] for i in range(4)] == words
+
+
+def test_phash_is_imagehash_phash(noisy_world):
+    import imagehash
+
+    from paddle_caption.curate.fingerprints import phash
+    from paddle_caption.curate.samples import iter_record_samples, load_image
+
+    for sample in list(iter_record_samples(noisy_world["records"]))[:20]:
+        gray = load_image(sample).convert("L")
+        for size in (8, 16):
+            ours = int(phash(gray, size), 16)
+            theirs = int(str(imagehash.phash(gray, hash_size=size)), 16)
+            assert bin(ours ^ theirs).count("1") <= 2  # the same bits but for a tie at the median
+
+
 def test_exact_image_dedup_keeps_references_of_one_row(tmp_path, noisy_world):
     rows = [json.loads(line) for line in noisy_world["records"].read_text().splitlines()][:3]
     copy = dict(rows[0], id="copy_of_first")  # the same bytes under another id: a real duplicate...
@@ -223,7 +288,7 @@ def test_exact_image_dedup_keeps_references_of_one_row(tmp_path, noisy_world):
     reference = dict(rows[0], caption="another reference")  # ...the same row again: not a duplicate
     dataset = tmp_path / "records.jsonl"
     dataset.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + [reference, copy]))
-    summary = run_recipe(tmp_path, dataset, [{"image_exact_dedup": {}}])
+    summary = run_recipe(tmp_path, dataset, [{"image_exact_dedup": {"match": "image"}}])
     assert [(e["id"], e["stats"]["duplicate_of"]) for e in ledger(summary)] == [("copy_of_first", rows[0]["id"])]
 
 
@@ -251,7 +316,7 @@ def test_selection_streams(tmp_path):
             i += 1
             yield {"id": str(i), "caption": "x" * (i % 5), "stats": {"caption_sha1": str(i % 3), "caption_chars": i % 5}}
 
-    dedup = build_op({"caption_exact_dedup": {}}, OpContext(work_dir=tmp_path), "t")
+    dedup = build_op({"caption_exact_dedup": {"match": "caption"}}, OpContext(work_dir=tmp_path), "t")
     stream = dedup.select(endless)
     first = [next(stream) for _ in range(6)]
     assert [r for _, r in first] == [None, None, None, "duplicate_caption", "duplicate_caption", "duplicate_caption"]

@@ -91,6 +91,8 @@ class CurationRun:
         # every op is built (and its parameters checked) before anything runs
         self.ops = [build_op(entry, OpContext(work_dir=self.work), f"process[{i}]")
                     for i, entry in enumerate(self.entries)]
+        for op in self.ops:
+            op.plan(self.ops)
 
     def _with_model_dir(self, entry):
         if isinstance(entry, dict) and len(entry) == 1:

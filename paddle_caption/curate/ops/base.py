@@ -57,6 +57,10 @@ class Op:
         self.params, self.ctx = params, ctx
         self.info: dict = {}  # what `prepare` decided (resolved bounds, ...), for the report
 
+    def plan(self, ops: list["Op"]) -> None:
+        """Called once with every op of the recipe, before anything runs (an op may compute, in its
+        statistics pass, what later ops will read: the dedup ops decode each image once)."""
+
     # ---- statistics ----------------------------------------------------------------------------
     def input_samples(self, samples: Iterator[dict]) -> Iterator[dict]:
         """The samples the statistics pass sees: the stage's input (an op may add some)."""
