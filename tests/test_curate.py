@@ -644,3 +644,30 @@ def test_model_stages_on_an_exported_model_match_the_checkpoint(noisy_world, mic
             run_recipe(tmp_path / "refused", dataset, [op], model_dir=str(exported), batch_size=4)
     with pytest.raises(UserError, match="engine must be dygraph or inference"):
         run_recipe(tmp_path / "bad", dataset, process, engine="onnx")
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_with_identical_output(noisy_world, tmp_path, monkeypatch):
+    """A run killed inside a dedup stage's decision (after writing part of it) resumes and writes the
+    same bytes as an uninterrupted run."""
+    from paddle_caption.curate.ops import dedup
+
+    process = [{"caption_length_filter": {"unit": "words", "min": {"percentile": 1}}}, {"image_exact_dedup": {}},
+               {"image_near_dedup": {"hamming": 8}}, {"caption_near_dedup": {"jaccard": 0.95}}]
+    reference = run_recipe(tmp_path / "ref", noisy_world["records"], process)
+    select = dedup.ImageNearDedup.select
+
+    def crashing(self, read):
+        for i, item in enumerate(select(self, read)):
+            if i == 40:
+                raise KeyboardInterrupt  # as a kill: the stage's files are left half written
+            yield item
+
+    monkeypatch.setattr(dedup.ImageNearDedup, "select", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(tmp_path / "run", noisy_world["records"], process)
+    monkeypatch.setattr(dedup.ImageNearDedup, "select", select)
+    resumed = run_recipe(tmp_path / "run", noisy_world["records"], process)
+    for key in ("records", "ledger"):
+        assert Path(resumed["output"]["files"][key]).read_bytes() == Path(reference["output"]["files"][key]).read_bytes()
+    assert [s["kept"] for s in resumed["stages"]] == [s["kept"] for s in reference["stages"]]

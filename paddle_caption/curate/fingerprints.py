@@ -41,7 +41,7 @@ def image_fingerprints(sample: dict, hash_sizes) -> None:
     if "image_sha1" not in stats:
         stats["image_sha1"] = hashlib.sha1(data).hexdigest()[:24]
     if missing:
-        img = decode_image(data, verify=False, decode_side=8 * max(missing)).convert("L")
+        img = decode_image(data, verify=False, decode_side=8 * max(missing), color="L")
         for size in missing:
             stats[phash_key(size)] = phash(img, size)
 

@@ -16,7 +16,7 @@ reason, score, caption, stats), `summary.json`, the report (`report.py`) and, if
 `curated.tsv` and a data-juicer export.
 
 Several processes (`paddle.distributed.launch`): every rank computes its share of a model stage's
-statistics; rank 0 alone reads the dataset, decides, and writes everything else; the other ranks
+statistics (and of a `shardable` op's: the deduplicators' decode and hashes); rank 0 alone reads the dataset, decides, and writes everything else; the other ranks
 wait for each stage's done.json.
 """
 from __future__ import annotations
@@ -154,7 +154,8 @@ class CurationRun:
                            models=self.models)
         stats_path = stage / "stats.jsonl"
         t0 = time.perf_counter()
-        if op.uses_model and not stats_path.is_file():  # (a resumed run may find it merged already)
+        sharded = op.uses_model or (op.shardable and self.world > 1)
+        if sharded and not stats_path.is_file():  # (a resumed run may find it merged already)
             total = sum(1 for _ in op.input_samples(iter_samples(source))) if self.progress else None
             # The stage directory's name holds its fingerprint: a shard of other settings is not resumed.
             compute_shard(op.input_samples(iter_samples(source)), op.compute_stats_batch, stats_path, stage.name,

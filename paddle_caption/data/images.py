@@ -58,7 +58,7 @@ VERIFY_MODES = ("full", "fast", "header")
 
 
 def _open_checked(data: bytes, *, max_pixels: int, min_side: int, mode: str, decode_side: int = 0,
-                  max_ratio: float = MAX_COMPRESSION_RATIO) -> tuple[Image.Image, tuple[int, int]]:
+                  max_ratio: float = MAX_COMPRESSION_RATIO, color: str = "RGB") -> tuple[Image.Image, tuple[int, int]]:
     """Open image bytes and check them as `mode` says: (image, its (width, height) from the
     header), or ImageRejected. (In "fast" mode the returned image is the 1/8-scale draft.)
 
@@ -93,7 +93,7 @@ def _open_checked(data: bytes, *, max_pixels: int, min_side: int, mode: str, dec
                 img.verify()  # structural check; the image must be reopened afterwards
                 img = Image.open(io.BytesIO(data))
             if decode_side and mode in ("full", "decode") and img.format == "JPEG":
-                img.draft("RGB", (decode_side, decode_side))  # DCT scaling: only the reduced image is allocated
+                img.draft(color, (decode_side, decode_side))  # DCT scaling: only the reduced image is allocated
             if mode != "header":
                 img.load()
             if decode_side and mode in ("full", "decode"):
@@ -112,15 +112,17 @@ def _open_checked(data: bytes, *, max_pixels: int, min_side: int, mode: str, dec
 
 
 def decode_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 1, verify: bool = True,
-                 decode_side: int = DECODE_SIDE, max_ratio: float = MAX_COMPRESSION_RATIO) -> Image.Image:
+                 decode_side: int = DECODE_SIDE, max_ratio: float = MAX_COMPRESSION_RATIO,
+                 color: str = "RGB") -> Image.Image:
     """Decode image bytes into an RGB PIL image, or raise ImageRejected: the one image loader of
     conversion, training, prediction, the service and curation. With `verify`, PIL's structural check
     runs first (a truncated JPEG whose header is fine is still a reject). An image larger than
     `decode_side` on both sides comes back reduced (by an integer factor, at most to decode_side; 0:
-    full size); `min_side` and `max_pixels` apply to the size in the header."""
+    full size); `min_side` and `max_pixels` apply to the size in the header. `color="L"` returns
+    luma only (a JPEG then skips chroma upsampling and colour conversion: perceptual hashes)."""
     img, _ = _open_checked(data, max_pixels=max_pixels, min_side=min_side, mode="full" if verify else "decode",
-                           decode_side=decode_side, max_ratio=max_ratio)
-    return img if img.mode == "RGB" else img.convert("RGB")
+                           decode_side=decode_side, max_ratio=max_ratio, color=color)
+    return img if img.mode == color else img.convert(color)
 
 
 def probe_image(data: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int = 1,

@@ -50,6 +50,9 @@ class Op:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
     uses_model: ClassVar[bool] = False
+    # Statistics worth splitting across the processes of a launch like a model op's (a decode and a
+    # hash per row); the decision stays on rank 0.
+    shardable: ClassVar[bool] = False
     stat: ClassVar[str | None] = None  # the numeric statistic decisions are made on (ledger score, plots)
     transient: ClassVar[tuple] = ()  # bulky statistics (hashes, features) dropped from the stage's output
 

@@ -61,6 +61,7 @@ class Deduplicator(Op):
     `pairs` checks the other side of the pair."""
 
     transient = ()
+    shardable = True
     primary = ""  # "image" or "caption": what the op's own index compares
 
     @property
