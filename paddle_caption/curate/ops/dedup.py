@@ -111,6 +111,9 @@ class Deduplicator(Op):
             yield sample, None
         self.index.flush()
         self.info["index_bytes"] = self.index_bytes()
+        # the ops live as long as the run: free the index now, not after the last stage
+        self.ids = self.captions = self.image_keys = self.caption_keys = self.other_phash = self.index = None
+        self.hashes = None
 
     def keeps_captions(self) -> bool:
         return (self.pair and self.primary == "image") or isinstance(self, CaptionNearDedup)
