@@ -177,14 +177,19 @@ def main() -> None:
     generate_seconds = time.perf_counter() - t0
     result = run(records, work / f"out_{args.rows}_{args.nproc}", args.nproc)
     rows_per_s = result["input_rows"] / result["wall_seconds"]
+    op_cpu = sum(s["seconds"]["cpu"] for s in result["stages"])
+    op_wall = sum(s["seconds"]["stats"] + s["seconds"]["decide"] for s in result["stages"])
     report = {"command": command_line(), "machine": machine_info(), "rows": args.rows, "nproc": args.nproc,
               "generate_seconds": round(generate_seconds, 1), **result,
-              "rows_per_s": round(rows_per_s, 1),
+              "rows_per_s": round(rows_per_s, 1), "ops_wall_seconds": round(op_wall, 1),
+              "ops_cpu_seconds_rank0": round(op_cpu, 1),
+              "ops_rows_per_cpu_second_rank0": round(result["input_rows"] / max(op_cpu, 1e-9), 1),
               "rows_per_cpu_second": round(result["input_rows"] / max(result["cpu_seconds"], 1e-9), 1)}
     write_report(RESULTS_DIR / f"curate_{args.rows}_{args.nproc}.json", report)
     print(f"| {args.rows} | {args.nproc} | {result['wall_seconds']} | {result['cpu_seconds']} | {rows_per_s:.0f} | "
           f"{report['rows_per_cpu_second']:.0f} | {max(result['peak_rss_mb_by_process'] or [0]):.0f} | "
-          f"{result['output_rows']} | {report['machine']['load_average']} |")
+          f"{result['output_rows']} | ops {op_wall:.1f} s wall, {op_cpu:.1f} s CPU on rank 0: "
+          f"{report['ops_rows_per_cpu_second_rank0']:.0f} rows/CPU-s | {report['machine']['load_average']} |")
     for s in result["stages"]:
         print(f"  {s['op']}: kept {s['kept']}, dropped {s['dropped']} {s['reasons']} {s['seconds']} "
               f"index {s['index_bytes']} B")

@@ -153,7 +153,7 @@ class CurationRun:
                            batch_size=self.recipe.batch_size, seed=self.recipe.seed, progress=self.progress,
                            models=self.models)
         stats_path = stage / "stats.jsonl"
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         sharded = op.uses_model or (op.shardable and self.world > 1)
         if sharded and not stats_path.is_file():  # (a resumed run may find it merged already)
             total = sum(1 for _ in op.input_samples(iter_samples(source))) if self.progress else None
@@ -173,7 +173,8 @@ class CurationRun:
         counts = self._decide(op, k, stats_path, kept, stage / "dropped.jsonl")
         counts.update(op=op.name, params=self.entries[k - 1][op.name], info=_jsonable(op.info),
                       stat=op.stat, fingerprint=self._fingerprint(k),
-                      seconds={"stats": round(stats_seconds, 3), "decide": round(time.perf_counter() - t1, 3)},
+                      seconds={"stats": round(stats_seconds, 3), "decide": round(time.perf_counter() - t1, 3),
+                               "cpu": round(time.process_time() - cpu0, 3)},  # this process's (rank 0's)
                       world_size=self.world)
         write_json(done, counts)
         reasons = ", ".join(f"{r} {n}" for r, n in counts["dropped_by_reason"].items())
