@@ -673,3 +673,21 @@ def test_an_interrupted_run_resumes_with_identical_output(noisy_world, tmp_path,
     for key in ("records", "ledger"):
         assert Path(resumed["output"]["files"][key]).read_bytes() == Path(reference["output"]["files"][key]).read_bytes()
     assert [s["kept"] for s in resumed["stages"]] == [s["kept"] for s in reference["stages"]]
+
+
+@pytest.mark.slow
+def test_dedup_statistics_sharded_equal_one_process(noisy_world, tmp_path):
+    """Under a launch the dedup ops' statistics are split across the ranks; the output is the same bytes."""
+    import threading
+
+    process = [{"image_exact_dedup": {}}, {"image_near_dedup": {"hamming": 8}}, {"caption_near_dedup": {"jaccard": 0.9}}]
+    single = run_recipe(tmp_path / "one", noisy_world["records"], process)
+    recipe = Recipe(dataset=str(noisy_world["records"]), export_dir=str(tmp_path / "two"), process=process)
+    other = threading.Thread(target=curate, args=(recipe.validate("test"),),
+                             kwargs={"rank": 1, "world_size": 2, "progress": False, "log": lambda *a: None})
+    other.start()
+    sharded = curate(recipe, rank=0, world_size=2, progress=False, log=lambda *a: None)
+    other.join(60)
+    assert [s["world_size"] for s in sharded["stages"]] == [2, 2, 2]
+    for key in ("records", "ledger"):
+        assert Path(sharded["output"]["files"][key]).read_bytes() == Path(single["output"]["files"][key]).read_bytes()
