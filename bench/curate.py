@@ -165,12 +165,69 @@ def run(records: Path, export: Path, nproc: int) -> dict:
             "input_rows": summary["input_rows"], "output_rows": summary["output"]["rows"], "stages": stages}
 
 
+def index_scale(rows: int) -> dict:
+    """The dedup ops' decisions alone (`select`, their indexes) on `rows` generated fingerprints,
+    streamed (no decode): what grows with the rows at the contest's million. Each op's statistics are
+    made up as compute_stats would write them (random phash words, a caption from the formulaic
+    grammar, its sha1 and MinHash LSH band keys), 3% of rows repeating an earlier row's pair."""
+    import hashlib
+    from pathlib import Path as P
+
+    import numpy as np
+
+    from paddle_caption.curate.fingerprints import caption_sha1
+    from paddle_caption.curate.ops import OpContext, build_op
+
+    hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024  # noqa: E731
+    recipe = json.loads((ROOT / "config/curate/example.json").read_text())["process"][3:6]
+    ops = [build_op(entry, OpContext(work_dir=P("/tmp")), "bench") for entry in recipe]
+    for op in ops:
+        op.plan(ops)
+    captions = _captions(4096, 1)
+    near_op = ops[2]
+
+    def samples(seed):
+        rng = np.random.default_rng(seed)
+        for i in range(rows):
+            j = int(rng.integers(0, i)) if i and rng.random() < 0.03 else i  # a repeated pair
+            r = np.random.default_rng(j)
+            stats = {"image_sha1": hashlib.sha1(str(j).encode()).hexdigest()[:24],
+                     "phash_16": r.bytes(32).hex()}
+            sample = {"id": f"row_{i:07d}", "caption": captions[int(r.integers(len(captions)))], "tsv": "x",
+                      "offset": i, "stats": stats}
+            caption_sha1(sample)
+            yield sample
+
+    out = {"rows": rows, "vmhwm_start_mb": round(hwm(), 1), "ops": []}
+    for op in ops:
+        t0, c0 = time.perf_counter(), time.process_time()
+        def read(op=op):
+            for s in samples(0):
+                if op is near_op:
+                    op.compute_stats(s)  # the MinHash bands (jieba words cached per caption)
+                yield s
+        dropped = sum(reason is not None for _, reason in op.select(read))
+        out["ops"].append({"op": op.name, "dropped": dropped, "index_bytes": op.info["index_bytes"],
+                           "index_bytes_per_row": round(op.info["index_bytes"] / rows, 1),
+                           "seconds": round(time.perf_counter() - t0, 1), "cpu": round(time.process_time() - c0, 1),
+                           "vmhwm_mb": round(hwm(), 1)})
+        print(out["ops"][-1], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50000)
     parser.add_argument("--nproc", type=int, default=1, help="processes (paddle.distributed.launch when > 1)")
     parser.add_argument("--workdir", default="/tmp/paddle_caption_bench_curate")
+    parser.add_argument("--index_only", action="store_true",
+                        help="only the dedup ops' decisions on generated fingerprints (no images): their memory at --rows")
     args = parser.parse_args()
+    if args.index_only:
+        report = {"command": command_line(), "machine": machine_info(), **index_scale(args.rows)}
+        write_report(RESULTS_DIR / f"curate_index_{args.rows}.json", report)
+        print(json.dumps(report["machine"]))
+        return
     work = Path(args.workdir)
     t0 = time.perf_counter()
     records = generate(work, args.rows)
