@@ -111,9 +111,24 @@ class Deduplicator(Op):
             yield sample, None
         self.index.flush()
         self.info["index_bytes"] = self.index_bytes()
+        self.info["rule"] = self.rule()
         # the ops live as long as the run: free the index now, not after the last stage
         self.ids = self.captions = self.image_keys = self.caption_keys = self.other_phash = self.index = None
         self.hashes = None
+
+    def rule(self) -> str:
+        """What made a row a duplicate here, for the report."""
+        p = self.params
+        own = {"image_exact_dedup": "same image file", "caption_exact_dedup": "same caption",
+               "image_near_dedup": f"phash{getattr(p, 'hash_size', '')} within {getattr(p, 'hamming', '')} bits",
+               "caption_near_dedup": f"caption Jaccard >= {getattr(p, 'jaccard', '')}"}[self.name]
+        if not self.pair:
+            return f"{p.match} only: {own}"
+        other = (f"caption Jaccard >= {p.caption_jaccard}" if self.primary == "image"
+                 else f"phash{p.image_hash_size} within {p.image_hamming} bits")
+        if self.name == "image_exact_dedup":
+            other = "same caption"
+        return f"pair: {own} and {other}"
 
     def keeps_captions(self) -> bool:
         return (self.pair and self.primary == "image") or isinstance(self, CaptionNearDedup)
