@@ -170,7 +170,7 @@ def report_markdown(summary: dict, before: dict, after: dict, files: dict) -> st
             for stat, b in bounds.items()) or ", ".join(
             f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
             for key, value in info.items() if key in ("min_value", "threshold", "quota", "target", "clusters")
-            and value is not None) or "-"
+            and value is not None) or info.get("rule") or "-"
         seconds = s["seconds"]["stats"] + s["seconds"]["decide"]
         lines.append(f"| {k} | {s['op']} | {s['input']} | {s['kept']}" + (f" (+{s['copies']} copies)" if s["copies"] else "")
                      + f" | {s['dropped']} | {reasons} | {thresholds} | {seconds:.1f} |")

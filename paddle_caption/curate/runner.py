@@ -16,7 +16,7 @@ reason, score, caption, stats), `summary.json`, the report (`report.py`) and, if
 `curated.tsv` and a data-juicer export.
 
 Several processes (`paddle.distributed.launch`): every rank computes its share of a model stage's
-statistics; rank 0 alone reads the dataset, decides, and writes everything else; the other ranks
+statistics (and of a `shardable` op's: the deduplicators' decode and hashes); rank 0 alone reads the dataset, decides, and writes everything else; the other ranks
 wait for each stage's done.json.
 """
 from __future__ import annotations
@@ -91,6 +91,8 @@ class CurationRun:
         # every op is built (and its parameters checked) before anything runs
         self.ops = [build_op(entry, OpContext(work_dir=self.work), f"process[{i}]")
                     for i, entry in enumerate(self.entries)]
+        for op in self.ops:
+            op.plan(self.ops)
 
     def _with_model_dir(self, entry):
         if isinstance(entry, dict) and len(entry) == 1:
@@ -151,8 +153,9 @@ class CurationRun:
                            batch_size=self.recipe.batch_size, seed=self.recipe.seed, progress=self.progress,
                            models=self.models)
         stats_path = stage / "stats.jsonl"
-        t0 = time.perf_counter()
-        if op.uses_model and not stats_path.is_file():  # (a resumed run may find it merged already)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        sharded = op.uses_model or (op.shardable and self.world > 1)
+        if sharded and not stats_path.is_file():  # (a resumed run may find it merged already)
             total = sum(1 for _ in op.input_samples(iter_samples(source))) if self.progress else None
             # The stage directory's name holds its fingerprint: a shard of other settings is not resumed.
             compute_shard(op.input_samples(iter_samples(source)), op.compute_stats_batch, stats_path, stage.name,
@@ -170,7 +173,8 @@ class CurationRun:
         counts = self._decide(op, k, stats_path, kept, stage / "dropped.jsonl")
         counts.update(op=op.name, params=self.entries[k - 1][op.name], info=_jsonable(op.info),
                       stat=op.stat, fingerprint=self._fingerprint(k),
-                      seconds={"stats": round(stats_seconds, 3), "decide": round(time.perf_counter() - t1, 3)},
+                      seconds={"stats": round(stats_seconds, 3), "decide": round(time.perf_counter() - t1, 3),
+                               "cpu": round(time.process_time() - cpu0, 3)},  # this process's (rank 0's)
                       world_size=self.world)
         write_json(done, counts)
         reasons = ", ".join(f"{r} {n}" for r, n in counts["dropped_by_reason"].items())

@@ -24,7 +24,7 @@ from ..files import read_json_object
 from ..runtime import UserError
 from ..typed_config import from_mapping
 from .contest_tsv import DEFAULT_MAX_ROW_BYTES, RowError, parse_row
-from .images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from .images import MAX_COMPRESSION_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from .stats import STYLE_PATTERN
 
 CAPTION_OPS = ("empty_caption_filter", "style_phrase_filter")
@@ -41,7 +41,8 @@ class CleanConfig:
     dedup_ids: bool = True  # reject rows whose id was already kept
     verify: str = "fast"  # full | fast (JPEG checked at 1/8 scale) | header; see images.probe_image
     min_side: int = MIN_IMAGE_SIDE  # reject images with a side below this; 0 disables
-    max_pixels: int = MAX_IMAGE_PIXELS  # bounds decode memory; PIL's own bomb guard stays on above it
+    max_pixels: int = MAX_IMAGE_PIXELS  # a decompression bomb above (header); PIL's own bomb guard stays on
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO  # above 16.7 MP: RGB bytes per payload byte (a bomb)
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     ksigma: float = 0.0  # 0 disables the caption-length outlier filter
     val_fraction: float = 0.0  # share of kept rows routed to val_records.jsonl
@@ -53,7 +54,7 @@ class CleanConfig:
     def validate(self) -> None:
         # The operations' own checks, so a bad value reads the same from a flag and from a recipe.
         StylePhraseParams(self.style_pattern).validate("config")
-        ImageValidityParams(self.verify, self.min_side, self.max_pixels).validate("config")
+        ImageValidityParams(self.verify, self.min_side, self.max_pixels, self.max_compression_ratio).validate("config")
         if self.max_row_bytes < 1:
             raise UserError(f"max_row_bytes must be >= 1, got {self.max_row_bytes}")
         if self.ksigma < 0:
@@ -87,7 +88,8 @@ def default_recipe(cfg: CleanConfig) -> list[dict]:
     if cfg.require_style:
         recipe.append({"style_phrase_filter": {"pattern": cfg.style_pattern}})
     recipe.append({"image_validity_filter": {"verify": cfg.verify, "min_side": cfg.min_side,
-                                             "max_pixels": cfg.max_pixels}})
+                                             "max_pixels": cfg.max_pixels,
+                                             "max_compression_ratio": cfg.max_compression_ratio}})
     if cfg.dedup_ids:
         recipe.append({"duplicate_id_filter": {}})
     if cfg.ksigma > 0:

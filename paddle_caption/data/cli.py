@@ -10,7 +10,7 @@ from .clean_rules import CleanConfig
 from .contest_tsv import DEFAULT_MAX_ROW_BYTES
 from .analyze import analyze
 from .convert import RunOptions, convert
-from .images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES
+from .images import MAX_COMPRESSION_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES
 from .reject_reasons import REJECT_REASONS
 from .stats import DEFAULT_MAX_NEW_TOKENS, STYLE_PATTERN
 
@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="image check: full decode, fast (JPEG at 1/8 scale, same rejects), or header only "
                             "(default: fast)")
     rules.add_argument("--min-side", type=int, default=s, help=f"minimum image side in pixels; 0 disables (default {MIN_IMAGE_SIDE})")
-    rules.add_argument("--max-pixels", type=int, default=s, help=f"maximum width*height (default {MAX_IMAGE_PIXELS})")
+    rules.add_argument("--max-pixels", type=int, default=s,
+                       help=f"maximum width*height in the header: more is a decompression bomb (default {MAX_IMAGE_PIXELS})")
+    rules.add_argument("--max-compression-ratio", type=float, default=s,
+                       help="above 16.7 MP, maximum RGB bytes per payload byte: more is a decompression bomb "
+                            f"(default {MAX_COMPRESSION_RATIO:g})")
     rules.add_argument("--max-row-bytes", type=int, default=s,
                        help=f"longer rows are rejected unread (default {DEFAULT_MAX_ROW_BYTES})")
     rules.add_argument("--ksigma", type=float, default=s,

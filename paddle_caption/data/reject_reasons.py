@@ -28,7 +28,8 @@ REJECT_REASONS: dict[str, RejectReason] = {
                                     "caption names no style"),
     "bad_base64": RejectReason("image column is not strict base64", "not valid base64"),
     "empty_image": RejectReason("image column is empty", "empty image"),
-    "too_many_pixels": RejectReason("image has more than --max-pixels pixels (read from the header; never decoded)",
+    "too_many_pixels": RejectReason("a decompression bomb: the header declares more than --max-pixels pixels, or (above "
+                                    "16.7 MP) more than --max-compression-ratio RGB bytes per payload byte (never decoded)",
                                     "image has too many pixels"),
     "undecodable_image": RejectReason("payload is not an image PIL can decode completely", "not a decodable image"),
     "image_too_small": RejectReason("image side shorter than --min-side", "image too small"),

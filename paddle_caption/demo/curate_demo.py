@@ -152,7 +152,7 @@ class CurateDemo:
         return merge_run(seed_model, self.out / "seed2")
 
     def filter_ops(self) -> list:
-        return [{"image_near_dedup": {"hamming": 4, "hash_size": 16}},
+        return [{"image_near_dedup": {"hamming": 8, "hash_size": 16}},  # pairs: image and caption
                 {"caption_length_filter": {"unit": "chars", "min": self.opts.length_min}},
                 {FILTER_OP: {"min": self.opts.consistency_min}}]
 

@@ -55,6 +55,15 @@ def build_parser(decoding=GenerationConfig) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--min_side", type=int, default=PredictOptions.min_side,
                    help="reject images with a side below this (0: no limit)")
+    p.add_argument("--max_pixels", type=int, default=PredictOptions.max_pixels,
+                   help="refuse an image whose header declares more pixels: a decompression bomb "
+                        f"(default {PredictOptions.max_pixels}); larger photos below it are decoded at a reduced scale")
+    p.add_argument("--max_compression_ratio", type=float, default=PredictOptions.max_compression_ratio,
+                   help="refuse an image above 16.7 MP with more RGB bytes per payload byte: a decompression bomb "
+                        f"(default {PredictOptions.max_compression_ratio:g})")
+    p.add_argument("--decode_side", type=int, default=PredictOptions.decode_side,
+                   help="decode a large image at the smallest scale keeping both sides >= this (JPEG: in the "
+                        f"IDCT; default {PredictOptions.decode_side}; the model reads 448 or 336); 0: full size")
     p.add_argument("--merge_timeout", type=float, default=PredictOptions.merge_timeout,
                    help="rank 0: seconds to wait for the other shards")
     p.add_argument("--scores", action="store_true", help="a third RESULTS.txt column: each caption's mean token "
@@ -75,6 +84,8 @@ def main(argv=None) -> int:
     opts = PredictOptions(batch_size=args.batch_size, generation=gen, prompt_file=args.prompt_file,
                           system_file=args.system_file, resume=args.resume, rank=args.rank,
                           world_size=args.world_size, limit=args.limit, min_side=args.min_side,
+                          max_pixels=args.max_pixels, max_compression_ratio=args.max_compression_ratio,
+                          decode_side=args.decode_side,
                           merge_timeout=args.merge_timeout, progress=not args.no_progress, dtype=args.dtype,
                           speculative=args.speculative, draft_source=args.draft_source,
                           num_draft_tokens=args.num_draft_tokens, engine=args.engine, scores=args.scores)

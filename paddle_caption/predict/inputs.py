@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..data.contest_tsv import RowError, TsvLine, iter_rows, read_line_at, parse_row
-from ..data.images import ImageRejected, b64decode_strict, decode_image
+from ..data.images import DECODE_SIDE, MAX_COMPRESSION_RATIO, ImageRejected, b64decode_strict, decode_image
 from ..runtime import UserError
 
 
@@ -45,18 +45,21 @@ def read_test_rows(path: str | os.PathLike, limit: int | None = None) -> list[Te
     return rows
 
 
-def load_image(fd: int, row: TestRow, preprocess, *, max_pixels: int, min_side: int) -> np.ndarray:
-    """Read one row back and return its preprocessed image, or raise ImageRejected."""
+def load_image(fd: int, row: TestRow, preprocess, *, max_pixels: int, min_side: int,
+               decode_side: int = DECODE_SIDE, max_ratio: float = MAX_COMPRESSION_RATIO) -> np.ndarray:
+    """Read one row back and return its preprocessed image (a large photo decoded at a reduced
+    scale, `images.decode_image`), or raise ImageRejected."""
     try:
         parsed = parse_row(read_line_at(fd, row.line.offset, row.line.length), test=True)
     except RowError as err:  # the file changed since the scan
         raise ImageRejected(err.reason, err.detail) from None
-    img = decode_image(b64decode_strict(parsed.image_b64), max_pixels=max_pixels, min_side=min_side)
+    img = decode_image(b64decode_strict(parsed.image_b64), max_pixels=max_pixels, min_side=min_side,
+                       decode_side=decode_side, max_ratio=max_ratio)
     return preprocess(img)
 
 
-def load_batch(fd: int, batch: list[TestRow], preprocess, *, max_pixels: int,
-               min_side: int) -> tuple[dict, dict]:
+def load_batch(fd: int, batch: list[TestRow], preprocess, *, max_pixels: int, min_side: int,
+               **limits) -> tuple[dict, dict]:
     """({id: preprocessed image}, {id: reject reason}) for the rows of one batch."""
     images, rejects = {}, {}
     for row in batch:
@@ -64,7 +67,7 @@ def load_batch(fd: int, batch: list[TestRow], preprocess, *, max_pixels: int,
             rejects[row.id] = row.reject
             continue
         try:
-            images[row.id] = load_image(fd, row, preprocess, max_pixels=max_pixels, min_side=min_side)
+            images[row.id] = load_image(fd, row, preprocess, max_pixels=max_pixels, min_side=min_side, **limits)
         except ImageRejected as err:
             rejects[row.id] = err.reason
     return images, rejects

@@ -23,7 +23,7 @@ from ..decoding.config import GenerationConfig
 from ..runtime import UserError
 from .predictor import Predictor, load_predictor
 from ..data.contest_tsv import rejects_path, write_results
-from ..data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from ..data.images import DECODE_SIDE, MAX_COMPRESSION_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from ..shards import ShardWriter, file_signature, fingerprint, read_shard, shard_path, share, wait_for_shards
 from .inputs import TestRow, load_batch, read_test_rows
 
@@ -39,7 +39,11 @@ class PredictOptions:
     world_size: int | None = None  # None: PADDLE_TRAINERS_NUM, else 1
     limit: int | None = None  # only the first `limit` rows of the input
     min_side: int = MIN_IMAGE_SIDE  # smaller images are rejected (the converter's rule); 0 disables
-    max_pixels: int = MAX_IMAGE_PIXELS  # bounds decode memory, as the converter
+    # Refused as decompression bombs (images.py): more pixels in the header, or (above 16.7 MP) more
+    # RGB bytes per payload byte; a large photo is decoded at a reduced scale down to decode_side.
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO
+    decode_side: int = DECODE_SIDE  # decode at the smallest scale keeping both sides >= this; 0: full size
     # Speculative greedy decoding (same captions, fewer forwards): "none" | "retrieval", drafting
     # from draft_source (a captions file or datastore dir; default MODEL_DIR/draft_datastore).
     speculative: str = "none"
@@ -59,8 +63,8 @@ class PredictOptions:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1, got {self.limit}")
-        if self.min_side < 0 or self.max_pixels < 1:
-            raise UserError("need min_side >= 0 and max_pixels >= 1")
+        if self.min_side < 0 or self.max_pixels < 1 or self.decode_side < 0 or self.max_compression_ratio <= 0:
+            raise UserError("need min_side >= 0, max_pixels >= 1, decode_side >= 0 and max_compression_ratio > 0")
         from ..decoding.drafting import SPECULATIVE_MODES
 
         if self.speculative not in SPECULATIVE_MODES:
@@ -91,6 +95,7 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
         "model": predictor.source, "dtype": predictor.model.dtype, "template": asdict(predictor.template),
         "generation": asdict(gen),
         "limit": opts.limit, "world_size": world, "min_side": opts.min_side, "max_pixels": opts.max_pixels,
+        "decode_side": opts.decode_side,
         **({"scores": True} if opts.scores else {})})  # (absent when off: earlier runs' shards still resume)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     partial = shard_path(results_path, rank, world)
@@ -104,7 +109,8 @@ def predict_tsv(predictor: Predictor, test_tsv: str | os.PathLike, results_path:
     stats = {"predicted": 0, "tokens": 0, "speculation": SpeculationStats()}
     start = time.perf_counter()
     writer = ShardWriter(partial, fp, previous)
-    limits = {"max_pixels": opts.max_pixels, "min_side": opts.min_side}
+    limits = {"max_pixels": opts.max_pixels, "min_side": opts.min_side, "decode_side": opts.decode_side,
+              "max_ratio": opts.max_compression_ratio}
     try:
         if todo:
             batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]

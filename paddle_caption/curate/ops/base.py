@@ -50,12 +50,19 @@ class Op:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
     uses_model: ClassVar[bool] = False
+    # Statistics worth splitting across the processes of a launch like a model op's (a decode and a
+    # hash per row); the decision stays on rank 0.
+    shardable: ClassVar[bool] = False
     stat: ClassVar[str | None] = None  # the numeric statistic decisions are made on (ledger score, plots)
     transient: ClassVar[tuple] = ()  # bulky statistics (hashes, features) dropped from the stage's output
 
     def __init__(self, params, ctx: OpContext):
         self.params, self.ctx = params, ctx
         self.info: dict = {}  # what `prepare` decided (resolved bounds, ...), for the report
+
+    def plan(self, ops: list["Op"]) -> None:
+        """Called once with every op of the recipe, before anything runs (an op may compute, in its
+        statistics pass, what later ops will read: the dedup ops decode each image once)."""
 
     # ---- statistics ----------------------------------------------------------------------------
     def input_samples(self, samples: Iterator[dict]) -> Iterator[dict]:

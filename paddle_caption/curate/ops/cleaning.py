@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ...data.distribution import LengthHistogram
-from ...data.images import MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES, ImageRejected, b64decode_strict, probe_image
+from ...data.images import MAX_COMPRESSION_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, VERIFY_MODES, ImageRejected, b64decode_strict, probe_image
 from ...data.stats import STYLE_PATTERN
 from ...runtime import UserError
 from ..samples import image_bytes
@@ -83,8 +83,11 @@ class ImageValidityParams:
     verify: str = "fast"  # full | fast (JPEG checked at 1/8 scale) | header; see images.probe_image
     min_side: int = MIN_IMAGE_SIDE  # 0 disables
     max_pixels: int = MAX_IMAGE_PIXELS  # checked on the header; PIL's own bomb guard stays on above it
+    max_compression_ratio: float = MAX_COMPRESSION_RATIO  # above 16.7 MP: RGB bytes per payload byte (a bomb)
 
     def validate(self, where: str) -> None:
+        if self.max_compression_ratio <= 0:
+            raise UserError(f"{where}: max_compression_ratio must be > 0, got {self.max_compression_ratio}")
         if self.verify not in VERIFY_MODES:
             raise UserError(f"{where}: verify must be one of {', '.join(VERIFY_MODES)}, got {self.verify!r}")
         if self.min_side < 0:
@@ -106,7 +109,8 @@ class ImageValidityFilter(Op):
             data = b64decode_strict(sample["image_b64"]) if "image_b64" in sample else image_bytes(sample)
             # min_side is decided in `process`; the decode limit must be applied while decoding.
             stats["image_width"], stats["image_height"] = probe_image(data, max_pixels=p.max_pixels, min_side=0,
-                                                                      verify=p.verify)
+                                                                      verify=p.verify,
+                                                                      max_ratio=p.max_compression_ratio)
         except ImageRejected as err:
             stats["image_error"] = err.reason
 
