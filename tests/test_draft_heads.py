@@ -8,9 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from .conftest import random_image_prompts, small_config
+from .conftest import small_config
 
-NEW = 12
 
 
 # ------------------------------------------------------------------------------------ the heads
@@ -67,25 +66,8 @@ def test_heads_config_errors_name_the_file(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ drafting
-@pytest.fixture(scope="module")
-def setup():
-    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-
-    paddle.seed(3)
-    cfg = small_config()
-    model = MgenVLForCausalLM(cfg)
-    model.eval()
-    rng = np.random.default_rng(5)
-    prompts, images = random_image_prompts(cfg, rng, ((2, 3), (11, 1), (5, 2), (0, 14), (20, 9), (7, 7)))
-    return model, prompts, images
-
-
-def config(**kw):
-    from paddle_caption.decoding.config import GenerationConfig
-
-    kw.setdefault("max_new_tokens", NEW)
-    return GenerationConfig(pad_id=0, stop_ids=kw.pop("stop_ids", ()), **kw)
-
+# the random model, six image prompts, `config` and `run_batch` of the speculative decoding tests
+from .test_speculative import config, run_batch, setup, short_context  # noqa: E402,F401  (setup: a fixture)
 
 
 def random_heads(model, num_heads=4, vocab=None, scale=0.0, seed=0):
@@ -99,17 +81,6 @@ def random_heads(model, num_heads=4, vocab=None, scale=0.0, seed=0):
             if "blocks" in name:
                 p.set_value(paddle.randn(p.shape) * scale)
     return HeadWeights.from_layer(heads)
-
-
-def run_batch(model, prompts, images, configs, drafter=None):
-    from paddle_caption.decoding.scheduler import ContinuousBatch, SpeculationStats
-
-    stats = SpeculationStats()
-    batch = ContinuousBatch(model, pad_id=0, drafter=drafter, stats=stats)
-    rows = batch.add(prompts, images, configs)
-    while batch:
-        batch.step()
-    return [row.tokens for row in rows], [row.finish_reason for row in rows], stats
 
 
 def head_drafter(model, weights, **kw):
@@ -170,16 +141,8 @@ class FixedHeads:
 def test_head_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
     """No forward may cross seq_length (Qwen's dynamic NTK): head drafts shrink and then stop there,
     and the output stays plain greedy's."""
-    from paddle_caption.decoding.generate import generate
-    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
-
-    model, prompts, images = setup
-    short = MgenVLForCausalLM(small_config(seq_length=len(prompts[4]) + 7))
-    short.set_state_dict(model.state_dict())
-    short.eval()
-    cfg = config(max_new_tokens=14)
-    want = generate(short, prompts[4:5], images[4:5], cfg)
-    got, _, stats = run_batch(short, prompts[4:5], images[4:5], [cfg], head_drafter(short, random_heads(short)))
+    short, prompt, image, cfg, want = short_context(setup)
+    got, _, stats = run_batch(short, prompt, image, [cfg], head_drafter(short, random_heads(short)))
     assert got == want
     # 7 tokens fit after the prompt: once 6 are in the cache no step has room for a draft
     assert stats.drafted > 0 and 0 < stats.verify_steps <= 6

@@ -334,9 +334,9 @@ def test_retrieval_drafting_on_random_prompts_equals_plain_greedy(setup, kernels
     assert 0 < stats.accepted < stats.drafted
 
 
-def test_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
-    """Beyond seq_length Qwen's dynamic NTK depends on the forward's width: no forward may cross
-    it, so drafting shrinks and then stops there, and the output stays plain greedy's."""
+def short_context(setup):
+    """(the setup model with seq_length 7 past prompt 4, that prompt, its image, a config of 14 new
+    tokens, plain greedy's output): decoding must cross seq_length."""
     from paddle_caption.decoding.generate import generate
     from paddle_caption.model.mgen_vl import MgenVLForCausalLM
 
@@ -345,9 +345,15 @@ def test_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
     short.set_state_dict(model.state_dict())
     short.eval()
     cfg = config(max_new_tokens=14)
-    want = generate(short, prompts[4:5], images[4:5], cfg)
+    return short, prompts[4:5], images[4:5], cfg, generate(short, prompts[4:5], images[4:5], cfg)
+
+
+def test_drafts_stop_where_the_cache_would_outgrow_seq_length(setup):
+    """Beyond seq_length Qwen's dynamic NTK depends on the forward's width: no forward may cross
+    it, so drafting shrinks and then stops there, and the output stays plain greedy's."""
+    short, prompt, image, cfg, want = short_context(setup)
     drafter = ScriptedDrafter({0: want[0]}, 4)
-    got, _, stats = run_batch(short, prompts[4:5], images[4:5], [cfg], drafter)
+    got, _, stats = run_batch(short, prompt, image, [cfg], drafter)
     assert got == want
     assert stats.drafted == 5  # 4 in the first step, 1 in the second, none once the room is gone
 
