@@ -32,8 +32,8 @@ class DecodeBatch:
         batch = DecodeBatch(model)          # empty
         new = batch.add(prompts, images)    # prefill new rows; they join the running rows at the end
         batch.logits                        # [rows, vocab] float32 next-token logits, one per row
-        batch.hidden                        # [rows, C] the final hidden states they come from
-                                            # (draft heads read them), or None if the model has none
+        batch.hidden                        # with keep_hidden: [rows, C] the final hidden states they
+                                            # come from (draft heads read them); else None
         batch.step(tokens)                  # feed one token per row; refreshes `logits`
         batch.step_many(tokens, lengths)    # feed several tokens per row in one forward -> the
                                             # logits after each of them
@@ -61,8 +61,10 @@ class DecodeBatch:
     grad switch is per thread, so an engine thread can own the batch).
     """
 
-    def __init__(self, model, pad_id: int):
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model, pad_id: int, keep_hidden: bool = False):
+        # keep_hidden: only a drafter that reads hidden states asks for them; otherwise no step pays
+        # for copying them to the host (a device-to-host transfer per step on a GPU)
+        self.model, self.pad_id, self.keep_hidden = model, pad_id, keep_hidden
         self.past = None  # per layer (k, v), each [rows, heads, width, head_dim]
         self.mask = None  # int64 [rows, width]: 1 = real token
         self.logits = np.zeros((0, 0), dtype=np.float32)
@@ -85,7 +87,7 @@ class DecodeBatch:
             out = self.model(paddle.to_tensor(ids), images=images, attention_mask=mask,
                              use_cache=True, last_logits_only=True)
         logits = out.logits[:, -1].astype("float32").numpy()
-        hidden = _hidden_rows(out)
+        hidden = _hidden_rows(out) if self.keep_hidden else None
         first = len(self)
         self._fed = None
         if self.past is None:
@@ -126,7 +128,8 @@ class DecodeBatch:
         self.past = out.past_key_values
         logits = out.logits if out.logits.dtype == paddle.float32 else out.logits.astype("float32")
         logits = as_numpy(logits)  # [sum(lengths), vocab]; a view
-        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits, _hidden_rows(out))
+        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits,
+                     _hidden_rows(out) if self.keep_hidden else None)
         self._select(lengths)
         return logits
 
@@ -204,7 +207,7 @@ class DecodeBatch:
         """Keep these rows, in this order (a row may repeat: beam search copies parents)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
-            self.__init__(self.model, self.pad_id)
+            self.__init__(self.model, self.pad_id, self.keep_hidden)
             return
         self._fed = None
         self.logits = self.logits[rows]

@@ -241,10 +241,12 @@ def load_head_drafter(model, model_dir, tokenizer):
 
 
 def output_layer_transposed(model) -> np.ndarray:
-    """The output layer's weight as a [vocab, hidden] float32 array (eager model or exported engine)."""
+    """The output layer's weight as a [vocab, hidden] float32 array: the transposed copy decoding
+    already keeps (the exported engine's `OutputHead`, or `output_head.keep_transposed_head` on an
+    eager model loaded for prediction), so full-vocabulary heads cost no second copy."""
     head = getattr(model, "head", None)
     if head is not None and hasattr(head, "weight_t"):  # deploy.engine.OutputHead
         return head.weight_t
-    from ..model.numpy_bridge import as_numpy
+    from .output_head import kept_transposed_weight
 
-    return np.ascontiguousarray(as_numpy(model.lm_head.weight.astype("float32")).T)
+    return kept_transposed_weight(model.lm_head)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..model.draft_heads import HeadWeights
 from .drafting import Draft
+from .output_head import transposed_product
 
 DEFAULT_MIN_CONFIDENCE = 0.2
 
@@ -45,11 +46,10 @@ class HeadDrafter:
     def head_choices(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(tokens [rows, K], probs [rows, K]): each head's most likely token and its probability."""
         tokens, probs = [], []
-        for k, features in enumerate(self.heads.features(np.asarray(hidden, dtype=np.float32))):
-            if k >= self.num_draft_tokens:
-                break
+        heads = self.heads.features(np.asarray(hidden, dtype=np.float32), self.num_draft_tokens)
+        for k, features in enumerate(heads):
             weight = self.heads.proj[k] if self.heads.proj is not None else self.lm_head_t
-            logits = features @ weight.T  # [rows, N or V]
+            logits = transposed_product(features, weight)  # [rows, N or V], the few-rows layout
             best = logits.argmax(axis=1)
             top = logits[np.arange(len(best)), best]
             # softmax probability of the top token, computed stably without a [rows, V] exp buffer copy

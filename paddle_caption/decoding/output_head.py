@@ -57,6 +57,13 @@ def keep_transposed_head(linear) -> None:
         setattr(linear, _ATTRIBUTE, _TransposedWeight(linear.weight))
 
 
+def kept_transposed_weight(linear) -> np.ndarray:
+    """`linear`'s [vocab, hidden] transposed copy, the one `keep_transposed_head` keeps (made now if
+    none is kept: the caller promises the weight no longer changes)."""
+    keep_transposed_head(linear)
+    return getattr(linear, _ATTRIBUTE).get()
+
+
 def few_rows_logits(flat: np.ndarray, linear) -> np.ndarray | None:
     """flat @ weight [rows, vocab] through the transposed copy when `linear` keeps one and the row
     count is in FEW_ROWS; None otherwise (the caller does the plain product)."""

@@ -105,7 +105,7 @@ class ContinuousBatch:
     """
 
     def __init__(self, model, pad_id: int, drafter=None, stats: SpeculationStats | None = None):
-        self.decoder = DecodeBatch(model, pad_id)
+        self.decoder = DecodeBatch(model, pad_id, keep_hidden=getattr(drafter, "needs_hidden", False))
         self.rows: list[Row] = []  # one per cache row, in cache order; a beam Row fills num_beams in a run
         self.drafter = drafter
         self.stats = stats if stats is not None else SpeculationStats()

@@ -176,10 +176,11 @@ class HeadWeights:
             raise UserError(f"{directory / WEIGHTS_FILE}: not a readable safetensors file ({err})") from None
         return cls(config, arrays)
 
-    def features(self, hidden: np.ndarray) -> list[np.ndarray]:
-        """Each head's features [rows, hidden] (the residual blocks) for hidden [rows, hidden]."""
+    def features(self, hidden: np.ndarray, count: int | None = None) -> list[np.ndarray]:
+        """The first `count` (default: all) heads' features [rows, hidden] (the residual blocks) for
+        hidden [rows, hidden]."""
         out = []
-        for blocks in self.blocks:
+        for blocks in self.blocks[:count]:
             x = hidden
             for weight, bias in blocks:
                 z = x @ weight + bias
