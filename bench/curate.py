@@ -2,6 +2,7 @@
 
     python bench/curate.py --rows 50000                    # generate (once) and curate in one process
     python bench/curate.py --rows 50000 --nproc 2          # the same under paddle.distributed.launch
+    python bench/curate.py --rows 50000 --kill_every 20    # then SIGKILLed every ~20 s until done: same bytes?
 
 Rows are generated (not rendered by the synthetic world, which takes ~25 ms a row): N distinct
 256x256 JPEG images (a gradient, rectangles and noise drawn from a per-row seed, quality 85, ~6 kB),
@@ -23,6 +24,7 @@ import argparse
 import base64
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -42,8 +44,11 @@ def _image(seed: int, quality: int = 85) -> bytes:
 
     rng = np.random.default_rng(seed)
     base = np.linspace(rng.integers(0, 255, 3), rng.integers(0, 255, 3), 256, dtype=np.float32)
-    pixels = np.broadcast_to(base[:, None, :], (256, 256, 3)).copy()
-    img = Image.fromarray(np.clip(pixels + rng.normal(0, 6, pixels.shape), 0, 255).astype(np.uint8))
+    # float32 noise (not float64): the generator, not the curation, was the slow half of a 200k run
+    noise = rng.standard_normal((256, 256, 3), dtype=np.float32)
+    noise *= 6
+    noise += base[:, None, :]
+    img = Image.fromarray(np.clip(noise, 0, 255, out=noise).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(3):
         x0, y0 = (int(v) for v in rng.integers(0, 200, 2))
@@ -52,6 +57,10 @@ def _image(seed: int, quality: int = 85) -> bytes:
     out = io.BytesIO()
     img.save(out, "JPEG", quality=quality)
     return out.getvalue()
+
+
+def _image_job(args: tuple[int, int]) -> bytes:
+    return _image(*args)
 
 
 def _captions(n: int, seed: int) -> list[str]:
@@ -89,26 +98,33 @@ def generate(work: Path, rows: int, seed: int = 0) -> Path:
     kinds = rng.choice(5, size=rows, p=[1 - EXACT - NEAR - SAME_CAPTION - SECOND_REFERENCE, EXACT, NEAR,
                                         SAME_CAPTION, SECOND_REFERENCE])
     kinds[:100] = 0
+    plan = []  # (image seed, JPEG quality, caption) per row, drawn in row order so a rerun is identical
+    for i in range(rows):
+        kind, donor = int(kinds[i]), int(rng.integers(0, max(1, i)))
+        image_seed, caption, quality = i, captions[i], 85
+        if kind in (1, 2, 4):
+            image_seed = donor
+        if kind in (1, 2, 3):
+            caption = captions[donor]
+        if kind == 2:
+            quality = 70
+        if kind == 4:
+            caption = captions[(donor + 1) % rows] if captions[(donor + 1) % rows] != captions[donor] else captions[i]
+        plan.append((image_seed, quality, caption))
     offset = 0
-    with open(tsv, "wb") as out_tsv, open(records, "w", encoding="utf-8") as out_rec:
-        for i in range(rows):
-            kind, donor = int(kinds[i]), int(rng.integers(0, max(1, i)))
-            image_seed, caption, quality = i, captions[i], 85
-            if kind in (1, 2, 4):
-                image_seed = donor
-            if kind in (1, 2, 3):
-                caption = captions[donor]
-            if kind == 2:
-                quality = 70
-            if kind == 4:
-                caption = captions[(donor + 1) % rows] if captions[(donor + 1) % rows] != captions[donor] else captions[i]
-            image = _image(image_seed, quality)
+    # The images are drawn in worker processes (every core; ordered, so the file is the same for any count)
+    partial = records.with_suffix(".partial")  # renamed when complete: a killed generation is redone
+    with open(tsv, "wb") as out_tsv, open(partial, "w", encoding="utf-8") as out_rec, \
+            multiprocessing.get_context("fork").Pool(os.cpu_count()) as pool:
+        images = pool.imap(_image_job, [(seed_, quality) for seed_, quality, _ in plan], chunksize=256)
+        for i, ((_, _, caption), image) in enumerate(zip(plan, images)):
             row_id = f"row_{i:07d}"
             line = f"{row_id}\t".encode() + base64.b64encode(image) + f"\t{caption}".encode()
             out_tsv.write(line + b"\n")
             out_rec.write(json.dumps({"id": row_id, "caption": caption, "tsv": str(tsv), "offset": offset,
                                       "length": len(line), "width": 256, "height": 256}, ensure_ascii=False) + "\n")
             offset += len(line) + 1
+    partial.rename(records)
     return records
 
 
@@ -163,6 +179,46 @@ def run(records: Path, export: Path, nproc: int) -> dict:
                                                                   - (c0.children_user + c0.children_system), 1),
             "peak_rss_mb_by_process": [round(v, 1) for _, v in sorted(peak.items())],
             "input_rows": summary["input_rows"], "output_rows": summary["output"]["rows"], "stages": stages}
+
+
+def killed_run(records: Path, export: Path, reference: Path, every: float, seed: int = 0) -> dict:
+    """The same one-process run SIGKILLed after a random 0.5-1.5 x `every` seconds, again and again,
+    each restart resuming (`tools/curate.py` reruns only what is not done), until one completes; then
+    its records.jsonl and ledger.jsonl against the uninterrupted run's (`reference`), byte for byte."""
+    import random
+    import signal
+
+    recipe_path = reference.with_suffix(".recipe.json")
+    recipe = json.loads(recipe_path.read_text())
+    recipe["export_dir"] = str(export)
+    killed_recipe = export.with_suffix(".recipe.json")
+    killed_recipe.write_text(json.dumps(recipe, ensure_ascii=False))
+    shutil.rmtree(export, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "tools/curate.py"), str(killed_recipe), "--no_progress"]
+    rng, kills, t0 = random.Random(seed), [], time.perf_counter()
+    while True:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=every * rng.uniform(0.5, 1.5))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            work = export / "work"
+            stages = sorted(p.name for p in work.iterdir()) if work.is_dir() else []
+            done = sum((work / name / "done.json").is_file() for name in stages)
+            # where it died: the newest stage directory, and whether its decision had been written
+            kills.append({"after_s": round(time.perf_counter() - t0, 1), "stage": stages[-1] if stages else None,
+                          "stages_done": done})
+            print(f"  killed at {kills[-1]}", flush=True)
+            continue
+        if proc.returncode:
+            raise SystemExit(f"the resumed run failed:\n{proc.stdout.read().decode()[-3000:]}")
+        break
+    same = {name: (export / name).read_bytes() == (reference / name).read_bytes()
+            for name in ("records.jsonl", "ledger.jsonl")}
+    return {"kill_every_s": every, "kills": kills, "wall_seconds": round(time.perf_counter() - t0, 1),
+            "byte_identical": same}
 
 
 def index_scale(rows: int) -> dict:
@@ -222,6 +278,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/paddle_caption_bench_curate")
     parser.add_argument("--index_only", action="store_true",
                         help="only the dedup ops' decisions on generated fingerprints (no images): their memory at --rows")
+    parser.add_argument("--kill_every", type=float, default=0.0,
+                        help="then rerun it SIGKILLed every ~S seconds (resuming each time) and compare the output")
     args = parser.parse_args()
     if args.index_only:
         report = {"command": command_line(), "machine": machine_info(), **index_scale(args.rows)}
@@ -242,6 +300,11 @@ def main() -> None:
               "ops_cpu_seconds_rank0": round(op_cpu, 1),
               "ops_rows_per_cpu_second_rank0": round(result["input_rows"] / max(op_cpu, 1e-9), 1),
               "rows_per_cpu_second": round(result["input_rows"] / max(result["cpu_seconds"], 1e-9), 1)}
+    if args.kill_every:
+        report["killed_run"] = killed_run(records, work / f"out_{args.rows}_{args.nproc}_killed",
+                                          work / f"out_{args.rows}_{args.nproc}", args.kill_every)
+        print(f"killed {len(report['killed_run']['kills'])} times; byte-identical to the uninterrupted run: "
+              f"{report['killed_run']['byte_identical']}")
     write_report(RESULTS_DIR / f"curate_{args.rows}_{args.nproc}.json", report)
     print(f"| {args.rows} | {args.nproc} | {result['wall_seconds']} | {result['cpu_seconds']} | {rows_per_s:.0f} | "
           f"{report['rows_per_cpu_second']:.0f} | {max(result['peak_rss_mb_by_process'] or [0]):.0f} | "

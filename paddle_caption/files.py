@@ -66,6 +66,14 @@ def iter_text_lines(path: str | os.PathLike, what: str):
             raise UserError(f"{path}: not UTF-8 text") from None
 
 
+def remove_stale_temps_under(directory: str | os.PathLike) -> None:
+    """Delete every temp file `atomic_write` left anywhere under `directory` when a process was
+    SIGKILLed (for a directory one process alone writes atomically, as curation's rank 0)."""
+    for stale in Path(directory).rglob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
 def remove_stale_temps(path: str | os.PathLike) -> None:
     """Delete temp files that `atomic_write(path)` left behind when a process was SIGKILLed."""
     path = Path(path)

@@ -83,6 +83,15 @@ def test_recipe_errors_name_the_entry(tmp_path):
         load_recipe(path)
 
 
+def test_list_ops_names_every_op_with_its_summary(capsys):
+    from paddle_caption.curate.cli import main
+    from paddle_caption.curate.ops import OPS
+
+    assert main(["--list_ops"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == sorted(OPS) and all(len(line.split()) > 2 for line in lines)
+
+
 # ---- the runner on converted synthetic rows -------------------------------------------------------
 @pytest.fixture(scope="module")
 def noisy_world(tmp_path_factory):
@@ -604,6 +613,30 @@ def test_curate_demo_end_to_end_small(tmp_path):
     assert again.returncode == 0 and "(kept)" in again.stdout
 
 
+def test_curate_demo_seeds_name_the_runs_and_summarise_mean_and_std():
+    import statistics
+
+    from paddle_caption.demo.curate_demo import CurateDemo, CurateDemoOptions, seed_summary, seed_table
+
+    demo = CurateDemo(CurateDemoOptions(train_seeds=3), log=lambda *a: None)
+    assert demo.runs() == {"raw": ("raw", 0), "curated": ("curated", 0), "raw_seed1": ("raw", 1),
+                           "curated_seed1": ("curated", 1), "raw_seed2": ("raw", 2), "curated_seed2": ("curated", 2)}
+    assert demo.labels()["curated_seed2"] == "(b) curated rows, seed 2"
+    assert CurateDemo(CurateDemoOptions(), log=lambda *a: None).labels() == {"raw": "(a) raw noisy rows",
+                                                                             "curated": "(b) curated rows"}
+
+    def row(cider, style):
+        fields = {"background": 0.9, "style": style, "colour": 0.5, "shape": 0.2, "exact": 0.05}
+        return {"scores": {"CIDEr-D": cider, "BLEU-4": 0.5, "ROUGE-L": 0.8, "fields": fields}}
+
+    seeds = seed_summary({"raw": [row(3.6, 0.4), row(4.0, 0.5), row(3.8, 0.6)], "curated": [row(4.1, 0.7)] * 3})
+    assert seeds["raw"]["CIDEr-D"]["mean"] == pytest.approx(3.8)
+    assert seeds["raw"]["CIDEr-D"]["std"] == pytest.approx(statistics.stdev([3.6, 4.0, 3.8]))
+    assert seeds["curated"]["style"] == {"values": [0.7] * 3, "mean": pytest.approx(0.7), "std": 0.0}
+    table = seed_table(seeds, 3)
+    assert "(a) raw noisy rows, mean ± std over 3 seeds | 3.800 ± 0.200" in table and "70.0% ± 0.0%" in table
+
+
 def test_filter_detection_counts_only_the_rows_the_filter_scored(tmp_path):
     from paddle_caption.demo.curate_demo import filter_detection
 
@@ -673,6 +706,52 @@ def test_an_interrupted_run_resumes_with_identical_output(noisy_world, tmp_path,
     for key in ("records", "ledger"):
         assert Path(resumed["output"]["files"][key]).read_bytes() == Path(reference["output"]["files"][key]).read_bytes()
     assert [s["kept"] for s in resumed["stages"]] == [s["kept"] for s in reference["stages"]]
+
+
+@pytest.mark.slow
+def test_a_sigkilled_process_resumes_with_identical_output(noisy_world, tmp_path):
+    """tools/curate.py SIGKILLed in the middle of its stages (no Python cleanup runs: half-written temp
+    files, a stage without its done.json) and started again until it finishes writes the same bytes as
+    a run never killed."""
+    import os
+    import signal
+    import time
+
+    rows = [json.loads(line) for line in noisy_world["records"].read_text().splitlines()]
+    source = Path(rows[0]["tsv"]).read_bytes()
+    tsv, dataset = tmp_path / "train.tsv", tmp_path / "records.jsonl"
+    with open(tsv, "wb") as out_tsv, open(dataset, "w", encoding="utf-8") as out_records:
+        for k in range(10):  # 10 copies of each row under new ids: a run of a few seconds
+            for r in rows:
+                line = source[r["offset"]:r["offset"] + r["length"]].replace(r["id"].encode(), f"{r['id']}_{k}".encode(), 1)
+                record = {**r, "id": f"{r['id']}_{k}", "tsv": str(tsv), "offset": out_tsv.tell(), "length": len(line)}
+                out_tsv.write(line + b"\n")
+                out_records.write(json.dumps(record, ensure_ascii=False) + "\n")
+    process = [{"image_shape_filter": {"min_width": 64, "max_width": {"percentile": 99.9}}},
+               {"caption_length_filter": {"unit": "words", "min": {"percentile": 1}, "max": {"mean_std": 3}}},
+               {"image_exact_dedup": {"match": "image"}}, {"image_near_dedup": {"hamming": 8}},
+               {"caption_near_dedup": {"jaccard": 0.95}}]
+    reference = run_recipe(tmp_path / "ref", dataset, process)
+    out = tmp_path / "killed"
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"dataset": str(dataset), "export_dir": str(out), "process": process}))
+    cmd = [sys.executable, str(ROOT / "tools/curate.py"), str(recipe), "--no_progress"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for stage in ("03_", "05_"):  # killed as soon as that stage has begun
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(p.name.startswith(stage) for p in (out / "work").glob("*")):
+                break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+        assert not (out / "summary.json").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for key in ("records", "ledger"):
+        assert (out / f"{key}.jsonl").read_bytes() == Path(reference["output"]["files"][key]).read_bytes()
+    assert not list(out.rglob("*.tmp"))  # the killed runs' half-written files were cleaned up
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
     if args.list_ops:
         for name, cls in sorted(OPS.items()):
-            print(f"{name:<28} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            print(f"{name:<28} {(cls.__doc__ or '').strip().partition(chr(10))[0]}")
         return 0
     if not args.recipe:
         raise UserError("give a recipe (or --list_ops)")

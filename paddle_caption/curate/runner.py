@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..data.records import dump_record
-from ..files import atomic_write, write_json
+from ..files import atomic_write, remove_stale_temps_under, write_json
 from ..runtime import UserError
 from ..shards import (ShardWriter, file_signature, fingerprint, merge_round_robin, read_shard, shard_path, share,
                       share_size, wait_for_file)
 from .ops import OpContext, build_op
 from .recipe import Recipe
-from .samples import dump_sample, iter_record_samples, iter_samples, write_samples
+from .samples import count_samples, dump_sample, iter_record_samples, iter_samples, write_samples
 from .scoring import ModelCache
 
 MERGE_TIMEOUT = 24 * 3600.0
@@ -192,7 +192,7 @@ class CurationRun:
             yield sample
 
     def _decide(self, op, k: int, stats_path: Path, kept_path: Path, dropped_path: Path) -> dict:
-        n_in = sum(1 for _ in iter_samples(stats_path))
+        n_in = count_samples(stats_path)  # lines, not parsed samples: a pass of JSON decoding saved
         n_kept = n_copies = 0
         reasons: Counter = Counter()
         with atomic_write(kept_path) as kept, atomic_write(dropped_path) as dropped:
@@ -205,11 +205,10 @@ class CurationRun:
                     n_copies += sample.get("copy", 0) > 0
                 else:
                     reasons[reason] += 1
-                    dropped.write(json.dumps({
+                    dropped.write(dump_sample({
                         "stage": k, "op": op.name, "id": sample["id"], "reason": reason,
                         "score": op.score(sample), "caption": sample["caption"],
-                        "synthetic": sample.get("synthetic", False), "stats": sample["stats"]},
-                        ensure_ascii=False) + "\n")
+                        "synthetic": sample.get("synthetic", False), "stats": sample["stats"]}) + "\n")
         return {"input": n_in, "kept": n_kept, "copies": n_copies, "dropped": sum(reasons.values()),
                 "dropped_by_reason": dict(reasons.most_common())}
 
@@ -241,6 +240,8 @@ class CurationRun:
         t0 = time.perf_counter()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
+            # rank 0 alone writes files atomically here (the others write shards): a killed run's temps go
+            remove_stale_temps_under(self.out)
         path = self.input_stage()
         for k in range(1, len(self.ops) + 1):
             path = self.run_stage(k, path)

@@ -6,9 +6,9 @@ A bound in a recipe is one of
 - `{"mean_std": k}`: mean + k * std (population std; k may be negative: `{"mean_std": -1}`);
 - `"mean"`: the mean (`"min": "mean"` drops every row below the mean, the Better Synth cut).
 
-Computed bounds read the statistic from the stage's stats file, streamed, with the statistics of
-`paddle_caption.data.distribution` (running moments, exact streaming quantiles): memory does not grow
-with the number of rows.
+Computed bounds use the statistics of `paddle_caption.data.distribution` (running moments, exact
+streaming quantiles) on the values `read()` yields; the range filters read those once from the stage's
+stats file into a column of 8 bytes a row (`RangeFilter._columns`) rather than parse it once per pass.
 """
 from __future__ import annotations
 

@@ -77,13 +77,18 @@ def curate_demo_main(argv=None) -> int:
                         help="1: the seed's scores (default); 2: rescore with the seed fine-tuned on round 1's rows")
     parser.add_argument("--refine-steps", type=int, default=d.refine_steps)
     parser.add_argument("--candidates", type=int, default=d.num_candidates, help="pseudo-label candidates per image")
+    parser.add_argument("--train-seeds", type=int, default=d.train_seeds,
+                        help="train (a) and (b) once per seed; >= 3 gives mean +- std and the 2-std test")
+    parser.add_argument("--mismatched", type=float, default=d.noise["mismatched"],
+                        help="share of training rows with another image's caption")
     args = parser.parse_args(argv)
     CurateDemo(CurateDemoOptions(
         out=Path(args.out), config=Path(args.config), n_train=args.train, n_val=args.val, n_test=args.test,
         n_unlabeled=args.unlabeled, data_seed=args.data_seed, seed_steps=args.seed_steps,
         seed_minutes=args.seed_minutes, minutes=args.minutes, max_steps=args.max_steps, processes=args.processes,
         rounds=args.rounds, refine_steps=args.refine_steps, num_candidates=args.candidates,
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)).run()
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, train_seeds=args.train_seeds,
+        noise={**d.noise, "mismatched": args.mismatched})).run()
     return 0
 
 

@@ -39,6 +39,8 @@ class NoParams:
 
 @register
 class EmptyCaptionFilter(Op):
+    """Drops rows whose caption is empty or blank (`caption_chars`; `empty_caption`)."""
+
     name = "empty_caption_filter"
     Params = NoParams
     stat = "caption_chars"
@@ -63,6 +65,8 @@ class StylePhraseParams:
 
 @register
 class StylePhraseFilter(Op):
+    """Drops captions without a "…风格" style phrase (`style_phrase`; `no_style_phrase`)."""
+
     name = "style_phrase_filter"
     Params = StylePhraseParams
 
@@ -99,6 +103,8 @@ class ImageValidityParams:
 
 @register
 class ImageValidityFilter(Op):
+    """Drops payloads that are no usable image, or smaller than min_side (`image_error`, `image_width`/`image_height`)."""
+
     name = "image_validity_filter"
     Params = ImageValidityParams
     stat = "image_width"
@@ -153,6 +159,8 @@ class KSigmaParams:
 
 @register
 class CaptionLengthOutlierFilter(Op):
+    """Drops captions whose length is outside mean +- k * std of the input's (`caption_length_outlier`)."""
+
     name = "caption_length_outlier_filter"
     Params = KSigmaParams
     stat = "caption_chars"
