@@ -108,6 +108,50 @@ def test_greedy_captions_batched_one_by_one_and_speculative_equal_dygraph(export
     assert 0 < stats.accepted < stats.drafted
 
 
+def test_logprobs_of_the_exported_engine_equal_dygraph(exported):
+    """Log-probabilities (the service's logprobs/top_logprobs) on the exported engine: a
+    LogprobRecorder watching the continuous batch (plain steps, and speculative steps whose kept
+    drafts are scored from the verify forward), and the teacher-forced scoring of beam candidates,
+    equal the eager model's within TOL."""
+    from paddle_caption.decoding.logprobs import LogprobRecorder, teacher_forced
+    from paddle_caption.decoding.scheduler import ContinuousBatch
+
+    _, _, model, engine = exported
+    prompts, images = prompts_and_images(model.config, seed=3)
+
+    def recorded(m, drafter=None):
+        batch = ContinuousBatch(m, pad_id=0, drafter=drafter)
+        batch.observer = recorder = LogprobRecorder()
+        cfgs = [config(max_new_tokens=8, logprobs=True, top_logprobs=2)] * len(prompts)
+        rows = batch.add(prompts, images, cfgs, tags=list(range(len(prompts))))
+        entries = {}
+        while batch:
+            batch.step()
+            for row in rows:
+                entries[row.tag] = list(recorder.collect(row))
+        return [row.tokens for row in rows], [entries[i] for i in range(len(rows))]
+
+    def assert_entries_close(got, want):
+        assert [[e.token for e in row] for row in got] == [[e.token for e in row] for row in want]
+        assert [[[t for t, _ in e.top] for e in row] for row in got] == [[[t for t, _ in e.top] for e in row] for row in want]
+        assert_close([e.logprob for row in got for e in row], [e.logprob for row in want for e in row])
+        assert_close([lp for row in got for e in row for _, lp in e.top],
+                     [lp for row in want for e in row for _, lp in e.top])
+
+    with paddle.no_grad():
+        want_tokens, want = recorded(model)
+        got_tokens, got = recorded(engine)
+        assert got_tokens == want_tokens and all(len(row) == 8 for row in got)
+        assert_entries_close(got, want)
+        drafter = ScriptedDrafter(dict(enumerate(want_tokens)), 3, wrong_at=lambda step, row: (step + row) % 4)
+        spec_tokens, spec = recorded(engine, drafter)
+        assert spec_tokens == want_tokens
+        assert_entries_close(spec, want)
+        assert_entries_close(teacher_forced(engine, prompts, images, want_tokens, 0, 2),
+                             teacher_forced(model, prompts, images, want_tokens, 0, 2))
+        assert_entries_close(teacher_forced(engine, prompts, images, want_tokens, 0, 2), want)
+
+
 def test_predict_batch_with_the_inference_engine_writes_the_dygraph_results(exported, tmp_path, capsys):
     from paddle_caption.predict import cli, run
 

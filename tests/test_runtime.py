@@ -115,3 +115,36 @@ def test_installed_wheel_trains_merges_and_predicts_from_another_directory(tmp_p
     lines = (work / "results.txt").read_text(encoding="utf-8").splitlines()
     assert [line.split("\t")[0] for line in lines] == [f"test_{i:06d}" for i in range(1, 4)]
     assert json.loads((work / "model" / "prompt.json").read_text())["system"] == "You are a helpful assistant."
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+        return 1
+
+
+def test_limit_malloc_arenas_caps_glibc_arenas_unless_the_user_set_them(monkeypatch):
+    from paddle_caption.runtime import M_ARENA_MAX, limit_malloc_arenas
+
+    libc = _FakeLibc()
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert limit_malloc_arenas(2, libc=libc) is True
+    assert libc.calls == [(M_ARENA_MAX, 2)]
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # glibc read the user's own value at start: keep it
+    assert limit_malloc_arenas(2, libc=libc) is False
+    assert libc.calls == [(M_ARENA_MAX, 2)]
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    assert limit_malloc_arenas(2, libc=object()) is False  # no mallopt (not glibc): a no-op
+
+
+def test_serve_caps_malloc_arenas_before_parsing_its_arguments(monkeypatch):
+    from paddle_caption.serve import cli
+
+    called = []
+    monkeypatch.setattr(cli, "limit_malloc_arenas", lambda: called.append(True))
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert called == [True]

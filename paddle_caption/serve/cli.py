@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..decoding.drafting import DEFAULT_DRAFT_TOKENS, SPECULATIVE_MODES
 from ..model.precision import DTYPES
-from ..runtime import UserError, configure, run_cli
+from ..runtime import UserError, configure, limit_malloc_arenas, run_cli
 from .engine import EngineOptions
 from .service import ServiceLimits
 
@@ -108,6 +108,7 @@ def build_service(model_dir, limits: ServiceLimits | None = None, engine_options
 
 
 def main(argv=None) -> int:
+    limit_malloc_arenas()  # before any thread allocates: see its docstring (RSS under a long soak)
     args = build_parser().parse_args(argv)
     configure(args.num_threads)
     limits, engine_options = limits_from_args(args)
