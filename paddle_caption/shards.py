@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .files import atomic_write
+from .files import atomic_write, json_line
 from .runtime import UserError
 
 FORMAT = "paddle_caption.shard/1"
@@ -114,9 +114,11 @@ def iter_items(path: str | os.PathLike) -> Iterator[str]:
     with open(path, encoding="utf-8") as handle:
         next(handle, None)  # the header
         for line in handle:
-            item = json.loads(line)
-            if isinstance(item, dict) and set(item) == {"complete"}:
-                return
+            # only the completion line is parsed (`{"complete":N}`): the items pass through as text
+            if line.startswith('{"complete"'):
+                item = json.loads(line)
+                if isinstance(item, dict) and set(item) == {"complete"}:
+                    return
             yield line
 
 
@@ -139,7 +141,7 @@ class ShardWriter:
             self.add([{"format": FORMAT, "fingerprint": fingerprint}])
 
     def add(self, items: Iterable) -> None:
-        self.handle.write("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+        self.handle.write("".join(json_line(item) + "\n" for item in items))
         self.handle.flush()
         os.fsync(self.handle.fileno())
 

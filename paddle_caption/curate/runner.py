@@ -154,12 +154,19 @@ class CurationRun:
                            models=self.models)
         stats_path = stage / "stats.jsonl"
         t0, cpu0 = time.perf_counter(), time.process_time()
-        sharded = op.uses_model or (op.shardable and self.world > 1)
+        # Model ops and the dedup ops' decode-and-hash go through shard files even in one process: a
+        # killed run resumes inside the stage (at a million rows a dedup stage's hashes are ~15 minutes).
+        sharded = op.uses_model or op.shardable
         if sharded and not stats_path.is_file():  # (a resumed run may find it merged already)
-            total = sum(1 for _ in op.input_samples(iter_samples(source))) if self.progress else None
+            total = None
+            if self.progress:
+                total = (sum(1 for _ in op.input_samples(iter_samples(source))) if op.uses_model
+                         else count_samples(source))
+            # a shard batch is fsynced: a model batch is slow anyway, hashes are ~1 ms a row
+            batch_size = self.recipe.batch_size if op.uses_model else max(self.recipe.batch_size, 1024)
             # The stage directory's name holds its fingerprint: a shard of other settings is not resumed.
             compute_shard(op.input_samples(iter_samples(source)), op.compute_stats_batch, stats_path, stage.name,
-                          self.rank, self.world, self.recipe.batch_size, progress=self.progress, total=total,
+                          self.rank, self.world, batch_size, progress=self.progress, total=total,
                           desc=f"[{k}] {op.name}")
             if self.rank == 0:
                 merge_round_robin(stats_path, self.world, stage.name, MERGE_TIMEOUT)

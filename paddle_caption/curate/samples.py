@@ -21,7 +21,7 @@ import orjson
 
 from ..data.images import decode_image
 from ..data.records import RECORD_KEYS, iter_records, read_image_bytes
-from ..files import iter_text_lines, write_lines
+from ..files import iter_text_lines, json_line, write_lines
 from ..runtime import UserError
 
 
@@ -33,18 +33,8 @@ def new_sample(record: dict, *, synthetic: bool = False) -> dict:
     return sample
 
 
-def _plain(value):
-    """What orjson does not serialise itself: numpy scalars and arrays (a statistic computed with numpy)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
 def dump_sample(sample: dict) -> str:
-    """One JSON line (UTF-8 text kept readable). orjson, not json: every stage writes and re-reads each
-    row several times, and `json.dumps(ensure_ascii=False)` was ~12% of the non-model operations' CPU
-    time at 10k rows (bench/curate.py); NaN is written as null, which every decision reads as "no value"."""
-    return orjson.dumps(sample, default=_plain).decode()
+    return json_line(sample)
 
 
 def iter_samples(path: str | os.PathLike) -> Iterator[dict]:
