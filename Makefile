@@ -26,7 +26,7 @@ curate-demo: setup
 
 # Raw vs curated with 40% mismatched captions, (a) and (b) trained with 3 seeds each, 600 steps
 # each (bounded by steps, not the clock): mean +- std and whether the gain exceeds 2 std of the raw
-# runs; writes checkpoints/curate_seeds/results.md (about 40 min on 2 quiet cores)
+# runs; writes checkpoints/curate_seeds/results.md (77 min measured on the 2-core machine, shared)
 curate-seeds: setup
 	$(PY) tools/run_curate_demo.py --config config/demo.json --out checkpoints/curate_seeds --train-seeds 3 \
 		--mismatched 0.4 --max-steps 600 --minutes 40 --seed-minutes 40
