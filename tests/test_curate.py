@@ -616,7 +616,8 @@ def test_curate_demo_end_to_end_small(tmp_path):
 def test_curate_demo_seeds_name_the_runs_and_summarise_mean_and_std():
     import statistics
 
-    from paddle_caption.demo.curate_demo import CurateDemo, CurateDemoOptions, seed_summary, seed_table
+    from paddle_caption.demo.curate_demo import RUNS, CurateDemo, CurateDemoOptions
+    from paddle_caption.demo.seeds import seed_summary, seed_table
 
     demo = CurateDemo(CurateDemoOptions(train_seeds=3), log=lambda *a: None)
     assert demo.runs() == {"raw": ("raw", 0), "curated": ("curated", 0), "raw_seed1": ("raw", 1),
@@ -633,7 +634,7 @@ def test_curate_demo_seeds_name_the_runs_and_summarise_mean_and_std():
     assert seeds["raw"]["CIDEr-D"]["mean"] == pytest.approx(3.8)
     assert seeds["raw"]["CIDEr-D"]["std"] == pytest.approx(statistics.stdev([3.6, 4.0, 3.8]))
     assert seeds["curated"]["style"] == {"values": [0.7] * 3, "mean": pytest.approx(0.7), "std": 0.0}
-    table = seed_table(seeds, 3)
+    table = seed_table(seeds, 3, RUNS)
     assert "(a) raw noisy rows, mean ± std over 3 seeds | 3.800 ± 0.200" in table and "70.0% ± 0.0%" in table
 
 

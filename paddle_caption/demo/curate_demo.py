@@ -32,7 +32,8 @@ from pathlib import Path
 
 from ..files import atomic_write, write_json
 from ..runtime import UserError
-from .pipeline import markdown_table, results_table
+from .pipeline import results_table
+from .seeds import FIELD_KEYS, seed_summary, seed_table
 from .stages import (TrainRun, command, convert_split, evaluate_runs, last_line, make_data, merge_run,
                      predict_concurrently, train_runs)
 
@@ -273,7 +274,7 @@ class CurateDemo:
         if self.opts.train_seeds > 1:
             noise = 2 * seeds["raw"]["CIDEr-D"]["std"]
             bar["cider_gain_beyond_noise"] = {"value": b - a, "target": noise, "pass": b - a > noise}
-            table += "\n\n" + seed_table(seeds, len(arms["raw"]))
+            table += "\n\n" + seed_table(seeds, len(arms["raw"]), RUNS)
         compute = dict(self.compute)
         compute["total_cpu_min"] = round(sum(p["cpu_min"] for p in self.compute.values()), 2)
         compute["total_wall_min"] = round(sum(p["wall_min"] for p in self.compute.values()), 2)
@@ -347,31 +348,6 @@ class CurateDemo:
 
 
 # ---- measures, pure functions of files (tested) ---------------------------------------------------
-FIELD_KEYS = ("background", "style", "colour", "shape", "exact")
-SEED_KEYS = ("CIDEr-D", "BLEU-4", "ROUGE-L") + FIELD_KEYS
-
-
-def seed_summary(arms: dict[str, list[dict]]) -> dict:
-    """Per arm and score: the values over the training seeds, their mean and sample std (0 for one)."""
-    import statistics
-
-    out = {}
-    for arm, rows in arms.items():
-        out[arm] = {}
-        for key in SEED_KEYS:
-            values = [r["scores"][key] if key in r["scores"] else r["scores"]["fields"][key] for r in rows]
-            out[arm][key] = {"values": values, "mean": statistics.fmean(values),
-                             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return out
-
-
-def seed_table(seeds: dict, n: int) -> str:
-    fmt = lambda key, v: f"{v:.3f}" if key in ("CIDEr-D", "BLEU-4", "ROUGE-L") else f"{v:.1%}"  # noqa: E731
-    lines = [[f"{RUNS[arm]}, mean ± std over {n} seeds"] + [f"{fmt(k, s[k]['mean'])} ± {fmt(k, s[k]['std'])}"
-                                                            for k in SEED_KEYS] for arm, s in seeds.items()]
-    return markdown_table(["model"] + list(SEED_KEYS), lines)
-
-
 def filter_detection(ledger: Path, noise_tsv: Path, records: Path, op: str = FILTER_OP) -> dict:
     """How the filter's drops match the known noise, among the rows it scored (the input records
     less the rows earlier stages dropped): per noise kind, rows and rows dropped; precision on
