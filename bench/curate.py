@@ -185,7 +185,8 @@ def killed_run(records: Path, export: Path, reference: Path, every: float, kills
     """The same one-process run SIGKILLed after a random 0.5-1.5 x `every` seconds, `kills` times,
     each restart resuming (`tools/curate.py` reruns only what is not done), then left to complete;
     its records.jsonl and ledger.jsonl against the uninterrupted run's (`reference`), byte for byte.
-    (A non-model stage restarts from its beginning, so kills more often than its length would never end.)"""
+    (The deduplicators' hash passes resume inside their stage; the filters' short passes restart, so
+    the kills are counted rather than left to go on until one run outlives the interval.)"""
     import random
     import signal
 

@@ -195,8 +195,9 @@ COLUMNS = [("CIDEr-D", "CIDEr-D", "{:.3f}"), ("BLEU-4", "BLEU-4", "{:.3f}"), ("R
            ("colour", "colour", "{:.0%}"), ("shape", "shape", "{:.0%}"), ("exact", "exact", "{:.0%}")]
 
 
-def _value(scores: dict, key: str):
-    return scores[key] if key in scores else scores.get("fields", {}).get(key)
+def score_value(scores: dict, key: str):
+    """A score of evaluate_files' result by name: a metric (CIDEr-D, ...) or a field accuracy."""
+    return scores[key] if key in scores else (scores.get("fields") or {}).get(key)
 
 
 def results_table(rows: dict) -> str:
@@ -205,7 +206,7 @@ def results_table(rows: dict) -> str:
     for run, row in rows.items():
         cells = [row.get("label", RUNS.get(run, run))]
         for _, key, fmt in COLUMNS:
-            value = _value(row["scores"], key)
+            value = score_value(row["scores"], key)
             cells.append("n/a" if value is None else fmt.format(value))
         cells += [str(row["train"]["steps"]), f"{row['train']['train_seconds'] / 60:.1f}"]
         lines.append(cells)
@@ -228,7 +229,7 @@ def bar_checks(rows: dict) -> dict:
         ratio = image["CIDEr-D"] / ablation if ablation > 0 else float("inf")
         bar["cider_ratio"] = {"value": ratio, "target": BARS["cider_ratio"], "pass": ratio >= BARS["cider_ratio"]}
     for key in ("background", "style"):
-        value = _value(image, key) or 0.0
+        value = score_value(image, key) or 0.0
         bar[key] = {"value": value, "target": BARS[key], "pass": value >= BARS[key]}
     for key, check in bar.items():
         shown = f"{check['value']:.2f}x" if key == "cider_ratio" else f"{check['value']:.0%}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ..files import atomic_write
 from ..runtime import UserError
-from .pipeline import Demo, DemoOptions, markdown_table
+from .pipeline import Demo, DemoOptions, markdown_table, score_value
 from .stages import evaluate_runs, predict_concurrently, train_runs, TrainRun
 
 BAR = {"cider_gain": 0.08}
@@ -138,17 +138,13 @@ def caption_stats(predictions: dict) -> dict:
             "degenerate": degenerate_share(captions)}
 
 
-def _get(scores: dict, key: str):
-    return scores[key] if key in scores else (scores.get("fields") or {}).get(key)
-
-
 COLUMNS = [("CIDEr-D", "{:.3f}"), ("BLEU-4", "{:.3f}"), ("ROUGE-L", "{:.3f}")] + \
           [(f, "{:.1%}") for f in FIELDS] + [("words", "{:.1f}"), ("degenerate", "{:.1%}")]
 
 
 def mean_and_spread(rows: list[dict], key: str) -> tuple[float, float]:
     """Mean over the rows and the spread (max - min) of one score."""
-    values = [_get(r["scores"], key) for r in rows]
+    values = [score_value(r["scores"], key) for r in rows]
     values = [v for v in values if v is not None]
     return (statistics.fmean(values), max(values) - min(values)) if values else (float("nan"), 0.0)
 
@@ -159,7 +155,7 @@ def scst_table(rows: dict, groups: dict) -> str:
     for row in rows.values():
         cells = [row["label"]]
         for key, fmt in COLUMNS:
-            value = _get(row["scores"], key)
+            value = score_value(row["scores"], key)
             cells.append("n/a" if value is None else fmt.format(value))
         lines.append(cells + [str(row["train"]["steps"])])
     for name, label in (("ce", "(a) cross-entropy, mean (spread)"), ("scst", "(b) SCST, mean (spread)")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-from .pipeline import markdown_table
+from .pipeline import markdown_table, score_value
 
 FIELD_KEYS = ("background", "style", "colour", "shape", "exact")
 SEED_KEYS = ("CIDEr-D", "BLEU-4", "ROUGE-L") + FIELD_KEYS
@@ -16,7 +16,7 @@ def seed_summary(arms: dict[str, list[dict]]) -> dict:
     for arm, rows in arms.items():
         out[arm] = {}
         for key in SEED_KEYS:
-            values = [r["scores"][key] if key in r["scores"] else r["scores"]["fields"][key] for r in rows]
+            values = [score_value(r["scores"], key) for r in rows]
             out[arm][key] = {"values": values, "mean": statistics.fmean(values),
                              "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
