@@ -191,7 +191,7 @@ def test_step_many_and_rollback_give_the_logits_of_one_token_steps(setup, kernel
         m = int(rng.integers(2, 6))
         lengths = rng.integers(1, m + 1, len(order))
         feed = np.array([streams[i][done[i]:done[i] + m] for i in order])
-        logits = batch.step_many(feed, lengths)
+        logits = batch.step_many(feed, lengths).logits
         assert logits.shape[0] == lengths.sum()
         kept = np.array([rng.integers(1, length + 1) for length in lengths])
         starts = np.cumsum(lengths) - lengths
@@ -376,6 +376,7 @@ def test_trained_model_100_images_speculative_equals_greedy_one_by_one_and_batch
     gen = GenerationConfig(max_new_tokens=40)
     plain = load_predictor(trained / "model", gen)
     spec = load_predictor(trained / "model", gen, speculative="retrieval")
+    spec.drafter.budget = None  # every draft fed: the assertions below are about the drafts, not this machine's clock
     rows = read_test_rows(trained / "tsv" / "test.tsv")
     assert len(rows) == 100
     with open(trained / "tsv" / "test.tsv", "rb") as handle:

@@ -232,3 +232,30 @@ def test_lr_scale_entries_are_validated(tmp_path):
                                 "lr_scale": [["visual.*"]]}))
     with pytest.raises(UserError, match=r"lr_scale entries must be \[glob, factor >= 0\]"):
         TrainConfig.load(path)
+
+
+def test_init_from_starts_at_a_checkpoint_and_merging_replays_it(tmp_path, caption_data):
+    """A run with init_from starts from another run's checkpoint on the same start model (here:
+    the first run trained everything but the vision tower, the second only the vision tower);
+    merging the second gives the first's language model and the second's vision tower."""
+    from paddle_caption.model.mgen_vl import MgenVLForCausalLM
+    from paddle_caption.train.merge import merge
+
+    first, _ = train(base_config(tmp_path, caption_data, output_dir=str(tmp_path / "first"), max_steps=3,
+                                 frozen=["visual.*"]))
+    trained_llm = {k: v for k, v in state_of(first.model).items() if not k.startswith("visual.")}
+    second_cfg = base_config(tmp_path, caption_data, output_dir=str(tmp_path / "second"), max_steps=2,
+                             finetune_mode="partial", trainable=["visual.*"], init_from=str(tmp_path / "first"))
+    second, _ = train(second_cfg)
+    after = state_of(second.model)
+    for name, value in trained_llm.items():  # untouched by the second run: the first's weights
+        np.testing.assert_array_equal(after[name], value)
+    merged = merge(second_cfg["model_config"], tmp_path / "merged", local_path=str(tmp_path / "second"),
+                   log=lambda *_: None)
+    loaded = state_of(MgenVLForCausalLM.from_pretrained(merged))
+    for name, value in after.items():
+        np.testing.assert_array_equal(loaded[name], value)
+
+    with pytest.raises(UserError, match="init_from .*same start model"):
+        train(base_config(tmp_path, caption_data, output_dir=str(tmp_path / "third"), max_steps=1,
+                          model_config=str(ROOT / "config/model/tiny.json"), init_from=str(tmp_path / "first")))

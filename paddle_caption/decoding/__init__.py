@@ -12,7 +12,9 @@
 - `drafting.py`: `Draft`, the retrieval drafter and `load_drafter` (what `--speculative` builds);
 - `head_drafting.py`: drafting from the model's hidden state with Medusa heads, and the hybrid;
 - `draft_budget.py`: how many draft tokens a step feeds, from the step's measured cost;
-- `output_head.py`: the output layer's transposed weight kept while decoding (fast few-row logits).
+- `output_head.py`: the output layer's transposed weight kept while decoding (fast few-row logits);
+- `greedy_head.py`: `GreedyHead`, greedy tokens from hidden states without the full output layer
+  (exact: certified on the few tokens a trained model emits, else the full product).
 
 Importing `config`, `derive`, `datastore` and `drafting` loads no Paddle (command lines parse before the model loads).
 """

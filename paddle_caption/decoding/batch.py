@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 
 from ..model.numpy_bridge import as_numpy
+from .greedy_head import greedy_head_for
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -32,11 +33,12 @@ class DecodeBatch:
         batch = DecodeBatch(model)          # empty
         new = batch.add(prompts, images)    # prefill new rows; they join the running rows at the end
         batch.logits                        # [rows, vocab] float32 next-token logits, one per row
+        batch.greedy()                      # [rows] their argmax (the greedy tokens)
         batch.hidden                        # with keep_hidden: [rows, C] the final hidden states they
                                             # come from (draft heads read them); else None
         batch.step(tokens)                  # feed one token per row; refreshes `logits`
         batch.step_many(tokens, lengths)    # feed several tokens per row in one forward -> the
-                                            # logits after each of them
+                                            # `Outputs` after each of them (.logits, .greedy())
         batch.rollback(kept)                # then forget all but the first kept[i] tokens fed to row i
         batch.keep(rows)                    # keep/reorder rows: finished rows leave, beams reorder
 
@@ -57,6 +59,12 @@ class DecodeBatch:
     bound prompt + max_new_tokens by seq_length to keep it; `feed_room` says how many tokens a
     forward may take without crossing it (speculation feeds no more).
 
+    Where the output layer runs in numpy on the CPU (`greedy_head.greedy_head_for`), forwards skip
+    it: the batch keeps the final hidden states, `greedy()` takes the greedy tokens from them
+    through the `GreedyHead` (exact, without the full product), and `logits` are computed only
+    when asked for (sampling, beams, repetition penalty, logprobs). Elsewhere (a GPU, Paddle's
+    kernels) the forward returns the logits and `greedy()` is their argmax.
+
     The model must be in eval mode; forwards run under `paddle.no_grad()` (thread-safe: Paddle's
     grad switch is per thread, so an engine thread can own the batch).
     """
@@ -65,14 +73,36 @@ class DecodeBatch:
         # keep_hidden: only a drafter that reads hidden states asks for them; otherwise no step pays
         # for copying them to the host (a device-to-host transfer per step on a GPU)
         self.model, self.pad_id, self.keep_hidden = model, pad_id, keep_hidden
+        self.head = greedy_head_for(model)  # None: the model computes logits
         self.past = None  # per layer (k, v), each [rows, heads, width, head_dim]
         self.mask = None  # int64 [rows, width]: 1 = real token
-        self.logits = np.zeros((0, 0), dtype=np.float32)
-        self.hidden = None  # float32 [rows, C], row i's final hidden state behind logits[i]
+        self.out = Outputs(np.zeros((0, 0), dtype=np.float32), None, None)  # row i's next-token outputs
         self._fed = None  # after step_many, until the next change: what rollback needs
 
     def __len__(self) -> int:
-        return len(self.logits)
+        return len(self.out)
+
+    @property
+    def logits(self) -> np.ndarray:
+        """[rows, vocab] float32 next-token logits (callers may edit them: repetition penalty)."""
+        return self.out.logits
+
+    @property
+    def hidden(self) -> np.ndarray | None:
+        """float32 [rows, C], row i's final hidden state behind logits[i] (None unless kept)."""
+        return self.out.hidden
+
+    def greedy(self) -> np.ndarray:
+        """Each row's greedy next token, int64 [rows]."""
+        return self.out.greedy()
+
+    def _forward(self, ids, **kwargs):
+        if self.head is not None:
+            kwargs["skip_head"] = True
+        with paddle.no_grad():
+            out = self.model(ids, use_cache=True, **kwargs)
+        hidden = _hidden_rows(out) if self.keep_hidden or self.head is not None else None
+        return out, hidden
 
     @property
     def width(self) -> int:
@@ -83,35 +113,30 @@ class DecodeBatch:
         and append them as new rows; returns their row indices."""
         ids, mask = left_pad(prompts, self.pad_id)
         mask = paddle.to_tensor(mask)
-        with paddle.no_grad():
-            out = self.model(paddle.to_tensor(ids), images=images, attention_mask=mask,
-                             use_cache=True, last_logits_only=True)
-        logits = out.logits[:, -1].astype("float32").numpy()
-        hidden = _hidden_rows(out) if self.keep_hidden else None
+        out, hidden = self._forward(paddle.to_tensor(ids), images=images, attention_mask=mask, last_logits_only=True)
+        new = Outputs(None if out.logits is None else out.logits[:, -1].astype("float32").numpy(), hidden, self.head)
         first = len(self)
         self._fed = None
         if self.past is None:
-            self.past, self.mask, self.logits, self.hidden = out.past_key_values, mask, logits, hidden
+            self.past, self.mask, self.out = out.past_key_values, mask, new
         else:
             width = max(self.width, int(mask.shape[1]))
             self.past = [(paddle.concat([_pad_left(k_old, width), _pad_left(k_new, width)], axis=0),
                           paddle.concat([_pad_left(v_old, width), _pad_left(v_new, width)], axis=0))
                          for (k_old, v_old), (k_new, v_new) in zip(self.past, out.past_key_values)]
             self.mask = paddle.concat([_pad_left(self.mask, width), _pad_left(mask, width)], axis=0)
-            self.logits = np.concatenate([self.logits, logits])
-            self.hidden = (None if self.hidden is None or hidden is None
-                           else np.concatenate([self.hidden, hidden]))
+            self.out = self.out.join(new)
         return np.arange(first, len(self))
 
     def step(self, tokens: np.ndarray) -> None:
         """Append one token to every row (`tokens` [rows]) and compute the next logits."""
         self.step_many(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))
 
-    def step_many(self, tokens: np.ndarray, lengths=None) -> np.ndarray:
+    def step_many(self, tokens: np.ndarray, lengths=None) -> "Outputs":
         """Feed row i the tokens tokens[i, :lengths[i]] (`tokens` [rows, m]; default: all m) in one
-        forward; returns the logits after each fed token, [sum(lengths), vocab] float32, row by
-        row. `logits` become each row's after its last fed token; `rollback` may then
-        forget the tail of what a row was fed."""
+        forward; returns the `Outputs` after each fed token, sum(lengths) of them, row by row
+        (`.logits` [sum(lengths), vocab] float32, `.greedy()`). `logits` become each row's after
+        its last fed token; `rollback` may then forget the tail of what a row was fed."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if tokens.ndim != 2 or len(tokens) != len(self):
             raise ValueError(f"need tokens [rows={len(self)}, m], got shape {tokens.shape}")
@@ -122,22 +147,22 @@ class DecodeBatch:
         fed = np.arange(m)[None, :] < lengths[:, None]  # padding after a row's tokens is masked
         self.mask = paddle.concat([self.mask, paddle.to_tensor(fed.astype(np.int64))], axis=1)
         flat = np.flatnonzero(fed.reshape(-1))  # row-major: row i's positions are consecutive
-        with paddle.no_grad():
-            out = self.model(paddle.to_tensor(np.where(fed, tokens, self.pad_id)), attention_mask=self.mask,
-                             past_key_values=self.past, use_cache=True, logits_index=flat)
+        out, hidden = self._forward(paddle.to_tensor(np.where(fed, tokens, self.pad_id)), attention_mask=self.mask,
+                                    past_key_values=self.past, logits_index=flat)
         self.past = out.past_key_values
-        logits = out.logits if out.logits.dtype == paddle.float32 else out.logits.astype("float32")
-        logits = as_numpy(logits)  # [sum(lengths), vocab]; a view
-        self._fed = (m, lengths, np.cumsum(lengths) - lengths, logits,
-                     _hidden_rows(out) if self.keep_hidden else None)
+        logits = None
+        if out.logits is not None:
+            logits = out.logits if out.logits.dtype == paddle.float32 else out.logits.astype("float32")
+            logits = as_numpy(logits)  # [sum(lengths), vocab]; a view
+        outputs = Outputs(logits, hidden, self.head)
+        self._fed = (m, lengths, np.cumsum(lengths) - lengths, outputs)
         self._select(lengths)
-        return logits
+        return outputs
 
     def _select(self, kept: np.ndarray) -> None:
-        """`logits` from the fed positions: row i's after its kept[i]-th fed token."""
-        _, _, starts, logits, hidden = self._fed
-        self.logits = logits[starts + kept - 1]  # a copy: callers may edit it (repetition penalty)
-        self.hidden = None if hidden is None else hidden[starts + kept - 1]
+        """The next-token outputs from the fed positions: row i's after its kept[i]-th fed token."""
+        _, _, starts, outputs = self._fed
+        self.out = outputs.take(starts + kept - 1)  # a copy: callers may edit it (repetition penalty)
 
     def rollback(self, kept) -> None:
         """After `step_many`: keep only the first kept[i] (>= 1) tokens fed to row i, as if no more
@@ -210,8 +235,7 @@ class DecodeBatch:
             self.__init__(self.model, self.pad_id, self.keep_hidden)
             return
         self._fed = None
-        self.logits = self.logits[rows]
-        self.hidden = None if self.hidden is None else self.hidden[rows]
+        self.out = self.out.take(rows)
         index = paddle.to_tensor(rows)
         mask = paddle.gather(self.mask, index)
         used = np.flatnonzero(mask.numpy().any(axis=0))
@@ -219,6 +243,50 @@ class DecodeBatch:
         self.mask = mask[:, first:] if first else mask
         self.past = [(_cut_left(paddle.gather(k, index), first), _cut_left(paddle.gather(v, index), first))
                      for k, v in self.past]
+
+
+class Outputs:
+    """What a forward gave some rows: `logits` [n, vocab] float32 and the final hidden states
+    `hidden` [n, C] behind them (None unless kept). With a `GreedyHead` the forward skipped the
+    output layer: `logits` are computed on first use, and `greedy()` (their argmax) comes from the
+    hidden states without them. `greedy()` is remembered, and carried by `take`."""
+
+    def __init__(self, logits, hidden, head):
+        if logits is None and (hidden is None or head is None):
+            raise ValueError("outputs without logits need the hidden states and a greedy head")
+        self._logits, self.hidden, self.head, self._greedy = logits, hidden, head, None
+
+    def __len__(self) -> int:
+        return len(self._logits) if self._logits is not None else len(self.hidden)
+
+    @property
+    def logits(self) -> np.ndarray:
+        if self._logits is None:
+            self._logits = self.head.logits(self.hidden)
+        return self._logits
+
+    def greedy(self) -> np.ndarray:
+        if self._greedy is None:
+            self._greedy = (self.head.argmax(self.hidden) if self._logits is None
+                            else self._logits.argmax(axis=-1).astype(np.int64))
+        return self._greedy
+
+    def take(self, rows: np.ndarray) -> "Outputs":
+        taken = Outputs(None if self._logits is None else self._logits[rows],
+                        None if self.hidden is None else self.hidden[rows], self.head)
+        taken._greedy = None if self._greedy is None else self._greedy[rows]
+        return taken
+
+    def join(self, other: "Outputs") -> "Outputs":
+        """These rows, then `other`'s."""
+        if not len(self):
+            return other
+        both_logits = self._logits is not None and other._logits is not None
+        hidden = None if self.hidden is None or other.hidden is None else np.concatenate([self.hidden, other.hidden])
+        if not both_logits and hidden is None:  # cannot happen: a batch either has a head or not
+            raise ValueError("joining outputs without logits needs hidden states on both sides")
+        return Outputs(np.concatenate([self._logits, other._logits]) if both_logits else None, hidden,
+                       self.head or other.head)
 
 
 def _hidden_rows(out) -> np.ndarray | None:

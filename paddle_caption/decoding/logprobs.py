@@ -123,7 +123,7 @@ def teacher_forced(model, prompts: list[list[int]], images, token_lists: list[li
     fed = np.full((len(feed), int(lengths.max())), pad_id, dtype=np.int64)
     for i, f in enumerate(feed):
         fed[i, :len(f)] = f
-    after = batch.step_many(fed, lengths)
+    after = batch.step_many(fed, lengths).logits
     starts = np.cumsum(lengths) - lengths
     result = []
     for i, tokens in enumerate(token_lists):

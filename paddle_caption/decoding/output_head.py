@@ -24,15 +24,23 @@ _ATTRIBUTE = "_paddle_caption_transposed_weight"
 
 
 class _TransposedWeight:
-    """A contiguous [vocab, hidden] copy of a Linear's weight, made on first use."""
+    """A contiguous [vocab, hidden] copy of a Linear's weight, made on first use, and the
+    `greedy_head.GreedyHead` over it (same lifetime: the weight does not change while either lives)."""
 
     def __init__(self, weight):
-        self.weight, self.array = weight, None
+        self.weight, self.array, self.head = weight, None, None
 
     def get(self) -> np.ndarray:
         if self.array is None:
             self.array = np.ascontiguousarray(as_numpy(self.weight).T)
         return self.array
+
+    def greedy(self):
+        if self.head is None:
+            from .greedy_head import GreedyHead
+
+            self.head = GreedyHead(as_numpy(self.weight), self.get())
+        return self.head
 
 
 @contextlib.contextmanager
@@ -64,6 +72,15 @@ def kept_transposed_weight(linear) -> np.ndarray:
     return getattr(linear, _ATTRIBUTE).get()
 
 
+def kept_greedy_head(linear):
+    """The `GreedyHead` of a `linear` that keeps a transposed copy and runs its product in numpy
+    (model/head.py: `use_numpy_head`), else None."""
+    from ..model.head import use_numpy_head
+
+    cache = getattr(linear, _ATTRIBUTE, None)
+    return cache.greedy() if cache is not None and use_numpy_head(linear) else None
+
+
 def few_rows_logits(flat: np.ndarray, linear) -> np.ndarray | None:
     """flat @ weight [rows, vocab] through the transposed copy when `linear` keeps one and the row
     count is in FEW_ROWS; None otherwise (the caller does the plain product)."""
@@ -71,6 +88,14 @@ def few_rows_logits(flat: np.ndarray, linear) -> np.ndarray | None:
     if cache is None or not FEW_ROWS[0] <= len(flat) <= FEW_ROWS[1]:
         return None
     return transposed_product(flat, cache.get())
+
+
+def head_product(flat: np.ndarray, weight: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
+    """flat [rows, hidden] @ weight [hidden, vocab]: few rows through the transposed copy `weight_t`,
+    other row counts as one product (the eager head's rule, for heads held as numpy arrays)."""
+    if FEW_ROWS[0] <= len(flat) <= FEW_ROWS[1]:
+        return transposed_product(flat, weight_t)
+    return flat @ weight
 
 
 def transposed_product(flat: np.ndarray, weight_t: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ finished rows cost no more compute.
 Speculative decoding (draft and verify): given a drafter (`drafting.RetrievalDrafter`: any object
 with `propose(rows, limits)` and `num_draft_tokens`), each step feeds every greedy row its greedy
 token followed by up to k drafted tokens in one forward (`DecodeBatch.step_many`), which returns
-the logits after each of them. A row accepts drafted tokens while each equals the greedy choice of
+the outputs after each of them (the greedy tokens; the logits when a row needs them). A row accepts drafted tokens while each equals the greedy choice of
 the logits before it, then takes the model's own choice after the last accepted one (the next
 step's token); the cache forgets the rejected ones (`DecodeBatch.rollback`). Each accepted token is
 exactly the token plain greedy decoding would have produced at that point (same stop and length
@@ -31,6 +31,11 @@ from .beam import BeamSearch
 from .config import GenerationConfig
 from .drafting import Draft
 from .logits import apply_repetition_penalty, sample_tokens
+
+
+def _plain_greedy(row: "Row") -> bool:
+    """A row whose next token is the argmax of the raw logits (no sampling, beams or penalty)."""
+    return row.beams is None and not row.config.do_sample and row.config.repetition_penalty == 1.0
 
 
 @dataclass(eq=False)
@@ -148,10 +153,14 @@ class ContinuousBatch:
         drafted tokens after it, of which they keep what greedy decoding would have chosen)."""
         if not self.rows:
             return []
-        logits = self.decoder.logits
-        if self.observer is not None:  # the raw logits, before _choose edits them (logprobs.py)
-            self.observer.on_choose(self.rows, logits)
-        tokens = self._choose(logits)
+        logits = None
+        if self.observer is None and all(_plain_greedy(row) for row in self.rows):
+            tokens = self.decoder.greedy()  # no logits needed (on a CPU: none computed, greedy_head.py)
+        else:
+            logits = self.decoder.logits
+            if self.observer is not None:  # the raw logits, before _choose edits them (logprobs.py)
+                self.observer.on_choose(self.rows, logits)
+            tokens = self._choose(logits)
         keep, feed, finished, i = [], [], [], 0
         while i < len(self.rows):
             row = self.rows[i]
@@ -195,10 +204,10 @@ class ContinuousBatch:
         fed[:, 0] = tokens
         for i, draft in enumerate(drafts):
             fed[i, 1:1 + len(draft)] = draft.tokens
-        logits = self.decoder.step_many(fed, lengths)
+        outputs = self.decoder.step_many(fed, lengths)
         if self.observer is not None:  # the logits after each drafted token (logprobs.py)
-            self.observer.on_verify(self.rows, logits, fed, lengths)
-        kept = [1 + self._verify(row, draft.tokens, logits[start:start + len(draft)])
+            self.observer.on_verify(self.rows, outputs.logits, fed, lengths)
+        kept = [1 + self._verify(row, draft.tokens, outputs, start)
                 for row, draft, start in zip(self.rows, drafts, np.cumsum(lengths) - lengths)]
         self.decoder.rollback(kept)
         accepted = sum(kept) - len(kept)
@@ -285,14 +294,23 @@ class ContinuousBatch:
             drafts[i] = draft.cut(outside[0]) if len(outside) else draft
         return drafts if any(len(d) for d in drafts) else None
 
-    def _verify(self, row: Row, draft: np.ndarray, logits: np.ndarray) -> int:
-        """Accept drafted tokens while each is the greedy choice of the logits before it (`logits`
-        [len(draft), vocab]: after the row's token, after each drafted one); returns how many."""
+    def _verify(self, row: Row, draft: np.ndarray, outputs, start: int) -> int:
+        """Accept drafted tokens while each is the greedy choice of the outputs before it
+        (`outputs` of `step_many`, this row's from `start`: after the row's token, after each drafted
+        one); returns how many. The repetition penalty needs the logits (it depends on the tokens
+        accepted so far); without it the greedy tokens suffice."""
+        if not len(draft):
+            return 0
+        penalty = row.config.repetition_penalty
+        choices = None if penalty != 1.0 else outputs.greedy()[start:start + len(draft)]
         accepted = 0
-        for token, after in zip(draft, logits):
-            if row.config.repetition_penalty != 1.0:
-                after = apply_repetition_penalty(after[None].copy(), [row.seen], row.config.repetition_penalty)[0]
-            if int(after.argmax()) != int(token):
+        for j, token in enumerate(draft):
+            if choices is None:
+                after = outputs.logits[start + j]
+                choice = int(apply_repetition_penalty(after[None].copy(), [row.seen], penalty)[0].argmax())
+            else:
+                choice = int(choices[j])
+            if choice != int(token):
                 break
             accepted += 1
             if self._append(row, int(token)):

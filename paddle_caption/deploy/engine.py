@@ -5,6 +5,8 @@ The decoding package drives a model through two calls (decoding/batch.py: `Decod
     model(ids, images=..., attention_mask=..., use_cache=True, last_logits_only=True)   # prefill
     model(ids, attention_mask=..., past_key_values=..., use_cache=True[, logits_index=...])  # decode
 
+(`skip_head=True` with either: no logits, only the hidden rows, for `greedy_head.GreedyHead`)
+
 and reads `model.config`, `model.training`, `model.eval()`, `model.dtype` and `model.lm_head`
 (`decoding.generate` keeps a transposed copy of an eager head; the engine has its own: None). The
 engine answers those calls with its three Paddle Inference predictors (vision -> prefill, decode)
@@ -33,7 +35,7 @@ from .predictors import PRECISIONS, GraphRunner
 
 @dataclass
 class EngineOutput:
-    logits: object  # paddle.Tensor: [B, 1, V] (prefill), [B, T, V] or [len(logits_index), V] (decode)
+    logits: object  # paddle.Tensor: [B, 1, V] (prefill), [B, T, V] or [len(logits_index), V] (decode); None with skip_head
     past_key_values: list  # per layer (k, v), each paddle.Tensor [B, H, width, D]
     loss: None = None
     hidden: object = None  # numpy [rows, C]: the final hidden states behind selected logits (draft heads)
@@ -43,7 +45,8 @@ class OutputHead:
     """logits = hidden @ W for W [hidden, vocab] (lm_head.npy): few rows (2-32, batched decoding
     and verification) through a transposed copy of W in vocabulary blocks, as the eager model's
     numpy head does (decoding/output_head.py), other row counts as one product. Holds W twice
-    (39 MB each for the real vocabulary at width 64), as a predicting eager model does."""
+    (39 MB each for the real vocabulary at width 64), as a predicting eager model does. Greedy
+    rows skip the full product through `greedy()` (decoding/greedy_head.py)."""
 
     def __init__(self, path: Path, hidden: int, vocab: int):
         if not path.is_file():
@@ -53,13 +56,20 @@ class OutputHead:
             raise UserError(f"{path}: expected float32 [{hidden}, {vocab}], got {self.weight.dtype} "
                             f"{list(self.weight.shape)}")
         self.weight_t = np.ascontiguousarray(self.weight.T)
+        self._greedy = None
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        from ..decoding.output_head import FEW_ROWS, transposed_product
+        from ..decoding.output_head import head_product
 
-        if FEW_ROWS[0] <= len(rows) <= FEW_ROWS[1]:
-            return transposed_product(rows, self.weight_t)
-        return rows @ self.weight
+        return head_product(rows, self.weight, self.weight_t)
+
+    def greedy(self):
+        """The head's `GreedyHead` (decoding/greedy_head.py): greedy tokens without full logits."""
+        if self._greedy is None:
+            from ..decoding.greedy_head import GreedyHead
+
+            self._greedy = GreedyHead(self.weight, self.weight_t)
+        return self._greedy
 
 
 def mask_bias(mask: np.ndarray, queries: int) -> np.ndarray:
@@ -145,7 +155,7 @@ class InferenceEngine:
 
     def __call__(self, input_ids, images=None, attention_mask=None, labels=None, position_ids=None,
                  past_key_values=None, use_cache=True, last_logits_only=False, logits_index=None,
-                 image_features=None, **unused) -> EngineOutput:
+                 image_features=None, skip_head=False, **unused) -> EngineOutput:
         if labels is not None or position_ids is not None or unused:
             raise ValueError("the inference engine takes ids, images, attention_mask, past_key_values, "
                              "last_logits_only and logits_index only (no labels, position ids or training options)")
@@ -164,12 +174,12 @@ class InferenceEngine:
             if not last_logits_only:
                 raise ValueError("the exported prefill returns the last position's logits only: "
                                  "pass last_logits_only=True")
-            return self._prefill(ids, mask, images, image_features)
+            return self._prefill(ids, mask, images, image_features, skip_head)
         if images is not None or image_features is not None:
             raise ValueError("images enter in the prefill only (past_key_values given)")
-        return self._decode(ids, mask, past_key_values, last_logits_only, logits_index)
+        return self._decode(ids, mask, past_key_values, last_logits_only, logits_index, skip_head)
 
-    def _prefill(self, ids, mask, images, image_features) -> EngineOutput:
+    def _prefill(self, ids, mask, images, image_features, skip_head=False) -> EngineOutput:
         from ..model.mgen_vl import image_span_rows
 
         cfg = self.config
@@ -189,17 +199,22 @@ class InferenceEngine:
             features = self.encode_images(images)
         outputs = self.prefill(ids, mask, mask_bias(mask, ids.shape[1]), rows.astype(np.int64), features)
         last = outputs[0][:, -1]  # [B, C]
-        return EngineOutput(_tensor(self.head(last)[:, None]), self._pairs(outputs[1:]), hidden=last)
+        logits = None if skip_head else _tensor(self.head(last)[:, None])
+        return EngineOutput(logits, self._pairs(outputs[1:]), hidden=last)
 
-    def _decode(self, ids, mask, past, last_logits_only, logits_index) -> EngineOutput:
+    def _decode(self, ids, mask, past, last_logits_only, logits_index, skip_head=False) -> EngineOutput:
         flat_past = [_array(t, np.float32) for layer in past for t in layer]
         outputs = self.decode(ids, mask, mask_bias(mask, ids.shape[1]), *flat_past)
         hidden = outputs[0]  # [B, T, C]
         if logits_index is not None:  # only the rows asked for go through the head
             rows = hidden.reshape(-1, hidden.shape[-1])[np.asarray(logits_index, dtype=np.int64)]
+            if skip_head:
+                return EngineOutput(None, self._pairs(outputs[1:]), hidden=rows)
             logits = self.head(np.ascontiguousarray(rows))
         elif last_logits_only:
             rows = hidden[:, -1]
+            if skip_head:
+                return EngineOutput(None, self._pairs(outputs[1:]), hidden=rows)
             logits = self.head(np.ascontiguousarray(rows))[:, None]
         else:
             batch, length, width = hidden.shape

@@ -185,7 +185,7 @@ class MgenVLForCausalLM(nn.Layer):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids, images=None, attention_mask=None, labels=None, position_ids=None,
                 past_key_values=None, use_cache=False, loss_on: str = "supervised",
-                last_logits_only: bool = False, logits_index=None):
+                last_logits_only: bool = False, logits_index=None, skip_head: bool = False):
         """Returns CausalLMOutput(loss, logits, past_key_values).
 
         With labels, the loss is the mean next-token cross-entropy over supervised positions
@@ -195,7 +195,9 @@ class MgenVLForCausalLM(nn.Layer):
         kept for tests and the benchmark). `last_logits_only` (generation) runs the last layer's
         queries, its MLP and lm_head on the last position only. `logits_index` (speculative
         decoding's verification) is an int array of flat positions (row * T + column) and returns
-        logits [len(logits_index), V] for those positions only: lm_head skips the rest.
+        logits [len(logits_index), V] for those positions only: lm_head skips the rest. With either,
+        `skip_head` returns no logits, only those rows' final hidden states (`hidden`): greedy
+        decoding on a CPU takes its tokens from them (decoding/greedy_head.py).
         """
         check_compute_dtype(self.lm_head.weight)
         embeds = self.embed(input_ids, images)
@@ -214,13 +216,14 @@ class MgenVLForCausalLM(nn.Layer):
             hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache,
                                    output_index=last)
             last_hidden = hidden[:, -1]
-            return CausalLMOutput(logits=project(last_hidden[:, None], self.lm_head), past_key_values=presents,
-                                  hidden=last_hidden)
+            logits = None if skip_head else project(last_hidden[:, None], self.lm_head)
+            return CausalLMOutput(logits=logits, past_key_values=presents, hidden=last_hidden)
         hidden, presents = llm(embeds, attention_mask, position_ids, past_key_values, use_cache)
         if labels is None and logits_index is not None:
             rows = paddle.gather(hidden.reshape([-1, hidden.shape[-1]]),
                                  paddle.to_tensor(np.asarray(logits_index, dtype=np.int64)))
-            return CausalLMOutput(logits=project(rows, self.lm_head), past_key_values=presents, hidden=rows)
+            logits = None if skip_head else project(rows, self.lm_head)
+            return CausalLMOutput(logits=logits, past_key_values=presents, hidden=rows)
         if labels is None:
             return CausalLMOutput(logits=project(hidden, self.lm_head), past_key_values=presents)
         if loss_on != "all":

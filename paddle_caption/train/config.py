@@ -44,6 +44,10 @@ class TrainConfig:
     model_name_or_path: str | None = None
     model_config: str | None = None
     init_seed: int = 0
+    # a training checkpoint (checkpoint-N/, final/, or a run's output_dir) of a run on this same
+    # start model, applied before this run's freezing/LoRA: e.g. SCST from a cross-entropy run's
+    # checkpoint without merging it first (model_init.apply_init_from; merging replays it)
+    init_from: str | None = None
     allow_pickle: bool = False
     ablate_images: bool = False  # the no-image ablation: image rows are zeros (the baseline's bug)
 

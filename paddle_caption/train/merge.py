@@ -63,6 +63,10 @@ def resolve_checkpoint(path: Path) -> Path:
 def _read_json(path: Path) -> dict | None:
     return read_json_object(path, "file") if path.is_file() else None
 
+def read_run_config(ckpt: Path) -> dict:
+    """The run's train_config.json (in the checkpoint, else its output_dir), or {}."""
+    return _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json") or {}
+
 def base_directory(base: str) -> Path | None:
     """BASE as a model directory, or None when it is an architecture JSON."""
     path = resolve_path(base)
@@ -77,8 +81,8 @@ def build_base(base: str, ckpt: Path, allow_pickle: bool, dtype: str):
     path = base_directory(base)
     if path is not None:
         return initial_model(str(path), None, 0, allow_pickle, dtype=dtype)
-    train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json")
-    if not train_config or "init_seed" not in train_config:
+    train_config = read_run_config(ckpt)
+    if "init_seed" not in train_config:
         raise UserError(f"{ckpt}: no train_config.json with init_seed, so the from-scratch initial "
                         f"weights of {base} cannot be rebuilt; pass a model directory instead")
     # the trainer's init, bit for bit
@@ -126,6 +130,11 @@ def merge(base: str, out: Path, local_path: str | None = None, lora_path: str | 
         checkpoint_dtype(base_dir, allow_pickle) if base_dir is not None else "float32")
     model, base_dir = build_base(base, ckpt, allow_pickle, out_dtype)
     check_same_architecture(model, ckpt)
+    init_from = read_run_config(ckpt).get("init_from")
+    if init_from:  # the run started from another checkpoint's weights: the same start first
+        from .model_init import apply_init_from
+
+        apply_init_from(model, init_from, base, allow_pickle, log)
     heads_run = not lora_path and has_draft_heads(ckpt)
     # a draft_heads run: fresh heads of its config take its trained weights below; any other run
     # drops heads the base carried (they were trained for the base's weights, not the new ones)
@@ -175,7 +184,7 @@ def build_draft_datastore(out: Path, model_config, base_dir: Path | None, ckpt: 
     from ..decoding.datastore import DATASTORE_DIR, DraftDatastore
     from ..tokenizer import QWenVLTokenizer
 
-    train_config = _read_json(ckpt / "train_config.json") or _read_json(ckpt.parent / "train_config.json") or {}
+    train_config = read_run_config(ckpt)
     records = resolve_path(train_config.get("train_records") or None)
     if records is None or not records.is_file():
         log(f"no draft datastore: the run's training records ({train_config.get('train_records')!r}) "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..files import read_json_object
 from ..runtime import UserError
 from .config import resolve_path
 
@@ -32,6 +33,42 @@ def initial_model(model_name_or_path: str | None, model_config: str | None, init
     config = MgenVLConfig.from_pretrained(path)
     paddle.seed(init_seed)
     return MgenVLForCausalLM.from_config(config, dtype=dtype or "float32"), None
+
+
+def apply_init_from(model, init_from: str, start: str, allow_pickle: bool = False, log=print) -> None:
+    """Load a training checkpoint's trained parameters into `model`, the run's start model (`start`:
+    its model_name_or_path or model_config), in place: a full/partial run's `local_params`, or a LoRA
+    run's adapters merged in (W + A·B·scaling). The checkpoint must come from a run on the same start
+    (its train_config.json says which) and architecture; a draft-heads run is refused (its heads
+    belong beside a model, not in it)."""
+    from ..model.draft_heads import has_draft_heads
+    from .merge import check_same_architecture, read_run_config, replace_local_params, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(Path(init_from))
+    run = read_run_config(ckpt)
+    theirs = run.get("model_name_or_path") or run.get("model_config")
+    if theirs and resolve_path(theirs) != resolve_path(start):
+        raise UserError(f"init_from {ckpt}: that run started from {theirs}, this one from {start}; "
+                        "init_from needs the same start model")
+    if has_draft_heads(ckpt):
+        raise UserError(f"init_from {ckpt}: a draft_heads run trains heads beside a model; merge it instead")
+    check_same_architecture(model, ckpt)
+    if (ckpt / "lora").is_dir() or (ckpt / "lora_config.json").is_file():
+        from .lora import merge_lora
+
+        _, count = merge_lora(model, ckpt / "lora" if (ckpt / "lora").is_dir() else ckpt, allow_pickle=allow_pickle)
+        what = f"{count} LoRA-adapted layer(s) merged"
+    else:
+        what = f"{replace_local_params(model, ckpt)} parameter(s) replaced"
+    step = read_json_state(ckpt).get("step")
+    log(f"init_from {ckpt} (step {step}): {what}")
+
+
+def read_json_state(ckpt: Path) -> dict:
+    from .run_checkpoints import STATE_FILE
+
+    path = ckpt / STATE_FILE
+    return read_json_object(path, "file") if path.is_file() else {}
 
 
 def setup_trainable(model, cfg, log=print):

@@ -84,11 +84,14 @@ class Trainer:
 
     # ---- set-up ----------------------------------------------------------------------------------
     def build_model(self):
-        from .model_init import initial_model, setup_trainable
+        from .model_init import apply_init_from, initial_model, setup_trainable
 
         cfg = self.cfg
         model, self.model_dir = initial_model(cfg.model_name_or_path, cfg.model_config, cfg.init_seed,
                                               cfg.allow_pickle, dtype=cfg.dtype)
+        if cfg.init_from:
+            apply_init_from(model, cfg.init_from, cfg.model_name_or_path or cfg.model_config, cfg.allow_pickle,
+                            self.log)
         model.config.ablate_images = cfg.ablate_images
         if cfg.recompute:
             model.enable_recompute()  # the base model: a LoRA wrapper below keeps it as .model
